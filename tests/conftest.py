@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VQ4DIT_CACHE", "off")  # tests measure k-means itself, not a cache hit
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny_dit(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32):
+    """Small random DiT (hidden 64, 16 tokens) with non-zero adaLN so every layer matters."""
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(seed)
+    m = DiTTransformer2DModel(sample_size=8, in_channels=1, out_channels=1, patch_size=2,
+                              num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+                              num_embeds_ada_norm=10)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm1.linear" in n or "proj_out" in n:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+@pytest.fixture
+def tiny_dit():
+    return make_tiny_dit()
+
+
+@pytest.fixture
+def tiny_dit_dir(tmp_path):
+    from vq4dit.sampling import make_scheduler
+    m = make_tiny_dit()
+    d = tmp_path / "tiny-dit"
+    m.save_pretrained(d / "transformer", safe_serialization=True)
+    make_scheduler().save_pretrained(d / "scheduler")
+    return d

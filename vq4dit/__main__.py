@@ -1,0 +1,144 @@
+"""Command line: `python -m vq4dit quantize ...` and `python -m vq4dit sample ...`.
+
+    python -m vq4dit quantize --model assets/digits-dit --bits 2 --method vq4dit --out out/w2
+    python -m vq4dit sample --model out/w2 --labels 0 1 2 3 --out grid.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _default_model() -> str:
+    return str(Path(__file__).resolve().parent.parent / "assets" / "digits-dit")
+
+
+def cmd_quantize(args) -> int:
+    import torch
+    from .calibrate import pick_device
+    from .io import load_dit, save_quantized
+    from .metrics import block_mse
+    from .quant import METHODS, method_config, size_summary
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: output directory {out} already exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    calib = {k: v for k, v in dict(iterations=args.iterations, num_sampling_steps=args.sampling_steps,
+                                   labels_per_iteration=args.labels_per_iteration,
+                                   lr_logits=args.lr_logits, lr_codebook=args.lr_codebook,
+                                   lambda_r=args.lambda_r, max_seconds=args.max_seconds,
+                                   seed=args.seed, device=args.device).items() if v is not None}
+    vq_kw = {k: v for k, v in dict(k=args.k, d=args.d, n_candidates=args.candidates,
+                                   kmeans_iters=args.kmeans_iters, seed=args.seed).items() if v is not None}
+    config = method_config(args.method, bits=args.bits, calib=calib, **vq_kw)
+    device = pick_device(args.device)
+    bundle = load_dit(args.model, device=device)
+    model = bundle.transformer
+    import copy
+    teacher = copy.deepcopy(model).eval()
+    t0 = time.time()
+    trace = None
+    from .quant import quantize
+    try:
+        trace = quantize(model, config, teacher=teacher)
+    except KeyboardInterrupt:
+        print("interrupted before calibration started: nothing written", file=sys.stderr)
+        return 130
+    seconds = time.time() - t0
+    if trace is not None and trace.meta.get("stopped") == "interrupted":
+        partial = out.with_name(out.name + ".partial-trace")
+        trace.save(partial)
+        print(f"interrupted after {trace.meta['steps_done']} steps: partial trace kept in {partial}; "
+              f"no model written", file=sys.stderr)
+        return 130
+    model.eval()
+    mse = block_mse(model, teacher)
+    extra = dict(source=str(args.model), seconds=seconds, block_mse=mse["mean"])
+    save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra)
+    if trace is not None:
+        trace.save(out / "trace")
+    size = size_summary(model)
+    print(json.dumps(dict(out=str(out), method=args.method, bits_per_weight=round(size["bits_per_weight"], 4),
+                          index_bytes=size["index_bytes"], block_mse=mse["mean"], seconds=round(seconds, 1)),
+                     indent=1))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from .calibrate import pick_device
+    from .io import load_dit
+    from .sampling import sample
+    from .viz import save_grid
+
+    bundle = load_dit(args.model, device=pick_device(args.device))
+    n_cls = bundle.transformer.config.num_embeds_ada_norm
+    labels = args.labels if args.labels else list(range(min(n_cls, 10)))
+    bad = [l for l in labels if not 0 <= l < n_cls]
+    if bad:
+        print(f"error: labels {bad} out of range [0, {n_cls - 1}]", file=sys.stderr)
+        return 2
+    images = sample(bundle.transformer, labels, num_steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
+                    scheduler=bundle.scheduler, vae=bundle.vae)
+    save_grid(images, args.out, nrow=args.nrow or len(labels))
+    print(f"wrote {len(labels)} samples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .quant import METHODS
+    p = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize (and calibrate) a DiT, write a packed model + trace")
+    q.add_argument("--model", default=_default_model(),
+                   help="diffusers DiT dir (transformer dir or pipeline dir) or Hub id (default: embedded digits DiT)")
+    q.add_argument("--bits", type=int, default=2, help="bit-width preset: 2 (k256,d4), 3 (k64,d2), 4 (k256,d2)")
+    q.add_argument("--method", default="vq4dit", choices=sorted(METHODS), help="quantization method")
+    q.add_argument("--out", required=True, help="output directory for the packed model (must not exist)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--k", type=int, help="codewords per layer (overrides the preset)")
+    q.add_argument("--d", type=int, help="sub-vector length (overrides the preset)")
+    q.add_argument("--candidates", type=int, help="candidate codewords per sub-vector (default 2)")
+    q.add_argument("--kmeans-iters", type=int, help="k-means iterations (default 100)")
+    q.add_argument("--iterations", type=int, help="calibration trajectories (default 1000, the reference)")
+    q.add_argument("--sampling-steps", type=int, help="teacher sampler steps per trajectory (default 50)")
+    q.add_argument("--labels-per-iteration", type=int, help="random class labels per trajectory (default 4)")
+    q.add_argument("--lr-logits", type=float, help="learning rate of assignment logits (default 5e-2)")
+    q.add_argument("--lr-codebook", type=float, help="learning rate of codebooks (default 1e-4)")
+    q.add_argument("--lambda-r", type=float, help="weight of the ratio regularizer L_r (default 1.0)")
+    q.add_argument("--max-seconds", type=float, help="stop calibration after this many seconds")
+    q.add_argument("--seed", type=int, default=0, help="seed for k-means, labels and noise")
+    q.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
+    q.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("sample", help="generate a grid of class-conditional samples")
+    s.add_argument("--model", default=_default_model(), help="FP or packed model directory")
+    s.add_argument("--labels", type=int, nargs="*", help="class labels (default: 0..9)")
+    s.add_argument("--out", required=True, help="output PNG path")
+    s.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=0, help="noise seed")
+    s.add_argument("--nrow", type=int, help="images per grid row")
+    s.add_argument("--device", help="cuda or cpu (default: CUDA when available)")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
