@@ -291,6 +291,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     for name, m in layers.items():
         if cfg.train_assignments:
             m.init_soft(originals[name].to(device))
+            m.hard_forward = cfg.hard_forward
             m.logits.requires_grad_(True)
         m.codebook.requires_grad_(m.hard or cfg.train_codebook_soft)
         if m.bias is not None:
@@ -346,11 +347,17 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                 opt.step()
                 # 3. Progressive freezing and the switch to hard assignments (spec step 7)
                 newly_hard = []
-                if step > cfg.freeze_after:
+                force = cfg.force_hard_at is not None and step >= cfg.force_hard_at * cfg.total_steps
+                if step > cfg.freeze_after or force:
                     for n, m in layers.items():
-                        if not m.hard and m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold):
-                            m.codebook.requires_grad_(True)  # hard layers train their codebook
-                            newly_hard.append(n)
+                        if m.hard:
+                            continue
+                        if force:
+                            m.make_hard()
+                        elif not m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold):
+                            continue
+                        m.codebook.requires_grad_(True)  # hard layers train their codebook
+                        newly_hard.append(n)
                 for n in newly_hard:
                     trace.add("events", dict(step=step, layer=n, event="hard"))
                 for m in layers.values():
@@ -383,6 +390,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
             m.record_weight_grad, m.last_weight = False, None
     # 4. Final record: everything hard, codebooks at storage precision
     rec.snap_steps.add(step)
+    trace._layers = [r for r in trace._layers if r["step"] != step]  # final state replaces step's record
+    trace._ratios = [r for r in trace._ratios if r["step"] != step]
+    trace._frames.clear()
     rec.record_layers(step, {})
     trace.meta.update(steps_done=step, seconds=time.time() - t0, stopped=stopped)
     return trace

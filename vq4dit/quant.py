@@ -50,6 +50,11 @@ class CalibConfig:
     freeze_threshold: float = 0.99    # top ratio above this fixes a sub-vector to its codeword
     hard_threshold: float = 0.99      # frozen share above this switches the layer to hard indices
     freeze_after: int = 0             # optimizer steps before freezing may start (0 = reference)
+    hard_forward: bool = False        # straight-through: forward uses the top candidate (the weights
+                                      # that will ship), gradients reach the ratios through the soft
+                                      # mix. False = paper (soft forward)
+    force_hard_at: Optional[float] = None  # fraction of the run after which every layer is made hard
+                                           # (its codebook keeps training); None = reference
     max_seconds: Optional[float] = None  # wall-clock budget; stops early and keeps the result
     trace_every: Optional[int] = None    # record layer stats every N steps (None: ~100 records)
     n_snapshots: int = 6              # codebook/sample snapshots over the run (+ start and end)
@@ -64,6 +69,8 @@ class CalibConfig:
         for name in ("lr_logits", "lr_codebook", "lr_bias"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"CalibConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.force_hard_at is not None and not 0.0 <= self.force_hard_at <= 1.0:
+            raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
         if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
             raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
 
@@ -302,6 +309,7 @@ class VQLinear(nn.Module):
         self.logits: Optional[nn.Parameter] = None      # (S, n) assignment logits
         self.frozen_mask: Optional[torch.Tensor] = None  # (S,) bool
         self.hard = True
+        self.hard_forward = False  # straight-through soft phase (CalibConfig.hard_forward)
         self.record_weight_grad = False
         self.last_weight: Optional[torch.Tensor] = None  # w_hat of the last forward, for conflict stats
 
@@ -412,8 +420,13 @@ class VQLinear(nn.Module):
     def weight_hat(self) -> torch.Tensor:
         if self.hard:
             sub = self.codebook[self.assignment]  # (S, d)
+        elif self.hard_forward:
+            # value = top candidate's codeword; gradient to logits through the soft mix (STE)
+            r = self.assignment_ratios()                                              # (S, n)
+            soft = (r.unsqueeze(-1) * self.codebook.detach()[self.candidates]).sum(1)  # (S, d)
+            sub = self.codebook[self.current_assignment()] + (soft - soft.detach())
         else:
-            r = self.assignment_ratios()                              # (S, n)
+            r = self.assignment_ratios()                                     # (S, n)
             sub = (r.unsqueeze(-1) * self.codebook[self.candidates]).sum(1)  # (S, d)
         return sub.reshape(self.out_features, self.in_features)
 

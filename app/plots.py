@@ -1,0 +1,348 @@
+"""Pure functions: trace DataFrames / tensors -> plotly figures. No Gradio, no model code.
+
+Method colours come from one dict so every view (live curves, conflicts, rate-distortion,
+images) draws a method in the same colour.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+METHOD_COLORS = {
+    "fp": "#444444",
+    "vq4dit": "#d62728",         # the paper's method: red everywhere
+    "vq4dit-ref": "#ff7f0e",
+    "codebook-only": "#1f77b4",
+    "kmeans": "#2ca02c",
+    "rtn": "#9467bd",
+    "rtn-tensor": "#8c564b",
+}
+LAYER_COLUMNS = ["q", "k", "v", "out", "fc1", "fc2", "adaLN"]  # one heatmap column per layer kind
+_SUFFIX = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "out",
+           "ff.net.0.proj": "fc1", "ff.net.2": "fc2", "norm1.linear": "adaLN"}
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf", "#393b79", "#ad494a", "#8ca252", "#bd9e39", "#843c39", "#7b4173"]
+BASE = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
+
+
+def color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#7f7f7f")
+
+
+def short_layer(name: str) -> str:
+    """'transformer_blocks.3.attn1.to_q' -> 'q'."""
+    for suf, s in _SUFFIX.items():
+        if name.endswith(suf):
+            return s
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_label(name: str) -> str:
+    parts = name.split(".")
+    return f"block {parts[1]} · {short_layer(name)}" if len(parts) > 2 and parts[1].isdigit() else name
+
+
+def message_figure(text: str, height: int = 260) -> go.Figure:
+    """A blank figure that says why there is nothing to draw."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#555"))
+    fig.update_layout(**BASE, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Calibration curves (live and finished)
+# ----------------------------------------------------------------------------------------
+
+
+def calibration_figure(steps: pd.DataFrame, title: str = "", uirevision: str = "live",
+                       total_steps: Optional[int] = None) -> go.Figure:
+    """Loss per block and total, L_r, frozen fraction vs optimizer step."""
+    if steps is None or len(steps) == 0:
+        return message_figure("No calibration steps yet (k-means init runs first).", 300)
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=("Block-output MSE vs FP (log)", "Ratio regularizer L_r",
+                                        "Frozen sub-vectors (%)"))
+    x = steps["step"].to_numpy()
+    blocks = sorted([c for c in steps.columns if c.startswith("block_") and c[6:].isdigit()],
+                    key=lambda c: int(c[6:]))
+    for i, c in enumerate(blocks):
+        shade = int(60 + 150 * i / max(len(blocks) - 1, 1))
+        fig.add_trace(go.Scatter(x=x, y=steps[c], mode="lines", name=f"block {c[6:]}",
+                                 line=dict(width=1, color=f"rgb({shade},{shade},230)"),
+                                 legendgroup="blocks", showlegend=i in (0, len(blocks) - 1)), 1, 1)
+    fig.add_trace(go.Scatter(x=x, y=steps["block_loss"], mode="lines", name="mean over blocks",
+                             line=dict(width=2.5, color="#d62728")), 1, 1)
+    fig.add_trace(go.Scatter(x=x, y=steps["l_r"], mode="lines", name="L_r", line=dict(color="#ff7f0e"),
+                             showlegend=False), 1, 2)
+    fig.add_trace(go.Scatter(x=x, y=100 * steps["frozen_frac"], mode="lines", name="frozen %",
+                             line=dict(color="#2ca02c"), showlegend=False), 1, 3)
+    fig.update_yaxes(type="log", title_text="MSE (block output units²)", row=1, col=1)
+    fig.update_yaxes(title_text="L_r (0 = one-hot ratios)", row=1, col=2)
+    fig.update_yaxes(title_text="% of sub-vectors", range=[0, 101], row=1, col=3)
+    xr = [0, total_steps] if total_steps else None
+    for c in (1, 2, 3):
+        fig.update_xaxes(title_text="optimizer step", range=xr, row=1, col=c)
+    fig.update_layout(**{**BASE, "margin": dict(l=60, r=20, t=90, b=40)}, height=360, title=title,
+                      uirevision=uirevision, legend=dict(orientation="h", y=-0.3, x=0))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Codebook clusters
+# ----------------------------------------------------------------------------------------
+
+
+def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
+                   assign: np.ndarray, top_ratio: np.ndarray, assign0: np.ndarray, color_by: str,
+                   title: str, axis: str, n_candidates: int = 2, uirevision: str = "") -> go.Figure:
+    """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings."""
+    fig = go.Figure()
+    hover = [f"codeword {a}<br>top ratio {r:.3f}<br>k-means codeword {a0}"
+             for a, r, a0 in zip(assign, top_ratio, assign0)]
+    if color_by == "top ratio":
+        marker = dict(size=6, color=top_ratio, colorscale="Viridis", cmin=1.0 / max(n_candidates, 1), cmax=1.0,
+                      colorbar=dict(title="top ratio", len=0.8))
+        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
+                                   name="sub-vectors", text=hover, hoverinfo="text"))
+    elif color_by == "assignment changed":
+        changed = assign != assign0
+        for mask, name, col in ((~changed, f"same codeword as k-means ({(~changed).sum()})", "#9ecae1"),
+                                (changed, f"changed vs k-means ({changed.sum()})", "#d62728")):
+            fig.add_trace(go.Scattergl(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
+                                       marker=dict(size=6 if name.startswith("changed") else 5, color=col),
+                                       name=name, text=[h for h, m in zip(hover, mask) if m], hoverinfo="text"))
+    else:  # by codeword: a cyclic palette, so neighbouring clusters differ
+        cols = [_PALETTE[int(a) % len(_PALETTE)] for a in assign]
+        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
+                                   marker=dict(size=5, color=cols, opacity=0.8), name="sub-vectors (colour = codeword)",
+                                   text=hover, hoverinfo="text"))
+    if xy_codebook0 is not None:
+        fig.add_trace(go.Scattergl(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
+                                   marker=dict(size=7, symbol="circle-open", color="#999999"),
+                                   name="codewords at k-means init", hoverinfo="skip"))
+    fig.add_trace(go.Scattergl(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
+                               marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
+                               name="codewords (this step)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
+                               hoverinfo="text"))
+    fig.update_layout(**BASE, height=480, title=title, uirevision=uirevision,
+                      xaxis_title=f"{axis} 1 (weight units)" if axis.startswith("raw") else f"{axis} 1",
+                      yaxis_title=f"{axis} 2 (weight units)" if axis.startswith("raw") else f"{axis} 2",
+                      legend=dict(orientation="h", y=-0.15, x=0))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Assignment-probability evolution
+# ----------------------------------------------------------------------------------------
+
+
+def evolution_figure(layer_rows: pd.DataFrame, ratio_rows: pd.DataFrame, hard_step: Optional[int],
+                     n_candidates: int, title: str, current_step: Optional[int] = None) -> go.Figure:
+    """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories."""
+    if layer_rows is None or len(layer_rows) == 0:
+        return message_figure("This run has no per-layer trace.")
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=[0.45, 0.25, 0.30],
+                        subplot_titles=("Share of sub-vectors by their largest assignment ratio",
+                                        "Frozen sub-vectors (%)",
+                                        "Ratio of the k-means codeword for 8 sample sub-vectors"))
+    bins = sorted([c for c in layer_rows.columns if c.startswith("ratio_hist_")], key=lambda c: int(c.rsplit("_", 1)[1]))
+    lo = 1.0 / max(n_candidates, 1)
+    edges = np.linspace(lo, 1.0, len(bins) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    z = 100 * layer_rows[bins].to_numpy().T  # (bins, steps)
+    fig.add_trace(go.Heatmap(x=layer_rows["step"], y=centers, z=z, colorscale="Blues", zmin=0,
+                             colorbar=dict(title="% of<br>sub-vectors", len=0.42, y=0.8),
+                             hovertemplate="step %{x}<br>top ratio ≈ %{y:.2f}<br>%{z:.1f}% of sub-vectors<extra></extra>"),
+                  1, 1)
+    fig.add_trace(go.Scatter(x=layer_rows["step"], y=100 * layer_rows["frozen_frac"], mode="lines+markers",
+                             line=dict(color="#2ca02c"), marker=dict(size=4), name="frozen %", showlegend=False), 2, 1)
+    if ratio_rows is not None and len(ratio_rows):
+        for j, g in ratio_rows.groupby("sample"):
+            fig.add_trace(go.Scatter(x=g["step"], y=g["ratio_nearest"], mode="lines", name=f"sample {j}",
+                                     line=dict(width=1.2, color=_PALETTE[int(j) % len(_PALETTE)]),
+                                     showlegend=False,
+                                     hovertemplate=f"sample {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
+                          3, 1)
+    if hard_step is not None:
+        for r in (1, 2, 3):
+            fig.add_vline(x=hard_step, line=dict(color="#d62728", dash="dash", width=1.5), row=r, col=1)
+        fig.add_annotation(x=hard_step, y=50, xref="x2", yref="y2", text=f" layer switched to hard at step {hard_step}",
+                           showarrow=False, xanchor="left", font=dict(color="#d62728", size=11),
+                           bgcolor="rgba(255,255,255,0.8)")
+    if current_step is not None:
+        for r in (1, 2, 3):
+            fig.add_vline(x=current_step, line=dict(color="#555", dash="dot", width=1), row=r, col=1)
+    fig.update_yaxes(title_text="top ratio", range=[lo, 1.0], row=1, col=1)
+    fig.update_yaxes(title_text="%", range=[0, 101], row=2, col=1)
+    fig.update_yaxes(title_text="ratio", range=[0, 1.02], row=3, col=1)
+    fig.update_xaxes(title_text="optimizer step", row=3, col=1)
+    fig.update_layout(**{**BASE, "margin": dict(l=60, r=20, t=90, b=50)}, height=640, title=title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient-direction conflicts
+# ----------------------------------------------------------------------------------------
+
+
+def conflict_figure(per_method: dict, title: str) -> go.Figure:
+    """per_method: {method: layer_rows}. Coherence histogram vs step per method + conflict share."""
+    per_method = {m: r for m, r in per_method.items() if r is not None and len(r)}
+    if not per_method:
+        return message_figure("No gradient statistics for this layer.")
+    n = len(per_method)
+    titles = [f"{m}: per-codeword coherence" for m in per_method] + ["Conflicting gradients (%)"]
+    fig = make_subplots(rows=1, cols=n + 1, horizontal_spacing=0.08, subplot_titles=titles)
+    centers = (np.arange(10) + 0.5) / 10
+    for i, (m, rows) in enumerate(per_method.items()):
+        rows = rows.dropna(subset=["conflict_share"]) if "conflict_share" in rows else rows.iloc[0:0]
+        hcols = [f"coherence_hist_{b}" for b in range(10)]
+        if len(rows) and all(c in rows for c in hcols):
+            fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * rows[hcols].to_numpy().T, colorscale="Magma_r",
+                                     zmin=0, zmax=100, showscale=i == 0,
+                                     colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
+                                                   thickness=12),
+                                     hovertemplate=f"{m}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
+                          1, i + 1)
+            fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
+                                     line=dict(color=color(m), width=2), name=f"{m}: mean coherence",
+                                     showlegend=False), 1, i + 1)
+            fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
+                                     marker=dict(size=4), line=dict(color=color(m)), name=m), 1, n + 1)
+        fig.update_yaxes(title_text="coherence |Σg| / Σ|g|" if i == 0 else None, range=[0, 1], row=1, col=i + 1)
+        fig.update_xaxes(title_text="optimizer step", row=1, col=i + 1)
+    fig.update_yaxes(title_text="% opposing their codeword's sum", row=1, col=n + 1)
+    fig.update_xaxes(title_text="optimizer step", row=1, col=n + 1)
+    fig.update_layout(**{**BASE, "margin": dict(l=60, r=20, t=90, b=40)}, height=460, title=title,
+                      legend=dict(orientation="h", y=-0.3, x=0.7))
+    return fig
+
+
+def worst_codeword_figure(grads: Optional[np.ndarray], codeword: Optional[int], step: Optional[int],
+                          method: str) -> go.Figure:
+    """The lowest-coherence codeword's sub-vector gradients as arrows from the origin (2-D)."""
+    if grads is None or len(grads) == 0:
+        return message_figure("No gradient snapshot for this layer at this step\n(step 0 and the final step have none).", 380)
+    g = np.asarray(grads, dtype=np.float64)
+    axis = "gradient dim"
+    if g.shape[1] > 2:
+        _, _, vt = np.linalg.svd(g - g.mean(0), full_matrices=False)  # PCA axes of the gradients
+        g2 = g @ vt[:2].T
+        axis = "gradient PC"
+    elif g.shape[1] == 1:
+        g2 = np.concatenate([g, np.zeros_like(g)], 1)
+    else:
+        g2 = g
+    scale = np.abs(g2).max() or 1.0
+    g2 = g2 / scale
+    s_full = g.sum(0)
+    opposing_mask = g @ s_full < 0  # cosine sign in the full d-dim space, not the projection
+    s = g2.sum(0)
+    coherence = np.linalg.norm(g.sum(0)) / max(np.linalg.norm(g, axis=1).sum(), 1e-30)
+    fig = go.Figure()
+    xs, ys, xo, yo = [], [], [], []
+    for v, opposing in zip(g2, opposing_mask):
+        (xo if opposing else xs).extend([0, v[0], None])
+        (yo if opposing else ys).extend([0, v[1], None])
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", line=dict(color="#1f77b4", width=1.2),
+                             marker=dict(symbol="arrow", size=9, angleref="previous"),
+                             name="sub-vector gradient agreeing with the sum"))
+    fig.add_trace(go.Scatter(x=xo, y=yo, mode="lines+markers", line=dict(color="#ff7f0e", width=1.2),
+                             marker=dict(symbol="arrow", size=9, angleref="previous"),
+                             name="opposing the sum (cos < 0)"))
+    sn = s / (np.abs(s).max() or 1.0)
+    fig.add_trace(go.Scatter(x=[0, sn[0]], y=[0, sn[1]], mode="lines+markers", line=dict(color="black", width=3),
+                             marker=dict(symbol="arrow", size=14, angleref="previous"),
+                             name="sum (direction the codeword moves, rescaled)"))
+    fig.update_layout(**BASE, height=420,
+                      title=f"{method}: worst codeword #{codeword} at step {step} — {len(g)} gradients, coherence {coherence:.2f}",
+                      xaxis=dict(title=f"{axis} 1 (scaled to max 1)", zeroline=True, scaleanchor="y"),
+                      yaxis=dict(title=f"{axis} 2 (scaled)", zeroline=True),
+                      legend=dict(orientation="h", y=-0.2, x=0))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Per-block assignment changes and block MSE
+# ----------------------------------------------------------------------------------------
+
+
+def changes_table(final_rows: pd.DataFrame, n_blocks: int, value: str = "changed_frac") -> pd.DataFrame:
+    """Blocks x layer kinds (q, k, v, out, fc1, fc2, adaLN) of `value` in %, for the table and heatmap."""
+    t = pd.DataFrame(index=range(n_blocks), columns=LAYER_COLUMNS, dtype=float)
+    for _, r in final_rows.iterrows():
+        t.loc[int(r["block"]), short_layer(r["layer"])] = 100 * float(r[value])
+    t = t.round(2)
+    t.insert(0, "block", range(n_blocks))
+    return t
+
+
+def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title: str = "") -> go.Figure:
+    z = table[LAYER_COLUMNS].to_numpy(dtype=float)
+    fig = go.Figure(go.Heatmap(x=LAYER_COLUMNS, y=[f"block {b}" for b in table["block"]], z=z, colorscale="Reds",
+                               zmin=0, colorbar=dict(title="% changed"),
+                               text=np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(z))),
+                               texttemplate="%{text}",
+                               hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"))
+    if selected is not None:
+        b, col = selected
+        if col in LAYER_COLUMNS:
+            xi = LAYER_COLUMNS.index(col)
+            fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=b - 0.5, y1=b + 0.5,
+                          line=dict(color="#1f77b4", width=3))
+    fig.update_layout(**BASE, height=80 + 40 * len(table), title=title,
+                      xaxis_title="layer in the block", yaxis=dict(title="transformer block", autorange="reversed"))
+    return fig
+
+
+def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], method: str) -> go.Figure:
+    if not per_block_mse:
+        return message_figure("No per-block MSE recorded for this run.")
+    b = [f"block {i}" for i in range(len(per_block_mse))]
+    fig = go.Figure(go.Bar(x=per_block_mse, y=b, orientation="h", marker_color=color(method),
+                           name="held-out trajectories", hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+    if final_block_loss:
+        fig.add_trace(go.Scatter(x=final_block_loss, y=b, mode="markers", marker=dict(symbol="diamond", size=9,
+                                 color="black"), name="last calibration step"))
+    fig.update_layout(**BASE, height=80 + 40 * len(b), title="Block-output MSE vs FP",
+                      xaxis=dict(title="MSE (block output units², log)", type="log"),
+                      yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Rate-distortion across runs
+# ----------------------------------------------------------------------------------------
+
+
+def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Optional[str] = None) -> go.Figure:
+    """bits/weight vs FD-digits and vs block MSE, one colour per method."""
+    ok = runs.dropna(subset=["bits/weight"]) if len(runs) else runs
+    if len(ok) == 0:
+        return message_figure("No saved runs yet: start one in the Set-up panel.", 320)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("Image quality: FD-digits (lower is better)",
+                                        "Block-output MSE vs FP (lower is better)"))
+    for m, g in ok.groupby("method"):
+        for col, ycol in ((1, "FD-digits"), (2, "block MSE")):
+            sizes = [14 if r == current else 9 for r in g["run"]]
+            fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
+                                     showlegend=col == 1, marker=dict(color=color(m), size=sizes,
+                                                                      line=dict(width=1, color="white")),
+                                     text=g["run"], hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
+                                     + ycol + " %{y:.4g}<extra></extra>"), 1, col)
+    if fp_fd is not None and math.isfinite(fp_fd):
+        fig.add_hline(y=fp_fd, line=dict(color=color("fp"), dash="dash"), row=1, col=1,
+                      annotation_text="FP model", annotation_position="top left")
+    fig.update_xaxes(title_text="bits per weight (indices + fp16 codebooks)")
+    fig.update_yaxes(title_text="FD-digits", row=1, col=1)
+    fig.update_yaxes(title_text="MSE (log)", type="log", row=1, col=2)
+    fig.update_layout(**BASE, height=360, legend=dict(orientation="h", y=-0.25))
+    return fig

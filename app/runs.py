@@ -1,0 +1,512 @@
+"""Run management for the explorer: the runs directory, the calibration worker, and caches.
+
+A saved run is one directory under the runs dir, written atomically (temp dir, then rename):
+    runs/<id>/run.json         settings, size, block MSE, image metrics (what the Runs table shows)
+    runs/<id>/trace/           vq4dit.calibrate.Trace.save (absent for rtn / kmeans: no calibration)
+    runs/<id>/model/           vq4dit.io.save_quantized (packed model, reloadable with load_dit)
+Everything here is a thin layer over the library: quantizing, calibrating, sampling and metrics
+all come from `vq4dit`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vq4dit.calibrate import Trace, pick_device
+from vq4dit.digits import DIGITS_DIT_DIR
+from vq4dit.experiment import SMALL_MODEL_KMEANS_ITERS, SMALL_MODEL_RECIPE, EvalSpec, generate, run_method
+from vq4dit.io import load_dit, save_quantized
+from vq4dit.quant import CalibConfig, METHODS, VQ_PRESETS, method_config
+from vq4dit.sampling import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIBRATED = ("vq4dit", "vq4dit-ref", "codebook-only")  # methods that record a Trace
+RUN_FILE = "run.json"
+
+
+# ----------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AppConfig:
+    """What `python app.py` flags set. None = the library's default for the loaded model."""
+    model: str = str(DIGITS_DIT_DIR)
+    runs_dir: str = str(ROOT / "runs")
+    device: Optional[str] = None
+    iterations: Optional[int] = None      # calibration trajectories (default: SMALL_MODEL_RECIPE)
+    sampling_steps: Optional[int] = None  # teacher steps per trajectory (default: SMALL_MODEL_RECIPE)
+    kmeans_iters: Optional[int] = None    # default: SMALL_MODEL_KMEANS_ITERS (embedded model)
+    eval_per_class: int = 5               # images per class for a run's accuracy / FD-digits / PSNR
+    eval_steps: int = 25                  # sampler steps for those images
+    image_steps: int = 25                 # default sampler steps in the Images view
+    warm_umap: bool = True                # compile umap's numba code in the background at start
+
+
+@dataclass
+class RunSettings:
+    """One run as the Set-up panel describes it."""
+    method: str = "vq4dit"
+    bits: int = 2
+    k: Optional[int] = None
+    d: Optional[int] = None
+    n_candidates: int = 2
+    kmeans_iters: int = SMALL_MODEL_KMEANS_ITERS
+    seed: int = 0
+    calib: dict = field(default_factory=dict)  # CalibConfig overrides
+
+    def config(self):
+        """The library's validated config (ValueError with a clear message when invalid)."""
+        return method_config(self.method, bits=self.bits, calib=self.calib, **self.vq_kwargs())
+
+    def vq_kwargs(self) -> dict:
+        kw = dict(k=self.k, d=self.d, n_candidates=self.n_candidates, kmeans_iters=self.kmeans_iters,
+                  seed=self.seed)
+        return {k: v for k, v in kw.items() if v is not None}
+
+
+def default_calib(cfg: AppConfig, embedded: bool) -> dict:
+    """CalibConfig defaults, the small-model recipe for the embedded model (read at runtime),
+    then the command-line overrides."""
+    base = {k: v for k, v in asdict(CalibConfig()).items()
+            if k in ("iterations", "num_sampling_steps", "lr_logits", "lr_codebook", "lambda_r",
+                     "guidance_scale", "labels_per_iteration")}
+    if embedded:
+        base.update(SMALL_MODEL_RECIPE)
+    if cfg.iterations is not None:
+        base["iterations"] = cfg.iterations
+    if cfg.sampling_steps is not None:
+        base["num_sampling_steps"] = cfg.sampling_steps
+    return base
+
+
+# ----------------------------------------------------------------------------------------
+# The runs directory
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    id: str
+    path: Path
+    meta: Optional[dict] = None
+    error: Optional[str] = None  # set when the run cannot be read
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _clean(v):
+    """JSON floats: NaN -> None so the file stays standard JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class RunStore:
+    """Saved runs on disk plus in-memory caches of their traces and packed models."""
+
+    def __init__(self, root, device=None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.bad: dict[str, str] = {}          # runs found corrupt when loading
+        self._traces: OrderedDict = OrderedDict()
+        self._models: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- listing --------------------------------------------------------------------------
+    def list(self) -> list[RunInfo]:
+        out = []
+        for p in sorted(self.root.iterdir(), key=lambda q: q.name):
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            info = RunInfo(p.name, p)
+            try:
+                info.meta = json.loads((p / RUN_FILE).read_text())
+                if not isinstance(info.meta, dict) or "method" not in info.meta or "bits" not in info.meta:
+                    raise ValueError("run.json lacks method/bits")
+            except FileNotFoundError:
+                info.meta, info.error = None, f"no {RUN_FILE}"
+            except (OSError, ValueError) as e:
+                info.meta, info.error = None, f"{RUN_FILE} unreadable ({type(e).__name__})"
+            if info.error is None and p.name in self.bad:
+                info.error = self.bad[p.name]
+            out.append(info)
+        return out
+
+    def readable_ids(self) -> list[str]:
+        return [r.id for r in self.list() if r.error is None]
+
+    def meta(self, run_id: str) -> dict:
+        p = self.root / run_id / RUN_FILE
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise ValueError(f"run {run_id!r} not found in {self.root}") from e
+        except (OSError, ValueError) as e:
+            raise ValueError(f"run {run_id!r} is unreadable: {p} is not valid JSON ({e})") from e
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for r in reversed(self.list()):  # newest first (ids start with a timestamp)
+            m = r.meta or {}
+            met = m.get("metrics") or {}
+            rows.append({
+                "run": r.id,
+                "method": m.get("method", "?"),
+                "bits": m.get("bits"),
+                "k x d": f"{m.get('k')}x{m.get('d')}" if m.get("k") else "-",
+                "bits/weight": _round(m.get("bits_per_weight"), 3),
+                "block MSE": _round(m.get("block_mse"), 5),
+                "FD-digits": _round(met.get("fd_digits"), 2),
+                "accuracy": _round(met.get("accuracy"), 3),
+                "PSNR vs FP (dB)": _round(met.get("psnr"), 2),
+                "steps": f"{m.get('steps_done', '-')}/{m.get('total_steps', '-')}" if m.get("total_steps") else "-",
+                "status": r.error and f"unreadable: {r.error}" or m.get("status", "?"),
+            })
+        cols = ["run", "method", "bits", "k x d", "bits/weight", "block MSE", "FD-digits", "accuracy",
+                "PSNR vs FP (dB)", "steps", "status"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def latest(self, method: str, bits: int, exclude: Optional[str] = None) -> Optional[str]:
+        """Newest readable run of `method` at `bits`."""
+        for r in reversed(self.list()):
+            if r.error is None and r.id != exclude and r.meta["method"] == method and int(r.meta["bits"]) == int(bits):
+                return r.id
+        return None
+
+    def baselines(self, bits: int, exclude: Optional[str] = None, limit: int = 4) -> list[str]:
+        """Newest run of every other method at the same bits."""
+        seen, out = set(), []
+        ex_method = None
+        if exclude:
+            try:
+                ex_method = self.meta(exclude)["method"]
+            except ValueError:
+                pass
+        for r in reversed(self.list()):
+            if r.error or r.id == exclude or int(r.meta["bits"]) != int(bits):
+                continue
+            m = r.meta["method"]
+            if m in seen or m == ex_method:
+                continue
+            seen.add(m)
+            out.append(r.id)
+        return out[:limit]
+
+    # -- loading --------------------------------------------------------------------------
+    def trace(self, run_id: str) -> Optional[Trace]:
+        """The run's calibration trace (cached); None for methods without calibration."""
+        with self._lock:
+            if run_id in self._traces:
+                self._traces.move_to_end(run_id)
+                return self._traces[run_id]
+        meta = self.meta(run_id)
+        tdir = self.root / run_id / "trace"
+        if not tdir.exists():
+            if meta["method"] in CALIBRATED:
+                self.bad[run_id] = "trace missing"
+                raise ValueError(f"run {run_id!r} is unreadable: its trace/ directory is missing")
+            tr = None
+        else:
+            try:
+                tr = Trace.load(tdir)
+                _ = tr.steps, tr.layers  # parse now so a corrupt CSV fails here, not in a plot
+                if "layers" not in tr.meta:
+                    raise ValueError(f"trace at {tdir} has no layer list in meta.json")
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                self.bad[run_id] = "corrupt trace"
+                raise ValueError(f"run {run_id!r} is unreadable: {e}") from e
+        with self._lock:
+            self._traces[run_id] = tr
+            while len(self._traces) > 8:
+                self._traces.popitem(last=False)
+        return tr
+
+    def model(self, run_id: str):
+        """The packed model as a DiTBundle (cached, a few at a time)."""
+        with self._lock:
+            if run_id in self._models:
+                self._models.move_to_end(run_id)
+                return self._models[run_id]
+        try:
+            b = load_dit(self.root / run_id / "model", device=self.device)
+        except (FileNotFoundError, ValueError) as e:
+            self.bad[run_id] = "corrupt model"
+            raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
+        with self._lock:
+            self._models[run_id] = b
+            while len(self._models) > 6:
+                self._models.popitem(last=False)
+        return b
+
+    # -- saving ---------------------------------------------------------------------------
+    def new_id(self, method: str, bits: int) -> str:
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-w{bits}"
+        rid, i = base, 1
+        while (self.root / rid).exists():
+            i += 1
+            rid = f"{base}-{i}"
+        return rid
+
+    def save(self, run_id: str, result, meta: dict, scheduler=None) -> Path:
+        """Trace + packed model + run.json, built in a temp dir and renamed into place."""
+        out = self.root / run_id
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
+        try:
+            if result.trace is not None:
+                result.trace.save(tmp / "trace")
+            save_quantized(result.model, tmp / "model", scheduler=scheduler,
+                           extra=dict(run=run_id, block_mse=result.block_mse))
+            _atomic_json(tmp / RUN_FILE, _clean(meta))
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    # -- downloads ------------------------------------------------------------------------
+    def export_dir(self) -> Path:
+        d = Path(tempfile.gettempdir()) / "vq4dit-app-exports"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def export_zip(self, run_id: str, what: str) -> Optional[str]:
+        """Zip of the run's trace CSVs (what='trace') or its packed model (what='model')."""
+        src = self.root / run_id / what
+        if not src.is_dir():
+            return None
+        out = self.export_dir() / f"{run_id}-{what}.zip"
+        if out.is_file():
+            return str(out)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(src.rglob("*")):
+                if f.is_file() and (what == "model" or f.suffix in (".csv", ".json")):
+                    z.write(f, f"{run_id}/{what}/{f.relative_to(src)}")
+            if what == "trace" and (self.root / run_id / RUN_FILE).is_file():
+                z.write(self.root / run_id / RUN_FILE, f"{run_id}/{RUN_FILE}")
+        os.replace(tmp, out)
+        return str(out)
+
+
+def _round(v, n):
+    try:
+        return None if v is None or not math.isfinite(float(v)) else round(float(v), n)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# The calibration worker (one at a time) and image generation
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActiveRun:
+    settings: RunSettings
+    total_steps: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    rows: list = field(default_factory=list)    # on_step rows (no Trace object)
+    phase: str = "k-means init"
+    run_id: Optional[str] = None
+    error: Optional[BaseException] = None
+    t0: float = field(default_factory=time.time)
+
+    def steps_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.rows))
+
+
+class Engine:
+    """Holds the FP teacher (loaded once), the runs store, the worker and image caches."""
+
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.bundle = load_dit(cfg.model, device=self.device)
+        self.teacher = self.bundle.transformer
+        tc = self.teacher.config
+        if tc.num_embeds_ada_norm is None:
+            raise ValueError(f"{cfg.model} is not a class-conditional DiT (num_embeds_ada_norm is None)")
+        self.n_classes = int(tc.num_embeds_ada_norm)
+        self.n_blocks = len(self.teacher.transformer_blocks)
+        self.embedded = Path(cfg.model).resolve() == Path(DIGITS_DIT_DIR).resolve()
+        self.is_digits = (tc.in_channels == 1 and tc.sample_size == 16 and self.n_classes == 10
+                          and self.bundle.vae is None)
+        self.store = RunStore(cfg.runs_dir, device=self.device)
+        self.calib_defaults = default_calib(cfg, self.embedded)
+        self.kmeans_default = cfg.kmeans_iters or (SMALL_MODEL_KMEANS_ITERS if self.embedded else 100)
+        self.model_lock = threading.Lock()   # every forward pass of a model goes through here
+        self.active: Optional[ActiveRun] = None
+        self._evaluator = None
+        self._images: OrderedDict = OrderedDict()  # (model key, labels, seed, cfg, steps) -> images
+
+    # -- metrics --------------------------------------------------------------------------
+    @property
+    def evaluator(self):
+        if self._evaluator is None and self.is_digits:
+            from vq4dit.metrics import DigitsEvaluator
+            self._evaluator = DigitsEvaluator()
+        return self._evaluator
+
+    def eval_spec(self) -> EvalSpec:
+        return EvalSpec(n_per_class=self.cfg.eval_per_class, num_classes=min(10, self.n_classes),
+                        num_steps=self.cfg.eval_steps, guidance_scale=4.0, seed=0)
+
+    def images(self, key: str, model, labels, seed: int, guidance: float, steps: int,
+               scheduler=None, vae=None) -> torch.Tensor:
+        """Samples for `labels`, cached by (model key, labels, seed, guidance, steps)."""
+        ck = (key, tuple(int(x) for x in labels), int(seed), float(guidance), int(steps))
+        if ck in self._images:
+            self._images.move_to_end(ck)
+            return self._images[ck]
+        with self.model_lock:
+            x = sample(model, list(labels), num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
+                       scheduler=scheduler or self.bundle.scheduler, vae=vae if vae is not None else self.bundle.vae)
+        self._images[ck] = x
+        while len(self._images) > 48:
+            self._images.popitem(last=False)
+        return x
+
+    def fp_images(self, labels, seed, guidance, steps) -> torch.Tensor:
+        return self.images("fp", self.teacher, labels, seed, guidance, steps)
+
+    def run_images(self, run_id, labels, seed, guidance, steps) -> torch.Tensor:
+        b = self.store.model(run_id)
+        return self.images(run_id, b.transformer, labels, seed, guidance, steps, vae=self.bundle.vae)
+
+    def image_metrics(self, images, labels, reference) -> dict:
+        from vq4dit.metrics import image_mse, psnr
+        out = {}
+        if self.evaluator is not None:
+            pred = self.evaluator.predict(images)
+            out["accuracy"] = float((pred == torch.as_tensor(labels)).float().mean())
+            out["pred"] = pred.tolist()
+            if len(images) >= 2:
+                from vq4dit.metrics import frechet_distance
+                try:
+                    out["fd_digits"] = frechet_distance(self.evaluator.features(images),
+                                                        self.evaluator.real_features)
+                except ValueError:
+                    pass
+        if reference is not None:
+            out["psnr"] = float(psnr(images, reference).clamp_max(99.0).mean())
+            out["image_mse"] = float(image_mse(images, reference).mean())
+        return out
+
+    def evaluate_run_model(self, model) -> tuple[dict, dict]:
+        """(metrics of the quantized model, metrics of FP) on the fixed eval spec."""
+        spec = self.eval_spec()
+        labels = spec.labels()
+        fp = self.fp_images(labels, spec.seed, spec.guidance_scale, spec.num_steps)
+        with self.model_lock:
+            q = generate(model, spec, self.bundle.scheduler, self.bundle.vae)
+        m = self.image_metrics(q, labels, fp)
+        f = self.image_metrics(fp, labels, None)
+        m.pop("pred", None), f.pop("pred", None)
+        return m, f
+
+    # -- runs -----------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return self.active is not None and not self.active.done.is_set()
+
+    def start_run(self, s: RunSettings) -> ActiveRun:
+        """Validate, then quantize + calibrate + evaluate + save in a worker thread."""
+        if s.method not in METHODS:
+            raise ValueError(f"unknown method {s.method!r}: choose one of {sorted(METHODS)}")
+        config = s.config()  # ValueError for invalid k/d/n/bits/iterations/learning rates
+        if self.busy():
+            raise RuntimeError("a run is already in progress: wait for it or press Cancel")
+        calib = getattr(config, "calib", None)
+        total = calib.total_steps if calib is not None else 0
+        a = ActiveRun(settings=s, total_steps=total)
+        self.active = a
+        threading.Thread(target=self._work, args=(a,), daemon=True, name="vq4dit-run").start()
+        return a
+
+    def _work(self, a: ActiveRun):
+        s = a.settings
+        try:
+            def on_step(info):
+                a.phase = "calibrating"
+                a.rows.append({k: v for k, v in info.items() if k != "trace"})
+                return not a.stop.is_set()
+
+            calib = dict(s.calib, device=str(self.device)) if s.method in CALIBRATED else None
+            with self.model_lock:
+                res = run_method(self.teacher, s.method, s.bits, calib=calib, vq=s.vq_kwargs(),
+                                 on_step=on_step, progress=False)
+            a.phase = "evaluating images"
+            metrics, fp_metrics = self.evaluate_run_model(res.model)
+            a.phase = "saving"
+            run_id = self.store.new_id(s.method, s.bits)
+            tr = res.trace
+            meta = dict(
+                id=run_id, method=s.method, bits=s.bits, k=getattr(res.config, "k", None),
+                d=getattr(res.config, "d", None), n_candidates=getattr(res.config, "n_candidates", None),
+                settings=asdict(s), config=res.config.to_dict(), model_source=str(self.cfg.model),
+                bits_per_weight=res.size["bits_per_weight"], size=res.size, block_mse=res.block_mse,
+                per_block_mse=res.per_block_mse, seconds=res.seconds, metrics=metrics, fp_metrics=fp_metrics,
+                eval_spec=asdict(self.eval_spec()), n_blocks=self.n_blocks, created=time.time(),
+                total_steps=tr.meta.get("total_steps") if tr is not None else None,
+                steps_done=tr.meta.get("steps_done") if tr is not None else None,
+                stopped=tr.meta.get("stopped") if tr is not None else None,
+                status=("cancelled" if tr is not None and tr.meta.get("stopped") == "cancelled"
+                        else (f"stopped ({tr.meta['stopped']})" if tr is not None and tr.meta.get("stopped")
+                              else "finished")),
+            )
+            self.store.save(run_id, res, meta, scheduler=self.bundle.scheduler)
+            a.run_id = run_id
+            a.phase = "saved"
+        except BaseException as e:  # reported to the UI by the streaming generator
+            a.error = e
+            a.phase = "failed"
+        finally:
+            a.done.set()
+
+
+def warm_umap_async():
+    """Compile umap's numba kernels in the background so the first UMAP view doesn't stall."""
+    def warm():
+        try:
+            import umap
+            x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+            umap.UMAP(n_neighbors=8, n_epochs=20, random_state=0, n_jobs=1).fit_transform(x)
+        except Exception:
+            pass
+    t = threading.Thread(target=warm, daemon=True, name="umap-warmup")
+    t.start()
+    return t

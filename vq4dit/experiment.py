@@ -1,0 +1,94 @@
+"""One quantization run and its evaluation: the shared path of the benchmark and the app.
+
+    teacher = load_dit(DIGITS_DIT_DIR).transformer
+    result = run_method(teacher, "vq4dit", bits=2, calib=SMALL_MODEL_RECIPE)
+    fp = generate(teacher, EvalSpec())
+    q = generate(result.model, EvalSpec())
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .calibrate import Trace
+from .metrics import block_mse
+from .quant import method_config, quantize, size_summary
+from .sampling import sample
+
+# Calibration recipe for the embedded digits DiT on a 2-core CPU: fewer, shorter trajectories
+# than the reference (1000 x 50 steps) so a W2 run fits in about a minute.
+SMALL_MODEL_RECIPE = dict(
+    iterations=12,           # trajectories; ~25 s of optimizer steps per method on 2 cores
+    num_sampling_steps=25,   # teacher DDIM steps per trajectory (timesteps spread over [0, 1000))
+    labels_per_iteration=4,  # reference value
+    guidance_scale=4.0,      # reference value
+)
+
+# k-means iterations: converges (scikit-learn tolerance) well before 100 on these layers.
+SMALL_MODEL_KMEANS_ITERS = 50
+
+
+@dataclass
+class RunResult:
+    method: str
+    bits: int
+    model: torch.nn.Module
+    config: object
+    trace: Optional[Trace]
+    seconds: float            # calibration (and k-means) wall time
+    size: dict                # size_summary: bits_per_weight incl. codebooks, bytes
+    block_mse: float = float("nan")
+    per_block_mse: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        cfg = self.config
+        return dict(method=self.method, bits=self.bits, k=getattr(cfg, "k", None), d=getattr(cfg, "d", None),
+                    bits_per_weight=self.size["bits_per_weight"], block_mse=self.block_mse,
+                    seconds=self.seconds, index_bytes=self.size["index_bytes"], side_bytes=self.size["side_bytes"],
+                    stopped=(self.trace.meta.get("stopped") if self.trace is not None else None))
+
+
+def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None, vq: Optional[dict] = None,
+               on_step: Optional[Callable[[dict], Optional[bool]]] = None, progress: bool = True,
+               measure_block_mse: bool = True) -> RunResult:
+    """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched."""
+    config = method_config(method, bits=bits, calib=calib, **(vq or {}))
+    model = copy.deepcopy(teacher).eval()
+    t0 = time.time()
+    trace = quantize(model, config, teacher=teacher, on_step=on_step, progress=progress)
+    seconds = time.time() - t0
+    model.eval()
+    res = RunResult(method, bits, model, config, trace, seconds, size_summary(model))
+    if measure_block_mse:
+        m = block_mse(model, teacher)
+        res.block_mse, res.per_block_mse = m["mean"], m["per_block"]
+    return res
+
+
+@dataclass
+class EvalSpec:
+    """Same seeds, labels and sampler for every model compared."""
+    n_per_class: int = 10
+    num_classes: int = 10
+    guidance_scale: float = 4.0
+    num_steps: int = 50
+    seed: int = 0
+    batch: int = 100
+
+    def labels(self) -> list[int]:
+        return [c for c in range(self.num_classes) for _ in range(self.n_per_class)]
+
+
+@torch.no_grad()
+def generate(model, spec: EvalSpec, scheduler=None, vae=None) -> torch.Tensor:
+    """Images for spec.labels(); batch b uses seed spec.seed + b so any model sees the same noise."""
+    labels = spec.labels()
+    out = []
+    for b, s in enumerate(range(0, len(labels), spec.batch)):
+        out.append(sample(model, labels[s:s + spec.batch], num_steps=spec.num_steps,
+                          guidance_scale=spec.guidance_scale, seed=spec.seed + b, scheduler=scheduler, vae=vae))
+    return torch.cat(out)
