@@ -41,9 +41,10 @@ class Views:
             out = dict(layers={}, ratios={}, hard={})
         else:
             lay, rat, ev = tr.layers, tr.ratios, tr.events
-            out = dict(layers={n: g.sort_values("step") for n, g in lay.groupby("layer")} if len(lay) else {},
-                       ratios={n: g for n, g in rat.groupby("layer")} if len(rat) else {},
-                       hard={r["layer"]: int(r["step"]) for _, r in ev.iterrows()} if len(ev) else {})
+            hard = {r["layer"]: int(r["step"]) for _, r in ev.iterrows()} if len(ev) else {}
+            out = dict(layers={n: g.sort_values("step", kind="stable") for n, g in lay.groupby("layer")} if len(lay) else {},
+                       ratios={n: _fix_hard_ratios(g, hard.get(n)) for n, g in rat.groupby("layer")} if len(rat) else {},
+                       hard=hard)
         with self._lock:
             self._frames[run_id] = out
             if len(self._frames) > 8:
@@ -217,7 +218,9 @@ class Views:
         steps = self.steps_of(run_id)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
         n_cand = (tr.meta.get("config") or {}).get("n_candidates", 2)
-        return plots.evolution_figure(fr["layers"].get(layer), fr["ratios"].get(layer), fr["hard"].get(layer),
+        rows = fr["layers"].get(layer)
+        rows = rows.drop_duplicates("step", keep="last") if rows is not None else None
+        return plots.evolution_figure(rows, fr["ratios"].get(layer), fr["hard"].get(layer),
                                       n_cand, title=f"{plots.layer_label(layer)} — {tr.meta.get('method')}: "
                                                     f"how sure each sub-vector is of its codeword", current_step=step)
 
@@ -341,6 +344,21 @@ class Views:
         return img, pd.DataFrame(table), note
 
 
+def _fix_hard_ratios(rows: pd.DataFrame, hard_step: Optional[int]) -> pd.DataFrame:
+    """Workaround: once a layer is hard, the trace logs ratio_nearest = 1.0 for every sample, even
+    one whose codeword is no longer the k-means one. Rewrite those rows as 1 (still the k-means
+    codeword) or 0 (moved), from the logged codeword; the final (finalized, hard) record too."""
+    rows = rows.sort_values("step", kind="stable").drop_duplicates(["step", "sample"], keep="last").copy()
+    if not len(rows):
+        return rows
+    first = rows[rows["step"] == rows["step"].min()].set_index("sample")["codeword"]
+    start = hard_step if hard_step is not None else int(rows["step"].max())
+    m = rows["step"] >= start
+    rows.loc[m, "ratio_nearest"] = (rows.loc[m, "codeword"].to_numpy()
+                                    == first.reindex(rows.loc[m, "sample"]).to_numpy()).astype(float)
+    return rows
+
+
 def _r(v, n):
     return None if v is None else round(float(v), n)
 
@@ -371,7 +389,7 @@ def composite(rows, labels, preds, fp) -> np.ndarray:
         if kind == "diff":
             dif = (x.float() - fp.float()).abs().mean(1).clamp(0, 1).numpy()  # (N, H, W), 1 = half the range
             tiles = np.stack([255 * np.ones_like(dif), 255 * (1 - dif), 255 * (1 - dif)], -1).astype(np.uint8)
-            draw.text((10, y + cell // 2 + 2), "white 0 → red ≥ 1", fill="#777")
+            draw.text((10, y + cell // 2 + 2), "white = same, red = off by >= 1", fill="#777")
         else:
             tiles = to_uint8(x)
             if tiles.shape[-1] == 1:

@@ -111,7 +111,7 @@ def test_tiny_run_in_browser(server):
         page.get_by_role("tab", name="Per-block changes").click()
         table = page.get_by_label("Changed codewords (% of sub-vectors) — click a cell to select that layer")
         expect(table).to_be_visible(timeout=30_000)
-        table.get_by_role("row").nth(3).get_by_role("cell").nth(5).click()  # block 2, fc1
+        table.get_by_role("row").nth(3).get_by_role("gridcell").nth(5).click()  # block 2, fc1
         expect(page.get_by_label("Block", exact=True)).to_have_value("block 2", timeout=30_000)
         expect(layer).to_have_value("fc1 (ff.net.0.proj)")
 

@@ -247,7 +247,10 @@ class _Recorder:
                             enumerate(_hist(coh, 0.0, 1.0, COHERENCE_BINS))})
             self.trace.add("layers", row)
             idx = self.samples[name][:N_TRAJECTORIES]
-            first = (torch.ones(len(idx)) if m.hard else m.assignment_ratios().detach()[idx, 0].cpu())
+            if m.hard:  # one-hot: the k-means codeword has ratio 1 only if the sub-vector kept it
+                first = (assign[idx] == m.kmeans_assignment[idx]).float().cpu()
+            else:
+                first = m.assignment_ratios().detach()[idx, 0].cpu()
             chosen = assign[idx].cpu()
             for j in range(len(idx)):
                 self.trace.add("ratios", dict(step=step, layer=name, sample=j,

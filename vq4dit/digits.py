@@ -64,9 +64,9 @@ def load_digit_images(split: str = "all", seed: int = 0) -> tuple[torch.Tensor, 
     y = torch.tensor(d.target, dtype=torch.long)  # (N,)
     if split == "all":
         return x, y
-    train_idx, test_idx = digit_split_indices(seed)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    train_idx, test_idx = digit_split_indices(seed)
     sel = train_idx if split == "train" else test_idx
     return x[sel], y[sel]
 

@@ -60,10 +60,13 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
         raise ValueError("need at least 2 samples per set for a Frechet distance")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # numerically singular: regularize as pytorch-fid does
-        off = np.eye(a.shape[1]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-singular products (few samples) are handled below
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # numerically singular: regularize as pytorch-fid does
+            off = np.eye(a.shape[1]) * 1e-6
+            covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 

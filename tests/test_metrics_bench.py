@@ -1,0 +1,72 @@
+"""Metrics behave, and the benchmark's quick mode produces every row."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vq4dit.metrics import frechet_distance, psnr
+
+
+def test_frechet_distance_basics():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    b = rng.normal(size=(500, 8))
+    shifted = b + 3.0
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) < 0.5
+    assert frechet_distance(a, shifted) == pytest.approx(9 * 8, rel=0.1)  # |mu diff|^2 = 8 * 3^2
+    with pytest.raises(ValueError, match="same F"):
+        frechet_distance(a, rng.normal(size=(10, 3)))
+
+
+def test_psnr():
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    assert torch.isinf(psnr(x, x)).all() or (psnr(x, x) > 100).all()
+    noisy = x + 0.1 * torch.randn_like(x)
+    p = psnr(noisy, x)
+    assert p.shape == (4,) and ((p > 20) & (p < 40)).all()  # 10*log10(4/0.01) = 26 dB
+
+
+def test_fd_digits_real_vs_real_small_and_noise_large():
+    from vq4dit.digits import load_digit_images
+    from vq4dit.metrics import DigitsEvaluator
+    ev = DigitsEvaluator()
+    test, _ = load_digit_images("test")
+    train, _ = load_digit_images("train")
+    fd_real = frechet_distance(ev.features(test), ev.features(train))
+    noise = torch.randn(300, 1, 16, 16).clamp(-1, 1)
+    fd_noise = frechet_distance(ev.features(noise), ev.real_features)
+    assert fd_real < 0.05 * fd_noise, (fd_real, fd_noise)
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    from vq4dit import bench
+    out = tmp_path_factory.mktemp("bench") / "quick.csv"
+    rows = bench.run(quick=True, out_csv=str(out), log=lambda s: None)
+    return rows, out
+
+
+def test_bench_quick_has_every_row(quick_bench):
+    from vq4dit import bench
+    rows, out = quick_bench
+    with open(out) as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["method"] == "fp32"
+    expected = {(s, m) for s, _, vq in bench.settings(True) for m in bench.METHOD_ORDER
+                if not (vq and m.startswith("rtn"))}
+    assert {(r["setting"], r["method"]) for r in got[1:]} == expected
+    for r in got[1:]:
+        assert 0 <= float(r["acc_cfg1"]) <= 1 and math.isfinite(float(r["fd_cfg1"]))
+        assert float(r["bits_per_weight"]) > 0 and int(r["packed_bytes"]) > 0
+        assert r["machine"]
+
+
+def test_bench_quick_w2_vq4dit_beats_rtn_on_accuracy(quick_bench):
+    rows, _ = quick_bench
+    w2 = {r["method"]: r for r in rows if r["setting"] == "W2"}
+    acc = lambda r: r["acc_cfg1"] + r["acc_cfg4"]
+    assert acc(w2["vq4dit"]) > acc(w2["rtn-tensor"])
+    assert w2["vq4dit"]["block_mse"] < w2["rtn"]["block_mse"] < w2["rtn-tensor"]["block_mse"]
