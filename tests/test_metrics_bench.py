@@ -43,10 +43,16 @@ def test_fd_digits_real_vs_real_small_and_noise_large():
 
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
+    import os
     from vq4dit import bench
-    out = tmp_path_factory.mktemp("bench") / "quick.csv"
-    rows = bench.run(quick=True, out_csv=str(out), log=lambda s: None)
-    return rows, out
+    tmp = tmp_path_factory.mktemp("bench")
+    old = os.environ.get("VQ4DIT_CACHE")
+    os.environ["VQ4DIT_CACHE"] = str(tmp / "cache")  # k-means once per setting, shared by the methods
+    try:
+        rows = bench.run(quick=True, out_csv=str(tmp / "quick.csv"), log=lambda s: None)
+    finally:
+        os.environ["VQ4DIT_CACHE"] = old if old is not None else "off"
+    return rows, tmp / "quick.csv"
 
 
 def test_bench_quick_has_every_row(quick_bench):

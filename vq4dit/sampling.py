@@ -68,6 +68,7 @@ def sample(transformer, class_labels: Sequence[int] | torch.Tensor, *, num_steps
 
     on_step(i, x) is called after each denoising step (e.g. for progress bars).
     """
+    transformer.eval()  # train mode would apply diffusers' label dropout inside every block
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels,
                              dtype=torch.long, device=device)
