@@ -435,6 +435,13 @@ class VQLinear(nn.Module):
         return self.weight_hat().detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hard and not torch.is_grad_enabled():
+            # inference: rebuild W only when codebook or indices changed (saves a gather per step)
+            key = (self.codebook._version, self.assignment._version, self.codebook.data_ptr(), x.dtype)
+            if getattr(self, "_cache_key", None) != key:
+                self._cached_weight = self.weight_hat().detach().to(x.dtype)
+                self._cache_key = key
+            return F.linear(x, self._cached_weight, None if self.bias is None else self.bias.to(x.dtype))
         w = self.weight_hat()
         if self.record_weight_grad and w.requires_grad:
             w.retain_grad()
