@@ -117,6 +117,7 @@ def run(quick: bool = False, out_csv: str = "bench.csv", model_dir=None, methods
                        machine=machine)
             row.update(evaluate_model(res.model, evaluator, specs, fp_images))
             rows.append(row)
+            write_csv(rows, out_csv)  # after every row: an interrupted run keeps what it measured
             log(f"{name:9s} {method:13s} bpw {row['bits_per_weight']:.3f} acc1 {row['acc_cfg1']:.3f} "
                 f"fd1 {row['fd_cfg1']:.2f} acc4 {row['acc_cfg4']:.3f} fd4 {row['fd_cfg4']:.2f} "
                 f"psnr1 {row['psnr_cfg1']:.2f} mse {row['block_mse']:.3g} calib {row['calib_seconds']:.0f}s "
@@ -185,3 +186,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a bench CSV with numbers parsed back (for README tables from saved runs)."""
+    def num(v):
+        if v in ("", "None"):
+            return None
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() and abs(f) < 1e15 and "." not in v and "e" not in v else f
+    with open(path) as f:
+        return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]
