@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -39,3 +40,12 @@ def tiny_dit_dir(tmp_path):
     m.save_pretrained(d / "transformer", safe_serialization=True)
     make_scheduler().save_pretrained(d / "scheduler")
     return d
+
+
+def free_port() -> int:
+    """An unused loopback port for app servers started by tests."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

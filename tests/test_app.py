@@ -6,7 +6,6 @@ between tests in file order: run -> cancel -> views -> errors.
 """
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -14,20 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
+
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 from vq4dit.digits import DIGITS_DIT_DIR  # noqa: E402
 
 TINY = dict(iterations=1, sampling_steps=3, kmeans_iters=5)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def setup_args(method="vq4dit", bits=2, k=256, d=4, n=2, iterations=1, steps=3, kmeans=5, lr_l=5e-2, lr_c=1e-4,

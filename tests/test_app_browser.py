@@ -4,13 +4,14 @@ run a tiny calibration, wait for plots and images, switch the layer, save a scre
 Skips when /usr/bin/chromium or playwright is missing. Elements are found by their labels.
 """
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -20,14 +21,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} not installed", allow_module_level=True)
 playwright_api = pytest.importorskip("playwright.sync_api")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
