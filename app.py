@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
-    from vq4dit.digits import DIGITS_DIT_DIR
+    from vq4dit.testbed import DIGITS_DIT_DIR
     p = argparse.ArgumentParser(description="Explore VQ4DiT vector quantization of a Diffusion Transformer.")
     p.add_argument("--model", default=str(DIGITS_DIT_DIR), help="diffusers DiT dir (default: embedded digits DiT)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where runs are saved and listed")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import time
 
 import gradio as gr
-import pandas as pd
 
-from vq4dit.quant import METHODS, VQ_PRESETS
+from vq4dit.config import METHODS, VQ_PRESETS
 
 from . import plots
-from .runs import CALIBRATED, Engine, RunSettings
+from .runs import Engine, RunSettings
 from .views import Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time

@@ -9,7 +9,6 @@ all come from `vq4dit`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -27,12 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vq4dit.calibrate import Trace, pick_device
-from vq4dit.digits import DIGITS_DIT_DIR
+from vq4dit.config import CalibConfig, METHODS, method_config
 from vq4dit.experiment import SMALL_MODEL_KMEANS_ITERS, SMALL_MODEL_RECIPE, EvalSpec, generate, run_method
 from vq4dit.io import load_dit, save_quantized
-from vq4dit.quant import CalibConfig, METHODS, VQ_PRESETS, method_config
-from vq4dit.sampling import sample
+from vq4dit.sampling import pick_device, sample
+from vq4dit.testbed import DIGITS_DIT_DIR
+from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATED = ("vq4dit", "vq4dit-ref", "codebook-only")  # methods that record a Trace
@@ -378,7 +377,7 @@ class Engine:
     @property
     def evaluator(self):
         if self._evaluator is None and self.is_digits:
-            from vq4dit.metrics import DigitsEvaluator
+            from vq4dit.testbed.classifier import DigitsEvaluator
             self._evaluator = DigitsEvaluator()
         return self._evaluator
 

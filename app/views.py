@@ -12,10 +12,9 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import plots
-from .runs import CALIBRATED, Engine
+from .runs import Engine
 
 
 class Views:
@@ -56,7 +55,7 @@ class Views:
         if tr is not None:
             return tr.layer_names
         meta = self.store.meta(run_id)
-        from vq4dit.quant import quantized_layers
+        from vq4dit.layers import quantized_layers
         return list(quantized_layers(self.store.model(run_id).transformer)) if meta else []
 
     def layer_choices(self, run_id, block: int) -> list[tuple[str, str]]:

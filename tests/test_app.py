@@ -18,7 +18,7 @@ from conftest import free_port
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
-from vq4dit.digits import DIGITS_DIT_DIR  # noqa: E402
+from vq4dit.testbed import DIGITS_DIT_DIR  # noqa: E402
 
 TINY = dict(iterations=1, sampling_steps=3, kmeans_iters=5)
 
@@ -82,7 +82,7 @@ def test_run_streams_and_saves(app):
     assert meta["block_mse"] > 0 and len(meta["per_block_mse"]) == demo.engine.n_blocks
     assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0 and meta["metrics"]["psnr"] > 0
     assert (rd / "trace" / "steps.csv").is_file() and (rd / "model" / "vq4dit_config.json").is_file()
-    from vq4dit.calibrate import Trace
+    from vq4dit.trace import Trace
     tr = Trace.load(rd / "trace")
     assert len(tr.steps) == 3 and tr.meta["stopped"] is None
     # the final yield points the Run dropdown at the new run
@@ -107,7 +107,7 @@ def test_cancel_mid_run_keeps_partial_trace(app):
     meta = json.loads((new[0] / "run.json").read_text())
     assert meta["status"] == "cancelled" and meta["stopped"] == "cancelled"
     assert 1 <= meta["steps_done"] < meta["total_steps"] == 60
-    from vq4dit.calibrate import Trace
+    from vq4dit.trace import Trace
     tr = Trace.load(new[0] / "trace")
     assert tr.meta["stopped"] == "cancelled" and len(tr.steps) == meta["steps_done"]
     assert (new[0] / "model" / "model.safetensors").is_file()  # the partial model is saved too

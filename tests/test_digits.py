@@ -4,21 +4,17 @@ from __future__ import annotations
 import torch
 import pytest
 
-from vq4dit import digits
-from vq4dit.digits import (
-    CLASSIFIER_DIR,
-    DIGITS_DIT_DIR,
+from vq4dit.testbed import CLASSIFIER_DIR, DIGITS_DIT_DIR
+from vq4dit.testbed.classifier import classifier_accuracy, load_classifier
+from vq4dit.testbed.data import digit_split_indices, load_digit_images, random_shift
+from vq4dit.testbed.model import (
     DiTTrainConfig,
-    classifier_accuracy,
     dit_loss,
-    digit_split_indices,
     disable_builtin_label_dropout,
-    load_classifier,
-    load_digit_images,
+    label_embedders,
     load_digits_dit,
     make_ddpm_scheduler,
     make_digits_dit,
-    random_shift,
     train_dit,
 )
 
@@ -85,7 +81,7 @@ def test_make_digits_dit_structure_and_zero_init():
     assert m.config.sample_size == 16 and m.config.num_embeds_ada_norm == 10
     assert m.inner_dim == 256 and len(m.transformer_blocks) == 6
     # null class (index 10) has an embedding row in every block
-    for emb in digits.label_embedders(m):
+    for emb in label_embedders(m):
         assert emb.embedding_table.num_embeddings == 11
     assert all(float(b.norm1.linear.weight.detach().abs().max()) == 0 for b in m.transformer_blocks)
     assert float(m.proj_out_2.weight.detach().abs().max()) == 0

@@ -1,5 +1,4 @@
 """Packed export/reload, loading layouts, and the CLI."""
-import copy
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from conftest import make_tiny_dit
 from vq4dit import method_config, quantize
 from vq4dit.__main__ import build_parser, main
 from vq4dit.io import load_dit, load_quantized, pack_bits, save_quantized, unpack_bits
-from vq4dit.quant import quantized_layers
+from vq4dit.layers import quantized_layers
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])

@@ -30,8 +30,8 @@ def test_psnr():
 
 
 def test_fd_digits_real_vs_real_small_and_noise_large():
-    from vq4dit.digits import load_digit_images
-    from vq4dit.metrics import DigitsEvaluator
+    from vq4dit.testbed.classifier import DigitsEvaluator
+    from vq4dit.testbed.data import load_digit_images
     ev = DigitsEvaluator()
     test, _ = load_digit_images("test")
     train, _ = load_digit_images("train")

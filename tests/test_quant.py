@@ -7,9 +7,9 @@ import torch
 
 from conftest import make_tiny_dit
 from vq4dit import VQConfig, RTNConfig, method_config, quantize, size_summary
-from vq4dit.calibrate import Trace
+from vq4dit.trace import Trace
 from vq4dit.metrics import block_mse
-from vq4dit.quant import VQLinear, kmeans, quantized_layers, vq_index_bytes, layer_type
+from vq4dit.layers import VQLinear, kmeans, quantized_layers, vq_storage_bits, layer_type
 
 FAST = dict(iterations=3, num_sampling_steps=10, labels_per_iteration=2)
 
@@ -21,9 +21,10 @@ def test_presets_give_index_bits_per_weight(bits, k, d, tiny_dit):
     quantize(tiny_dit, cfg, progress=False)
     s = size_summary(tiny_dit)
     assert s["index_bits_per_weight"] == pytest.approx(bits)
-    # codebooks add k*d*16 bits per layer on top of the indices
-    n_layers = len(quantized_layers(tiny_dit))
-    assert s["bits_per_weight"] == pytest.approx(bits + n_layers * k * d * 16 / s["quantized_weights"])
+    # codebooks add k*d*16 bits per layer and fp32 biases 32 bits per output on top of the indices
+    layers = quantized_layers(tiny_dit).values()
+    extra = sum(k * d * 16 + 32 * m.out_features for m in layers)
+    assert s["bits_per_weight"] == pytest.approx(bits + extra / s["quantized_weights"])
 
 
 def test_only_block_linears_are_quantized(tiny_dit):
@@ -139,7 +140,7 @@ def test_dit_xl2_index_size_arithmetic():
     block = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h), (6 * h, h)]  # qkv, out, fc1, fc2, adaLN
     shapes = block * L
     assert sum(o * i for o, i in shapes) == 668_860_416
-    nbytes = vq_index_bytes(shapes, k=256, d=4)
+    nbytes = sum(vq_storage_bits(o, i, k=256, d=4)["index_bits"] for o, i in shapes) // 8
     assert nbytes == 668_860_416 * 2 // 8
     assert round(nbytes / 2 ** 20, 2) == 159.47
 

@@ -2,13 +2,27 @@
 
     from vq4dit import quantize, method_config
     trace = quantize(transformer, method_config("vq4dit", bits=2))
+
+Modules, imports flowing one way (each uses only those above it):
+    config      method configs and the METHODS registry
+    layers      k-means, VQLinear / RTNLinear, bit accounting
+    sampling    the CFG sampler (below everything that runs a model)
+    trace       the calibration record and its typed reads
+    calibrate   zero-data block-wise calibration
+    quant_api   `quantize(model, config)`, size reports
+    metrics     block MSE, image error, Frechet distance
+    io          load DiTs, save / load packed models
+    experiment  one run + evaluation (shared by bench, CLI and app)
+    bench, __main__ (CLI), testbed/ (the embedded digits model)
 """
-from .quant import (CalibConfig, RTNConfig, VQConfig, VQLinear, RTNLinear, METHODS, VQ_PRESETS,
-                    method_config, quantize, size_report, size_summary, kmeans)
-from .calibrate import Trace, calibrate, finalize
+from .config import CalibConfig, RTNConfig, VQConfig, METHODS, VQ_PRESETS, method_config
+from .layers import VQLinear, RTNLinear, kmeans, quantized_layers, storage_bits
+from .trace import Trace
+from .calibrate import calibrate, finalize
+from .quant_api import quantize, size_report, size_summary
 from .sampling import sample, make_scheduler
 
 __all__ = ["CalibConfig", "RTNConfig", "VQConfig", "VQLinear", "RTNLinear", "METHODS", "VQ_PRESETS",
-           "method_config", "quantize", "size_report", "size_summary", "kmeans", "Trace", "calibrate",
-           "finalize", "sample", "make_scheduler"]
-__version__ = "0.1.0"
+           "method_config", "quantize", "size_report", "size_summary", "kmeans", "quantized_layers",
+           "storage_bits", "Trace", "calibrate", "finalize", "sample", "make_scheduler"]
+__version__ = "0.2.0"

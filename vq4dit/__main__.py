@@ -13,15 +13,17 @@ from pathlib import Path
 
 
 def _default_model() -> str:
-    return str(Path(__file__).resolve().parent.parent / "assets" / "digits-dit")
+    from .testbed import DIGITS_DIT_DIR
+    return str(DIGITS_DIT_DIR)
 
 
 def cmd_quantize(args) -> int:
     import torch
-    from .calibrate import pick_device
+    from .config import method_config
     from .io import load_dit, save_quantized
     from .metrics import block_mse
-    from .quant import METHODS, method_config, size_summary
+    from .quant_api import quantize, size_summary
+    from .sampling import pick_device
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -43,7 +45,6 @@ def cmd_quantize(args) -> int:
     teacher = copy.deepcopy(model).eval()
     t0 = time.time()
     trace = None
-    from .quant import quantize
     try:
         trace = quantize(model, config, teacher=teacher)
     except KeyboardInterrupt:
@@ -70,10 +71,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-    from .calibrate import pick_device
     from .io import load_dit
-    from .sampling import sample
+    from .sampling import pick_device, sample
     from .viz import save_grid
 
     bundle = load_dit(args.model, device=pick_device(args.device))
@@ -91,7 +90,7 @@ def cmd_sample(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quant import METHODS
+    from .config import METHODS
     p = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

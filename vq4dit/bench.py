@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .experiment import (SMALL_MODEL_KMEANS_ITERS, SMALL_MODEL_RECIPE, EvalSpec, generate, run_method)
-from .quant import VQ_PRESETS
+from .config import VQ_PRESETS
 
 METHOD_ORDER = ["rtn-tensor", "rtn", "kmeans", "codebook-only", "vq4dit-ref", "vq4dit-paper", "vq4dit"]
 
@@ -73,9 +73,9 @@ def evaluate_model(model, evaluator, specs, fp_images) -> dict:
 
 def run(quick: bool = False, out_csv: str = "bench.csv", model_dir=None, methods=None, only=None,
         calib_overrides=None, log=print, per_class: int = 5, eval_steps: int = 25) -> list[dict]:
-    from .digits import DIGITS_DIT_DIR
     from .io import load_dit
-    from .metrics import DigitsEvaluator
+    from .testbed import DIGITS_DIT_DIR
+    from .testbed.classifier import DigitsEvaluator
 
     bundle = load_dit(model_dir or DIGITS_DIT_DIR)
     teacher = bundle.transformer

@@ -1,4 +1,4 @@
-"""Zero-data block-wise calibration (spec steps 5-7) and the trace it records.
+"""Zero-data block-wise calibration (spec steps 5-7), recording a `Trace` as it goes.
 
 Teacher = full-precision model, student = VQ model. Per iteration: random class labels and
 Gaussian noise; the teacher runs the CFG sampler; at each timestep teacher and student see
@@ -7,22 +7,18 @@ optimizer step on  L = mean_b MSE(student_b, teacher_b) + lambda_r * L_r.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .quant import CalibConfig, VQConfig, VQLinear, block_index, layer_type, quantized_layers
-from .sampling import guided_eps, make_scheduler, null_class_id
+from .config import VQConfig
+from .layers import VQLinear, block_index, layer_type, quantized_layers
+from .sampling import cfg_batch, combine_cfg, make_scheduler, pick_device, random_labels_and_noise
+from .trace import Recorder, Trace, gradient_conflict
 
 # ----------------------------------------------------------------------------------------
 # Block outputs and the teacher trajectory (shared with metrics.block_mse)
@@ -45,12 +41,6 @@ def capture_blocks(model: nn.Module) -> Iterator[list]:
             h.remove()
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_steps: int,
                        guidance_scale: float, scheduler=None):
     """Run the teacher's CFG sampler; yield (x_in, t_in, y_in, teacher_block_outputs) per step.
@@ -60,210 +50,20 @@ def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_s
     scheduler = scheduler or make_scheduler()
     scheduler.set_timesteps(num_steps)
     n, c = noise.shape[0], noise.shape[1]
-    null = torch.full_like(labels, null_class_id(teacher))
-    y_in = torch.cat([labels, null])
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        x_in = torch.cat([scheduler.scale_model_input(x, t)] * 2)
+        x_in, y_in = cfg_batch(teacher, scheduler.scale_model_input(x, t), labels)  # (2N, ...)
         t_in = t.reshape(1).to(x.device).expand(2 * n)
         with torch.no_grad(), capture_blocks(teacher) as outs:
             out = teacher(x_in, timestep=t_in, class_labels=y_in, return_dict=False)[0]
         yield x_in, t_in, y_in, [o.detach() for o in outs]
-        eps = out[:, :c]
-        eps = eps[n:] + guidance_scale * (eps[:n] - eps[n:])
-        x = scheduler.step(eps, t, x).prev_sample
+        x = scheduler.step(combine_cfg(out, c, guidance_scale), t, x).prev_sample
 
 
 def block_losses(student, x_in, t_in, y_in, targets) -> list[torch.Tensor]:
     with capture_blocks(student) as outs:
         student(x_in, timestep=t_in, class_labels=y_in, return_dict=False)
     return [torch.mean((o.float() - tgt.float()) ** 2) for o, tgt in zip(outs, targets)]
-
-
-# ----------------------------------------------------------------------------------------
-# Trace: what the app draws (bounded: layer stats every `trace_every` steps, few snapshots)
-# ----------------------------------------------------------------------------------------
-
-RATIO_BINS = 10      # histogram of top assignment ratio over [1/n, 1]
-COHERENCE_BINS = 10  # histogram of per-codeword gradient coherence over [0, 1]
-N_TRAJECTORIES = 8   # sample sub-vectors whose ratio trajectories are kept per layer
-
-
-class Trace:
-    """Calibration record. DataFrames: `steps`, `layers`, `ratios`, `events`; tensors: `snapshots`.
-
-    snapshots["<layer>|<step>|codebook"] (k, d), "|assign" (n_samples,), "|top_ratio",
-    "|worst_grads" (m, d) + "|worst_codeword" (1,); per layer "<layer>|sample_fp" (n_samples, d)
-    and "<layer>|sample_index" (n_samples,).
-    """
-
-    def __init__(self, meta: Optional[dict] = None):
-        self.meta = dict(meta or {})
-        self._steps: list[dict] = []
-        self._layers: list[dict] = []
-        self._ratios: list[dict] = []
-        self._events: list[dict] = []
-        self.snapshots: dict[str, torch.Tensor] = {}
-        self._frames: dict = {}
-
-    # -- frames ---------------------------------------------------------------------------
-    def _frame(self, name):
-        import pandas as pd
-        if name not in self._frames:
-            self._frames[name] = pd.DataFrame(getattr(self, "_" + name))
-        return self._frames[name]
-
-    steps = property(lambda self: self._frame("steps"))
-    layers = property(lambda self: self._frame("layers"))
-    ratios = property(lambda self: self._frame("ratios"))
-    events = property(lambda self: self._frame("events"))
-
-    def add(self, kind: str, row: dict):
-        getattr(self, "_" + kind).append(row)
-        self._frames.pop(kind, None)
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.meta.get("layers", {}))
-
-    def snapshot_steps(self) -> list[int]:
-        return sorted({int(k.split("|")[1]) for k in self.snapshots if k.count("|") == 2})
-
-    # -- disk -----------------------------------------------------------------------------
-    def save(self, path):
-        """Atomic: written to a temp dir next to `path`, then renamed into place."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
-        try:
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
-            for name in ("steps", "layers", "ratios", "events"):
-                self._frame(name).to_csv(tmp / f"{name}.csv", index=False)
-            save_file({k: v.contiguous().cpu() for k, v in self.snapshots.items()},
-                      str(tmp / "snapshots.safetensors"))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    @classmethod
-    def load(cls, path) -> "Trace":
-        import pandas as pd
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path} is not a calibration trace (no meta.json)")
-        try:
-            tr = cls(json.loads((path / "meta.json").read_text()))
-            for name in ("steps", "layers", "ratios", "events"):
-                f = path / f"{name}.csv"
-                df = pd.read_csv(f) if f.is_file() and f.stat().st_size > 1 else pd.DataFrame()
-                tr._frames[name] = df
-                getattr(tr, "_" + name).extend(df.to_dict("records"))
-            snap = path / "snapshots.safetensors"
-            tr.snapshots = load_file(str(snap)) if snap.is_file() else {}
-        except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as e:
-            raise ValueError(f"trace at {path} is corrupt or unreadable: {e}") from e
-        return tr
-
-
-def _hist(values: torch.Tensor, lo: float, hi: float, bins: int) -> list[float]:
-    h = torch.histc(values.float().cpu(), bins=bins, min=lo, max=hi)
-    return (h / max(values.numel(), 1)).tolist()
-
-
-@torch.no_grad()
-def gradient_conflict(layer: VQLinear) -> Optional[dict]:
-    """Per-codeword coherence |sum_j g_j| / sum_j |g_j| of the sub-vector weight gradients.
-
-    g_j = dL/dw_hat_j for sub-vectors j currently assigned to codeword c. Returns per-codeword
-    coherence (nan where fewer than 2 sub-vectors), the share of g_j with negative cosine to
-    their codeword's sum, and the worst codeword's gradients.
-    """
-    w = layer.last_weight
-    if w is None or w.grad is None:
-        return None
-    g = w.grad.reshape(-1, layer.d).float()              # (S, d)
-    a = layer.current_assignment()                      # (S,)
-    k = layer.k
-    count = torch.zeros(k, device=g.device).index_add_(0, a, torch.ones_like(a, dtype=torch.float))
-    g_sum = torch.zeros(k, layer.d, device=g.device).index_add_(0, a, g)      # (k, d)
-    norm_sum = torch.zeros(k, device=g.device).index_add_(0, a, g.norm(dim=1))  # (k,)
-    coherence = g_sum.norm(dim=1) / norm_sum.clamp_min(1e-30)
-    valid = (count >= 2) & (norm_sum > 0)
-    coherence = torch.where(valid, coherence, torch.full_like(coherence, float("nan")))
-    cos = torch.nn.functional.cosine_similarity(g, g_sum[a], dim=1, eps=1e-30)   # (S,)
-    in_valid = valid[a]
-    conflict_share = (cos[in_valid] < 0).float().mean().item() if in_valid.any() else float("nan")
-    cand = torch.where(count >= 4, coherence.nan_to_num(2.0), torch.full_like(coherence, 2.0))
-    worst = int(cand.argmin())
-    worst_grads = g[a == worst][:64]
-    return dict(coherence=coherence, conflict_share=conflict_share, worst=worst, worst_grads=worst_grads)
-
-
-class _Recorder:
-    """Fills a Trace during calibration; owns the sample indices and snapshot schedule."""
-
-    def __init__(self, trace: Trace, layers: dict, cfg: CalibConfig, originals: dict):
-        self.trace, self.layers, self.cfg = trace, layers, cfg
-        total = cfg.total_steps
-        self.every = cfg.trace_every or max(1, total // 100)
-        self.snap_steps = {0, total} | {round(total * (i + 1) / (cfg.n_snapshots + 1))
-                                        for i in range(cfg.n_snapshots)}
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.samples = {}
-        self.codebook0 = {n: m.codebook.detach().clone() for n, m in layers.items()}
-        for name, m in layers.items():
-            idx = torch.randperm(m.num_subvectors, generator=g)[: cfg.trace_samples].to(m.assignment.device)
-            self.samples[name] = idx
-            fp = originals[name].reshape(-1, m.d)[idx]
-            trace.snapshots[f"{name}|sample_fp"] = fp.float().cpu()
-            trace.snapshots[f"{name}|sample_index"] = idx.cpu()
-
-    def wants_layer_stats(self, step: int) -> bool:
-        return step % self.every == 0 or step in self.snap_steps
-
-    def record_layers(self, step: int, conflicts: dict):
-        for name, m in self.layers.items():
-            assign = m.current_assignment()
-            top = m.top_ratio()
-            lo = 1.0 / m.n_candidates
-            row = dict(step=step, layer=name, block=block_index(name), type=layer_type(name),
-                       hard=bool(m.hard),
-                       frozen_frac=1.0 if m.hard else m.frozen_mask.float().mean().item(),
-                       changed_frac=(assign != m.kmeans_assignment).float().mean().item(),
-                       codebook_drift=((m.codebook.detach() - self.codebook0[name]).norm()
-                                       / self.codebook0[name].norm().clamp_min(1e-30)).item())
-            row.update({f"ratio_hist_{i}": v for i, v in enumerate(_hist(top, lo, 1.0, RATIO_BINS))})
-            c = conflicts.get(name)
-            if c is not None:
-                coh = c["coherence"][~torch.isnan(c["coherence"])]
-                row.update(coherence_mean=coh.mean().item() if coh.numel() else float("nan"),
-                           conflict_share=c["conflict_share"])
-                row.update({f"coherence_hist_{i}": v for i, v in
-                            enumerate(_hist(coh, 0.0, 1.0, COHERENCE_BINS))})
-            self.trace.add("layers", row)
-            idx = self.samples[name][:N_TRAJECTORIES]
-            if m.hard:  # one-hot: the k-means codeword has ratio 1 only if the sub-vector kept it
-                first = (assign[idx] == m.kmeans_assignment[idx]).float().cpu()
-            else:
-                first = m.assignment_ratios().detach()[idx, 0].cpu()
-            chosen = assign[idx].cpu()
-            for j in range(len(idx)):
-                self.trace.add("ratios", dict(step=step, layer=name, sample=j,
-                                              ratio_nearest=float(first[j]), codeword=int(chosen[j])))
-            if step in self.snap_steps:
-                key = f"{name}|{step}|"
-                s = self.trace.snapshots
-                s[key + "codebook"] = m.codebook.detach().float().cpu().clone()
-                s[key + "assign"] = assign[self.samples[name]].cpu().clone()
-                s[key + "top_ratio"] = top[self.samples[name]].float().cpu().clone()
-                if c is not None:
-                    s[key + "worst_grads"] = c["worst_grads"].cpu().clone()
-                    s[key + "worst_codeword"] = torch.tensor([c["worst"]])
 
 
 # ----------------------------------------------------------------------------------------
@@ -311,12 +111,10 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                        total_steps=cfg.total_steps, n_blocks=len(student.transformer_blocks),
                        layers={n: dict(block=block_index(n), type=layer_type(n), k=m.k, d=m.d,
                                        shape=[m.out_features, m.in_features]) for n, m in layers.items()}))
-    rec = _Recorder(trace, layers, cfg, originals)
+    rec = Recorder(trace, layers, cfg, originals)
     rec.record_layers(0, {})
 
     g = torch.Generator().manual_seed(cfg.seed)
-    n_cls = null_class_id(teacher)
-    c, s = teacher.config.in_channels, teacher.config.sample_size
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -324,8 +122,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     step, stopped, t0 = 0, None, time.time()
     try:
         for it in range(cfg.iterations):
-            labels = torch.randint(n_cls, (cfg.labels_per_iteration,), generator=g).to(device)
-            noise = torch.randn(cfg.labels_per_iteration, c, s, s, generator=g).to(device)
+            labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
             for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise,
                                                                  cfg.num_sampling_steps, cfg.guidance_scale):
                 step += 1
@@ -402,13 +199,12 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
 
 
 @torch.no_grad()
-def finalize(model: nn.Module, codebook_dtype: str = "float16"):
+def finalize(model: nn.Module):
     """Hard assignments everywhere, codebooks rounded to storage precision, no grads."""
-    cfg = getattr(model, "_vq4dit_config", None)
-    dtype = cfg.codebook_dtype if isinstance(cfg, VQConfig) else codebook_dtype
     for m in quantized_layers(model).values():
         if isinstance(m, VQLinear):
             m.make_hard()
-            m.round_codebook(dtype)
+            m.round_codebook()
         for p in m.parameters():
             p.requires_grad_(False)
+

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from .calibrate import Trace
+from .config import method_config
 from .metrics import block_mse
-from .quant import method_config, quantize, size_summary
+from .quant_api import quantize, size_summary
+from .trace import Trace
 from .sampling import sample
 
 # Calibration recipe for the embedded digits DiT on a 2-core CPU. The reference recipe

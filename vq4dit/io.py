@@ -22,8 +22,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .quant import (RTNConfig, RTNLinear, VQConfig, VQLinear, _replace, check_finite, quantized_layers,
-                    size_summary)
+from .config import RTNConfig, VQConfig
+from .layers import RTNLinear, VQLinear, quantized_layers
+from .quant_api import _replace, check_finite, size_summary
 from .sampling import make_scheduler
 
 PACKED_CONFIG = "vq4dit_config.json"
@@ -208,12 +209,11 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     for name, m in qlayers.items():
         bias = None if m.bias is None else m.bias.detach().float().cpu()
         if isinstance(m, VQLinear):
-            bits = int(math.log2(m.k))
-            tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().half() \
-                if getattr(cfg, "codebook_dtype", "float16") == "float16" else m.codebook.detach().cpu().float()
-            tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, bits)
+            tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().to(getattr(torch, m.codebook_dtype))
+            tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, m.index_bits)
             layout[name] = dict(kind="vq", k=m.k, d=m.d, n_candidates=m.n_candidates,
-                                shape=[m.out_features, m.in_features], bias=bias is not None)
+                                shape=[m.out_features, m.in_features], bias=bias is not None,
+                                codebook_dtype=m.codebook_dtype)
             if bias is not None:
                 tensors[f"vq/{name}/bias"] = bias
         else:
@@ -270,10 +270,11 @@ def load_quantized(path, device=None) -> DiTBundle:
         out_f, in_f = lay["shape"]
         try:
             if lay["kind"] == "vq":
-                q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name)
-                q.codebook.data = t[f"vq/{name}/codebook"].float()
-                q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], int(math.log2(lay["k"])),
-                                               q.num_subvectors))
+                cb = t[f"vq/{name}/codebook"]
+                q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
+                             codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
+                q.codebook.data = cb.float()
+                q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
                 q.kmeans_assignment.copy_(q.assignment)
                 if lay["bias"]:
                     q.bias.data = t[f"vq/{name}/bias"].float()

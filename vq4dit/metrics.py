@@ -1,7 +1,7 @@
-"""Quality metrics: block-output MSE vs FP, image error vs FP, class accuracy and Frechet distance.
+"""Quality metrics: block-output MSE vs FP, image error vs FP and Frechet distances.
 
-FD-digits = Frechet distance between digit-classifier features of generated images and of the
-real digits (the offline stand-in for FID). `fid()` is the real-model path with Inception
+Accuracy and FD-digits of the embedded model live with its classifier
+(`vq4dit.testbed.classifier.DigitsEvaluator`). `fid()` is the real-model path with Inception
 features, used only when Inception weights are available locally.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .calibrate import block_losses, teacher_trajectory
+from .sampling import random_labels_and_noise
 
 
 @torch.no_grad()
@@ -26,11 +27,7 @@ def block_mse(student, teacher, n_labels: int = 8, num_steps: int = 10, guidance
     """
     device = next(teacher.parameters()).device
     student.to(device)
-    g = torch.Generator().manual_seed(seed)
-    n_cls = teacher.config.num_embeds_ada_norm
-    c, s = teacher.config.in_channels, teacher.config.sample_size
-    labels = torch.randint(n_cls, (n_labels,), generator=g).to(device)
-    noise = torch.randn(n_labels, c, s, s, generator=g).to(device)
+    labels, noise = random_labels_and_noise(teacher, n_labels, torch.Generator().manual_seed(seed), device)
     per_block, count = None, 0
     for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, num_steps, guidance_scale):
         losses = torch.stack(block_losses(student, x_in, t_in, y_in, targets)).cpu()
@@ -69,36 +66,6 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
             covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
-
-
-class DigitsEvaluator:
-    """Accuracy and FD-digits with the shipped classifier; real-digit features cached."""
-
-    def __init__(self, classifier=None):
-        from . import digits
-        self.classifier = classifier if classifier is not None else digits.load_classifier()
-        self.classifier.eval()
-        real, _ = digits.load_digit_images("all")
-        self.real_features = self.features(real)
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return torch.cat([self.classifier.features(images[i:i + 512].float())
-                          for i in range(0, len(images), 512)]).numpy()
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.classifier(images[i:i + 512].float()).argmax(1)
-                          for i in range(0, len(images), 512)])
-
-    def evaluate(self, images: torch.Tensor, labels, reference: Optional[torch.Tensor] = None) -> dict:
-        labels = torch.as_tensor(labels)
-        pred = self.predict(images)
-        out = dict(accuracy=float((pred == labels).float().mean()),
-                   fd_digits=frechet_distance(self.features(images), self.real_features))
-        if reference is not None:
-            out.update(psnr=float(psnr(images, reference).mean()), image_mse=float(image_mse(images, reference).mean()))
-        return out
 
 
 def fid(real_images: torch.Tensor, fake_images: torch.Tensor, weights: Optional[str] = None) -> float:

@@ -32,31 +32,57 @@ def null_class_id(transformer) -> int:
     return int(n)
 
 
+def pick_device(device: Optional[str] = None) -> torch.device:
+    """The device asked for, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Classifier-free guidance: the one place. `guided_eps` (sampling) and the calibration's teacher
+# trajectory (which needs the 2N-batch block outputs) both build the batch with `cfg_batch` and
+# combine with `combine_cfg`.
+# ----------------------------------------------------------------------------------------
+
+def cfg_batch(transformer, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W), (N,) -> the 2N batch: conditional first, then the null class."""
+    null = torch.full_like(labels, null_class_id(transformer))
+    return torch.cat([x, x]), torch.cat([labels, null])  # (2N, C, H, W), (2N,)
+
+
+def combine_cfg(out: torch.Tensor, channels: int, guidance_scale: float) -> torch.Tensor:
+    """Model output on a `cfg_batch` (2N, C or 2C, H, W) -> guided eps (N, C, H, W)."""
+    eps = out[:, :channels]  # learned-sigma models (DiT-XL/2) output 2C channels: keep eps
+    cond, uncond = eps.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def guided_eps(transformer, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                guidance_scale: float) -> torch.Tensor:
     """Noise prediction with CFG. x: (N, C, H, W), labels: (N,) -> eps (N, C, H, W)."""
-    n, c = x.shape[0], x.shape[1]
-    if guidance_scale == 1.0:
-        x_in, y_in = x, labels
-    else:
-        null = torch.full_like(labels, null_class_id(transformer))
-        x_in, y_in = torch.cat([x, x]), torch.cat([labels, null])  # (2N, C, H, W)
-    t_in = t.reshape(-1).expand(x_in.shape[0]) if t.numel() == 1 else t.reshape(-1)  # (N,) or (2N,)
-    if t_in.shape[0] != x_in.shape[0]:
-        t_in = torch.cat([t_in, t_in])
+    c = x.shape[1]
+    if guidance_scale == 1.0:  # guidance 1 is the conditional model alone: skip the null half
+        t_in = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        return transformer(x, timestep=t_in, class_labels=labels, return_dict=False)[0][:, :c]
+    x_in, y_in = cfg_batch(transformer, x, labels)
+    t_in = t.reshape(-1).expand(x_in.shape[0]) if t.numel() == 1 else torch.cat([t.reshape(-1)] * 2)
     out = transformer(x_in, timestep=t_in, class_labels=y_in, return_dict=False)[0]
-    eps = out[:, :c]  # learned-sigma models (DiT-XL/2) output 2C channels: keep eps
-    if guidance_scale == 1.0:
-        return eps
-    cond, uncond = eps[:n], eps[n:]
-    return uncond + guidance_scale * (cond - uncond)
+    return combine_cfg(out, c, guidance_scale)
 
 
 def initial_noise(transformer, n: int, seed: int, device) -> torch.Tensor:
     """Deterministic starting noise (N, C, S, S), generated on CPU so seeds match across devices."""
+    return random_labels_and_noise(transformer, n, torch.Generator().manual_seed(int(seed)), device,
+                                   labels=False)[1]
+
+
+def random_labels_and_noise(transformer, n: int, generator: torch.Generator, device, labels: bool = True):
+    """n random class labels (n,) and Gaussian noise (n, C, S, S), drawn on CPU from `generator`
+    (so a seed gives the same values on every device). Used by calibration and block MSE."""
     c, s = transformer.config.in_channels, transformer.config.sample_size
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(n, c, s, s, generator=g).to(device)
+    y = torch.randint(null_class_id(transformer), (n,), generator=generator).to(device) if labels else None
+    return y, torch.randn(n, c, s, s, generator=generator).to(device)
 
 
 @torch.no_grad()

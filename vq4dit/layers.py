@@ -1,184 +1,56 @@
-"""Quantized layers, method configs and the one in-place entry point `quantize(model, config)`.
+"""Quantized layers and k-means: the paper's per-layer concepts, 1:1.
 
-Paper concepts, 1:1:
   k-means codebook ........ `kmeans()`                       (spec step 1)
-  candidate set ........... `VQLinear.candidates`            (step 2)
+  candidate set ........... `VQLinear.init_soft()`           (step 2)
   assignment ratios ....... `VQLinear.assignment_ratios()`   (step 3)
   L_r regularizer ......... `VQLinear.ratio_regularizer()`   (step 4)
   progressive freezing .... `VQLinear.freeze_confident()`    (step 7)
   hard switch ............. `VQLinear.make_hard()`           (step 7)
-Calibration (steps 5-6) lives in `calibrate.py`.
+  storage ................. `storage_bits()`                 (what a packed layer costs)
+Calibration (steps 5-6) lives in `calibrate.py`; the in-place entry point in `quant_api.py`.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
-import math
 import os
 import re
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------
-# Configs
-# ----------------------------------------------------------------------------------------
-
-# bits -> (k codewords, d sub-vector length), from the paper (index bits per weight = log2(k)/d).
-VQ_PRESETS = {2: (256, 4), 3: (64, 2), 4: (256, 2)}
-RTN_BITS = (2, 3, 4, 8)
-
-
-@dataclass
-class CalibConfig:
-    """Zero-data block-wise calibration. Defaults are the reference code's recipe."""
-    iterations: int = 1000            # sampler trajectories (reference: 1000)
-    labels_per_iteration: int = 4     # random class labels per trajectory (reference: 4)
-    num_sampling_steps: int = 50      # teacher DDIM steps per trajectory; one optimizer step each
-    guidance_scale: float = 4.0       # CFG along the teacher trajectory (reference: 4.0)
-    lr_logits: float = 5e-2           # RMSprop lr for assignment logits (reference)
-    lr_codebook: float = 1e-4         # RMSprop lr for codebooks (reference)
-    lr_bias: float = 1e-4             # RMSprop lr for biases (reference)
-    rmsprop_alpha: float = 0.9        # reference
-    lambda_r: float = 1.0             # weight of L_r; ratio regularizer pushes ratios to one-hot
-    train_assignments: bool = True    # False = classic VQ (codebook-only calibration)
-    train_codebook_soft: bool = True  # paper: codebook trains with the ratios; reference code: False
-    freeze_threshold: float = 0.99    # top ratio above this fixes a sub-vector to its codeword
-    hard_threshold: float = 0.99      # frozen share above this switches the layer to hard indices
-    freeze_after: int = 0             # optimizer steps before freezing may start (0 = reference)
-    hard_forward: bool = False        # straight-through: forward uses the top candidate (the weights
-                                      # that will ship), gradients reach the ratios through the soft
-                                      # mix. False = paper (soft forward)
-    force_hard_at: Optional[float] = None  # fraction of the run after which every layer is made hard
-                                           # (its codebook keeps training); None = reference
-    max_seconds: Optional[float] = None  # wall-clock budget; stops early and keeps the result
-    trace_every: Optional[int] = None    # record layer stats every N steps (None: ~100 records)
-    n_snapshots: int = 6              # codebook/sample snapshots over the run (+ start and end)
-    trace_samples: int = 512          # fixed random sub-vectors per layer kept for cluster plots
-    seed: int = 0
-    device: Optional[str] = None      # None: CUDA when available, else CPU
-
-    def __post_init__(self):
-        for name in ("iterations", "labels_per_iteration", "num_sampling_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CalibConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_logits", "lr_codebook", "lr_bias"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"CalibConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.force_hard_at is not None and not 0.0 <= self.force_hard_at <= 1.0:
-            raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
-        if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
-            raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
-
-    @property
-    def total_steps(self) -> int:
-        return self.iterations * self.num_sampling_steps
-
-
-@dataclass
-class VQConfig:
-    """Vector quantization with per-layer k-means codebooks (+ optional calibration)."""
-    bits: Optional[int] = 2           # preset: 2 -> (256, 4), 3 -> (64, 2), 4 -> (256, 2)
-    k: Optional[int] = None           # codewords; overrides the preset
-    d: Optional[int] = None           # sub-vector length; overrides the preset
-    n_candidates: int = 2             # candidate codewords per sub-vector (paper: 2)
-    kmeans_iters: int = 100           # paper: ~100 Lloyd iterations
-    seed: int = 0
-    codebook_dtype: str = "float16"   # stored codebook precision (counted in bits/weight)
-    calib: Optional[CalibConfig] = None  # None = plain k-means VQ, no calibration
-    method: str = "kmeans"            # name used in reports; set by `method_config`
-
-    def __post_init__(self):
-        if self.k is None or self.d is None:
-            if self.bits not in VQ_PRESETS:
-                raise ValueError(f"unsupported bits={self.bits} for VQ: choose one of {sorted(VQ_PRESETS)} "
-                                 f"or set k and d explicitly")
-            pk, pd = VQ_PRESETS[self.bits]
-            self.k = self.k if self.k is not None else pk
-            self.d = self.d if self.d is not None else pd
-        if not (2 <= self.k <= 65536) or self.k & (self.k - 1):
-            raise ValueError(f"k must be a power of two in [2, 65536], got k={self.k}")
-        if not 1 <= self.d <= 64:
-            raise ValueError(f"d (sub-vector length) must be in [1, 64], got d={self.d}")
-        if not 1 <= self.n_candidates <= self.k:
-            raise ValueError(f"n_candidates must be in [1, k={self.k}], got {self.n_candidates}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        if self.codebook_dtype not in ("float16", "float32"):
-            raise ValueError(f"codebook_dtype must be 'float16' or 'float32', got {self.codebook_dtype!r}")
-
-    @property
-    def index_bits(self) -> int:
-        return int(math.log2(self.k))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class RTNConfig:
-    """Uniform round-to-nearest, min-max asymmetric (the paper's 'UQ' baseline)."""
-    bits: int = 2
-    per_channel: bool = True          # one scale/zero per output row (False: one per tensor)
-    method: str = "rtn"
-
-    def __post_init__(self):
-        if self.bits not in RTN_BITS:
-            raise ValueError(f"unsupported bits={self.bits} for RTN: choose one of {RTN_BITS}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _vq(method, **calib_kw):
-    def make(bits=2, calib=None, **kw):
-        c = CalibConfig(**{**calib_kw, **(calib or {})}) if method != "kmeans" else None
-        return VQConfig(bits=bits, calib=c, method=method, **kw)
-    return make
-
-
-# Every method is a config through the same code path (torchao style).
-METHODS: dict[str, Callable[..., object]] = {
-    "vq4dit": _vq("vq4dit", train_assignments=True, train_codebook_soft=True),
-    "vq4dit-ref": _vq("vq4dit-ref", train_assignments=True, train_codebook_soft=False),
-    "codebook-only": _vq("codebook-only", train_assignments=False),
-    "kmeans": _vq("kmeans"),
-    "rtn": lambda bits=2, **kw: RTNConfig(bits=bits, per_channel=True, method="rtn"),
-    "rtn-tensor": lambda bits=2, **kw: RTNConfig(bits=bits, per_channel=False, method="rtn-tensor"),
-}
-
-
-def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, **kw):
-    """`method_config("vq4dit", bits=2, calib={"iterations": 10})` -> a validated config."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
-    if method.startswith("rtn"):
-        return METHODS[method](bits=bits)
-    return METHODS[method](bits=bits, calib=calib, **kw)
-
+from .config import RTNConfig, VQConfig, index_bits
 
 # ----------------------------------------------------------------------------------------
 # Which layers: every nn.Linear inside the transformer blocks except the embedders
 # ----------------------------------------------------------------------------------------
 
-_LAYER_TYPES = [  # (regex on the name inside a block, short type used in plots)
-    (r"attn\d*\.to_[qkv]$", "qkv"),
-    (r"attn\d*\.to_out\.0$", "out"),
-    (r"ff\.net\.0\.proj$", "fc1"),
-    (r"ff\.net\.2$", "fc2"),
-    (r"norm1\.linear$", "adaLN"),
-]
+# Layer kinds inside a DiT block (diffusers names): one heatmap column per kind in the app.
+LAYER_KINDS = {
+    "q": r"attn\d*\.to_q$",
+    "k": r"attn\d*\.to_k$",
+    "v": r"attn\d*\.to_v$",
+    "out": r"attn\d*\.to_out\.0$",
+    "fc1": r"ff\.net\.0\.proj$",
+    "fc2": r"ff\.net\.2$",
+    "adaLN": r"norm1\.linear$",
+}
+
+
+def layer_kind(name: str) -> str:
+    """'transformer_blocks.3.attn1.to_q' -> 'q'; unknown layers keep their last name part."""
+    for kind, pattern in LAYER_KINDS.items():
+        if re.search(pattern, name):
+            return kind
+    return name.rsplit(".", 1)[-1]
 
 
 def layer_type(name: str) -> str:
-    for pattern, short in _LAYER_TYPES:
-        if re.search(pattern, name):
-            return short
-    return "other"
+    """Coarser grouping for reports: q, k and v are one type ('qkv')."""
+    kind = layer_kind(name)
+    return "qkv" if kind in ("q", "k", "v") else kind if kind in LAYER_KINDS else "other"
 
 
 def block_index(name: str) -> int:
@@ -294,12 +166,12 @@ class VQLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, k: int, d: int, n_candidates: int = 2,
-                 bias: bool = True, name: str = ""):
+                 bias: bool = True, name: str = "", codebook_dtype: str = "float16"):
         super().__init__()
         if in_features % d:
             raise ValueError(f"layer {name or '?'}: in_features={in_features} is not divisible by d={d}")
         self.in_features, self.out_features, self.k, self.d = in_features, out_features, k, d
-        self.n_candidates, self.name = n_candidates, name
+        self.n_candidates, self.name, self.codebook_dtype = n_candidates, name, codebook_dtype
         s = out_features * in_features // d
         self.codebook = nn.Parameter(torch.zeros(k, d))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -317,11 +189,18 @@ class VQLinear(nn.Module):
     def num_subvectors(self) -> int:
         return self.assignment.numel()
 
+    @property
+    def index_bits(self) -> int:
+        return index_bits(self.k)
+
+    def storage_bits(self) -> dict:
+        return storage_bits(self)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: VQConfig, name: str = "", seed: int = 0) -> "VQLinear":
         w = linear.weight.detach()
         q = cls(linear.in_features, linear.out_features, cfg.k, cfg.d, cfg.n_candidates,
-                linear.bias is not None, name).to(w.device)
+                linear.bias is not None, name, cfg.codebook_dtype).to(w.device)
         x = w.float().reshape(-1, cfg.d)  # (S, d)
         codebook, assign = kmeans_cached(x, cfg.k, cfg.kmeans_iters, seed)
         with torch.no_grad():
@@ -330,7 +209,7 @@ class VQLinear(nn.Module):
                 q.bias.copy_(linear.bias.float())
         q.assignment.copy_(assign)
         q.kmeans_assignment.copy_(assign)
-        q.round_codebook(cfg.codebook_dtype)
+        q.round_codebook()
         return q
 
     # -- soft assignment ratios (spec steps 2-3) --------------------------------------------
@@ -411,9 +290,9 @@ class VQLinear(nn.Module):
         self.hard = True
 
     @torch.no_grad()
-    def round_codebook(self, dtype: str = "float16"):
+    def round_codebook(self):
         """Keep the in-memory codebook at storage precision so packed reload is exact."""
-        if dtype == "float16":
+        if self.codebook_dtype == "float16":
             self.codebook.copy_(self.codebook.half().float())
 
     # -- forward ----------------------------------------------------------------------------
@@ -451,7 +330,7 @@ class VQLinear(nn.Module):
     def extra_repr(self) -> str:
         state = "hard" if self.hard else f"soft n={self.n_candidates}"
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, d={self.d}, "
-                f"bits/weight={bits_per_weight_vq(self.out_features * self.in_features, self.k, self.d):.3f}, {state}")
+                f"bits/weight={storage_bits(self)['bits_per_weight']:.3f}, {state}")
 
 
 class RTNLinear(nn.Module):
@@ -495,142 +374,55 @@ class RTNLinear(nn.Module):
 
     def extra_repr(self) -> str:
         gran = "per-channel" if self.per_channel else "per-tensor"
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {gran}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {gran}, "
+                f"bits/weight={storage_bits(self)['bits_per_weight']:.3f}")
+
+    def storage_bits(self) -> dict:
+        return storage_bits(self)
 
 
 # ----------------------------------------------------------------------------------------
-# Bit accounting (one place: used by size reports, the packer's check and the benchmark)
+# Bit accounting: the one place. The size report, the packer's check and extra_repr use it,
+# and it counts exactly what `io.save_quantized` stores for a layer.
 # ----------------------------------------------------------------------------------------
 
-def bits_per_weight_vq(n_weights: int, k: int, d: int, codebook_bits: int = 16) -> float:
-    """Total bits per weight of one VQ layer: indices + its codebook."""
-    return (n_weights // d * math.log2(k) + k * d * codebook_bits) / n_weights
+DTYPE_BITS = {"float16": 16, "float32": 32}
+BIAS_BITS = 32        # biases are stored as float32
+RTN_SCALE_BITS = 16   # per row (or per tensor): fp16 scale ...
+RTN_ZERO_BITS = 8     # ... and a uint8 zero point
 
 
-def vq_index_bytes(shapes: list[tuple[int, int]], k: int, d: int) -> int:
-    """Bytes of bit-packed indices for Linear weights of the given (out, in) shapes."""
-    return sum(math.ceil(o * i // d * int(math.log2(k)) / 8) for o, i in shapes)
+def vq_storage_bits(out_features: int, in_features: int, k: int, d: int, codebook_dtype: str = "float16",
+                    bias: bool = True) -> dict:
+    """Bits a packed VQ layer stores: indices, its codebook (side) and its bias."""
+    n = out_features * in_features
+    return _bits(n, index=n // d * index_bits(k), side=k * d * DTYPE_BITS[codebook_dtype],
+                 bias=out_features * BIAS_BITS if bias else 0)
+
+
+def rtn_storage_bits(out_features: int, in_features: int, bits: int, per_channel: bool = True,
+                     bias: bool = True) -> dict:
+    """Bits a packed RTN layer stores: codes, scale + zero per row or tensor (side) and its bias."""
+    n = out_features * in_features
+    rows = out_features if per_channel else 1
+    return _bits(n, index=n * bits, side=rows * (RTN_SCALE_BITS + RTN_ZERO_BITS),
+                 bias=out_features * BIAS_BITS if bias else 0)
+
+
+def _bits(n_weights, index, side, bias) -> dict:
+    return dict(n_weights=n_weights, index_bits=index, side_bits=side, bias_bits=bias,
+                bits_per_weight=(index + side + bias) / n_weights)
+
+
+def storage_bits(layer: nn.Module) -> dict:
+    if isinstance(layer, VQLinear):
+        return vq_storage_bits(layer.out_features, layer.in_features, layer.k, layer.d, layer.codebook_dtype,
+                               layer.bias is not None)
+    if isinstance(layer, RTNLinear):
+        return rtn_storage_bits(layer.out_features, layer.in_features, layer.bits, layer.per_channel,
+                                layer.bias is not None)
+    raise TypeError(f"not a quantized layer: {type(layer).__name__}")
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (VQLinear, RTNLinear))}
-
-
-def size_report(model: nn.Module):
-    """Per-layer and total storage of the quantized layers (pandas DataFrame).
-
-    bits_per_weight counts everything stored for the weight: indices + fp16 codebook (VQ) or
-    codes + fp16 scale/zero (RTN). Biases and non-quantized parts are reported separately.
-    """
-    import pandas as pd
-    rows = []
-    for name, m in quantized_layers(model).items():
-        n_w = m.out_features * m.in_features
-        if isinstance(m, VQLinear):
-            index_bits = m.num_subvectors * int(math.log2(m.k))
-            side_bits = m.k * m.d * 16
-        else:
-            index_bits = n_w * m.bits
-            side_bits = m.scale.numel() * 32
-        rows.append(dict(layer=name, block=block_index(name), type=layer_type(name),
-                         shape=f"{m.out_features}x{m.in_features}", n_weights=n_w,
-                         index_bits=index_bits, side_bits=side_bits,
-                         bits_per_weight=(index_bits + side_bits) / n_w))
-    df = pd.DataFrame(rows)
-    fp_params = sum(p.numel() for n, p in model.named_parameters()
-                    if not any(n.startswith(q + ".") for q in quantized_layers(model)))
-    df.attrs["fp_params"] = fp_params
-    return df
-
-
-def size_summary(model: nn.Module) -> dict:
-    df = size_report(model)
-    n_w = int(df.n_weights.sum()) if len(df) else 0
-    idx = int(df.index_bits.sum()) if len(df) else 0
-    side = int(df.side_bits.sum()) if len(df) else 0
-    return dict(quantized_weights=n_w, index_bytes=math.ceil(idx / 8), side_bytes=math.ceil(side / 8),
-                bits_per_weight=(idx + side) / max(n_w, 1), index_bits_per_weight=idx / max(n_w, 1),
-                fp_params=df.attrs.get("fp_params", 0))
-
-
-# ----------------------------------------------------------------------------------------
-# The entry point
-# ----------------------------------------------------------------------------------------
-
-def check_finite(model: nn.Module):
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            bad = (~torch.isfinite(p)).sum().item()
-            raise ValueError(f"parameter {name} has {bad} NaN/Inf values: refusing to quantize")
-
-
-def _replace(model: nn.Module, fqn: str, new: nn.Module):
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _targets(model, filter_fn):
-    return [(n, m) for n, m in model.named_modules() if filter_fn(m, n)]
-
-
-def _quantize_vq(model, cfg: VQConfig, targets, progress):
-    for name, lin in targets:  # validate every layer before touching the model
-        if lin.in_features % cfg.d:
-            raise ValueError(f"layer {name}: in_features={lin.in_features} is not divisible by d={cfg.d}; "
-                             f"choose a d that divides it")
-        if lin.out_features * lin.in_features // cfg.d < cfg.k:
-            raise ValueError(f"layer {name}: only {lin.out_features * lin.in_features // cfg.d} sub-vectors "
-                             f"for k={cfg.k} codewords; use a smaller k")
-    originals = {}
-    for i, (name, lin) in enumerate(progress(targets, desc=f"k-means k={cfg.k} d={cfg.d}")):
-        q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i)
-        originals[name] = lin.weight.detach()
-        _replace(model, name, q)
-    return originals
-
-
-def _quantize_rtn(model, cfg: RTNConfig, targets, progress):
-    for name, lin in progress(targets, desc=f"RTN {cfg.bits}-bit"):
-        _replace(model, name, RTNLinear.from_linear(lin, cfg, name=name))
-    return {}
-
-
-_QUANTIZERS = {VQConfig: _quantize_vq, RTNConfig: _quantize_rtn}
-
-
-def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Optional[nn.Module] = None,
-             on_step=None, progress: bool = True):
-    """Quantize `model` in place: swap target Linears, k-means init, then calibrate if the config asks.
-
-    Returns the calibration `Trace` (None for methods without calibration). `teacher` defaults to
-    a full-precision copy of `model` taken before quantizing. `on_step(info)` is called after each
-    calibration step; returning False (or raising KeyboardInterrupt) stops calibration cleanly.
-    """
-    if type(config) not in _QUANTIZERS:
-        raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...)")
-    check_finite(model)
-    targets = _targets(model, filter_fn)
-    if not targets:
-        raise ValueError("no target layers found: expected nn.Linear layers under 'transformer_blocks.' "
-                         "(is this a diffusers DiTTransformer2DModel?)")
-    needs_teacher = isinstance(config, VQConfig) and config.calib is not None
-    if needs_teacher and teacher is None:
-        teacher = copy.deepcopy(model).eval()
-    bar = _progress if progress else (lambda it, desc=None: it)
-    originals = _QUANTIZERS[type(config)](model, config, targets, bar)
-    model._vq4dit_config = config
-    if not needs_teacher:
-        return None
-    from .calibrate import calibrate
-    return calibrate(model, teacher, config, originals, on_step=on_step, progress=progress)
-
-
-def _progress(it, desc=None):
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, leave=False)
-
-
-def dequantize_layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Effective weights of every quantized layer (for comparisons and tests)."""
-    return {n: m.weight.detach().clone() for n, m in quantized_layers(model).items()}

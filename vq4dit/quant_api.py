@@ -1,0 +1,126 @@
+"""The in-place entry point: `quantize(model, config)` swaps layers, runs k-means and, when the
+config asks for it, calibration. Every method (VQ4DiT and each baseline) goes through it.
+
+    from vq4dit import quantize, method_config
+    trace = quantize(transformer, method_config("vq4dit", bits=2))
+    size_summary(transformer)   # bits/weight and bytes, as packed
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .calibrate import calibrate
+from .config import RTNConfig, VQConfig
+from .layers import (RTNLinear, VQLinear, block_index, default_filter, layer_type, quantized_layers,
+                     storage_bits)
+
+# ----------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------
+
+def check_finite(model: nn.Module):
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            bad = (~torch.isfinite(p)).sum().item()
+            raise ValueError(f"parameter {name} has {bad} NaN/Inf values: refusing to quantize")
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module):
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _targets(model, filter_fn):
+    return [(n, m) for n, m in model.named_modules() if filter_fn(m, n)]
+
+
+def _quantize_vq(model, cfg: VQConfig, targets, progress):
+    for name, lin in targets:  # validate every layer before touching the model
+        if lin.in_features % cfg.d:
+            raise ValueError(f"layer {name}: in_features={lin.in_features} is not divisible by d={cfg.d}; "
+                             f"choose a d that divides it")
+        if lin.out_features * lin.in_features // cfg.d < cfg.k:
+            raise ValueError(f"layer {name}: only {lin.out_features * lin.in_features // cfg.d} sub-vectors "
+                             f"for k={cfg.k} codewords; use a smaller k")
+    originals = {}
+    for i, (name, lin) in enumerate(progress(targets, desc=f"k-means k={cfg.k} d={cfg.d}")):
+        q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i)
+        originals[name] = lin.weight.detach()
+        _replace(model, name, q)
+    return originals
+
+
+def _quantize_rtn(model, cfg: RTNConfig, targets, progress):
+    for name, lin in progress(targets, desc=f"RTN {cfg.bits}-bit"):
+        _replace(model, name, RTNLinear.from_linear(lin, cfg, name=name))
+    return {}
+
+
+_QUANTIZERS = {VQConfig: _quantize_vq, RTNConfig: _quantize_rtn}
+
+
+def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Optional[nn.Module] = None,
+             on_step=None, progress: bool = True):
+    """Quantize `model` in place: swap target Linears, k-means init, then calibrate if the config asks.
+
+    Returns the calibration `Trace` (None for methods without calibration). `teacher` defaults to
+    a full-precision copy of `model` taken before quantizing. `on_step(info)` is called after each
+    calibration step; returning False (or raising KeyboardInterrupt) stops calibration cleanly.
+    """
+    if type(config) not in _QUANTIZERS:
+        raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...)")
+    check_finite(model)
+    targets = _targets(model, filter_fn)
+    if not targets:
+        raise ValueError("no target layers found: expected nn.Linear layers under 'transformer_blocks.' "
+                         "(is this a diffusers DiTTransformer2DModel?)")
+    needs_teacher = isinstance(config, VQConfig) and config.calib is not None
+    if needs_teacher and teacher is None:
+        teacher = copy.deepcopy(model).eval()
+    bar = _progress if progress else (lambda it, desc=None: it)
+    originals = _QUANTIZERS[type(config)](model, config, targets, bar)
+    model._vq4dit_config = config
+    if not needs_teacher:
+        return None
+    return calibrate(model, teacher, config, originals, on_step=on_step, progress=progress)
+
+
+def _progress(it, desc=None):
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, leave=False)
+
+# ----------------------------------------------------------------------------------------
+# Size reports (numbers from `layers.storage_bits`, the one accounting)
+# ----------------------------------------------------------------------------------------
+
+def size_report(model: nn.Module):
+    """Per-layer storage of the quantized layers as packed (pandas DataFrame).
+
+    bits_per_weight counts everything stored for a layer: indices + codebook at its stored dtype
+    (VQ) or codes + fp16 scale and uint8 zero point (RTN), and the layer's fp32 bias.
+    Non-quantized parameters are counted in `attrs["fp_params"]`.
+    """
+    import pandas as pd
+    q = quantized_layers(model)
+    rows = [dict(layer=name, block=block_index(name), type=layer_type(name),
+                 shape=f"{m.out_features}x{m.in_features}", **storage_bits(m)) for name, m in q.items()]
+    df = pd.DataFrame(rows)
+    df.attrs["fp_params"] = sum(p.numel() for n, p in model.named_parameters()
+                                if not any(n.startswith(name + ".") for name in q))
+    return df
+
+
+def size_summary(model: nn.Module) -> dict:
+    df = size_report(model)
+    tot = {c: int(df[c].sum()) if len(df) else 0 for c in ("n_weights", "index_bits", "side_bits", "bias_bits")}
+    n_w = max(tot["n_weights"], 1)
+    return dict(quantized_weights=tot["n_weights"], index_bytes=math.ceil(tot["index_bits"] / 8),
+                side_bytes=math.ceil(tot["side_bits"] / 8), bias_bytes=math.ceil(tot["bias_bits"] / 8),
+                bits_per_weight=(tot["index_bits"] + tot["side_bits"] + tot["bias_bits"]) / n_w,
+                index_bits_per_weight=tot["index_bits"] / n_w, fp_params=df.attrs.get("fp_params", 0))
