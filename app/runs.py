@@ -26,15 +26,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vq4dit.config import CalibConfig, METHODS, method_config
-from vq4dit.experiment import SMALL_MODEL_KMEANS_ITERS, SMALL_MODEL_RECIPE, EvalSpec, generate, run_method
+from vq4dit.config import CalibConfig, METHODS, method_config, method_names
+from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
+from vq4dit.experiment import EvalSpec, generate, run_method
 from vq4dit.io import load_dit, save_quantized
 from vq4dit.sampling import pick_device, sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATED = ("vq4dit", "vq4dit-ref", "codebook-only")  # methods that record a Trace
+CALIBRATED = tuple(method_names(calibrated=True))  # methods that record a Trace
 RUN_FILE = "run.json"
 
 
@@ -72,7 +73,11 @@ class RunSettings:
 
     def config(self):
         """The library's validated config (ValueError with a clear message when invalid)."""
-        return method_config(self.method, bits=self.bits, calib=self.calib, **self.vq_kwargs())
+        spec = METHODS[self.method] if self.method in METHODS else None
+        if spec is not None and spec.kind == "rtn":
+            return method_config(self.method, bits=self.bits)
+        return method_config(self.method, bits=self.bits, calib=self.calib if spec and spec.calibrated else None,
+                             **self.vq_kwargs())
 
     def vq_kwargs(self) -> dict:
         kw = dict(k=self.k, d=self.d, n_candidates=self.n_candidates, kmeans_iters=self.kmeans_iters,
@@ -87,7 +92,7 @@ def default_calib(cfg: AppConfig, embedded: bool) -> dict:
             if k in ("iterations", "num_sampling_steps", "lr_logits", "lr_codebook", "lambda_r",
                      "guidance_scale", "labels_per_iteration")}
     if embedded:
-        base.update(SMALL_MODEL_RECIPE)
+        base.update(RECIPES["small"])
     if cfg.iterations is not None:
         base["iterations"] = cfg.iterations
     if cfg.sampling_steps is not None:

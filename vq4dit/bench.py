@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .experiment import (SMALL_MODEL_KMEANS_ITERS, SMALL_MODEL_RECIPE, EvalSpec, generate, run_method)
-from .config import VQ_PRESETS
+from .config import RECIPES, SMALL_MODEL_KMEANS_ITERS, VQ_PRESETS
+from .experiment import EvalSpec, generate, run_method
 
-METHOD_ORDER = ["rtn-tensor", "rtn", "kmeans", "codebook-only", "vq4dit-ref", "vq4dit-paper", "vq4dit"]
-
-# Bench rows that are a library method with a different recipe: (method, calibration overrides).
-# vq4dit-paper = the paper's soft forward with the reference logits learning rate, same budget.
-VARIANTS = {"vq4dit-paper": ("vq4dit", dict(hard_forward=False, lr_logits=5e-2))}
+METHOD_ORDER = ["rtn-tensor", "rtn", "kmeans", "codebook-only", "vq4dit-ref", "vq4dit", "vq4dit-ste"]
 
 # Budget-matched 2-bit setting for the small model: with hidden 256 the paper's W2 preset
 # (k=256, d=4) spends 0.25-0.4 extra bits/weight on fp16 codebooks (2.25-2.4 total). k=64, d=4
@@ -84,7 +80,7 @@ def run(quick: bool = False, out_csv: str = "bench.csv", model_dir=None, methods
     # DDIM steps per CFG keep a row near a minute on 2 cores.
     n_per_class, steps = (2, 10) if quick else (per_class, eval_steps)
     specs = {c: EvalSpec(n_per_class=n_per_class, guidance_scale=float(c), num_steps=steps, seed=0) for c in (1, 4)}
-    calib = dict(SMALL_MODEL_RECIPE)
+    calib = dict(RECIPES["small"])
     if quick:
         calib.update(iterations=1, num_sampling_steps=5)
     calib.update(calib_overrides or {})
@@ -107,8 +103,7 @@ def run(quick: bool = False, out_csv: str = "bench.csv", model_dir=None, methods
             if method.startswith("rtn") and vq:
                 continue  # RTN has no k/d: its rows live under the preset settings
             t1 = time.time()
-            lib_method, extra = VARIANTS.get(method, (method, {}))
-            res = run_method(teacher, lib_method, bits=bits, calib=dict(calib, **extra),
+            res = run_method(teacher, method, bits=bits, calib=calib,
                              vq=None if method.startswith("rtn") else dict(vq, kmeans_iters=kmeans_iters),
                              progress=False)
             s = res.summary()

@@ -9,7 +9,7 @@ before any work starts (torchao style).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 # ----------------------------------------------------------------------------------------
@@ -54,6 +54,7 @@ class CalibConfig:
     trace_samples: int = 512          # fixed random sub-vectors per layer kept for cluster plots
     seed: int = 0
     device: Optional[str] = None      # None: CUDA when available, else CPU
+    recipe: str = "reference"         # name of the budget these settings started from (reports only)
 
     def __post_init__(self):
         for name in ("iterations", "labels_per_iteration", "num_sampling_steps"):
@@ -127,29 +128,117 @@ class RTNConfig:
         return asdict(self)
 
 
-def _vq(method, **calib_kw):
-    def make(bits=2, calib=None, **kw):
-        c = CalibConfig(**{**calib_kw, **(calib or {})}) if method != "kmeans" else None
-        return VQConfig(bits=bits, calib=c, method=method, **kw)
-    return make
+# ----------------------------------------------------------------------------------------
+# Recipes: budget and learning rates only, applied the same way to every calibrated method
+# ----------------------------------------------------------------------------------------
 
+RECIPES: dict[str, dict] = {
+    # The reference code's budget: 1000 trajectories x 50 steps, lr 5e-2 / 1e-4 / 1e-4.
+    "reference": {},
+    # The embedded digits DiT on a 2-core CPU: 8 x 25 = 200 optimizer steps (about a minute).
+    "small": dict(
+        iterations=8,            # trajectories (reference: 1000)
+        num_sampling_steps=25,   # teacher steps per trajectory, one optimizer step each (reference: 50)
+        lr_codebook=3e-4,        # 3x the reference: 200 steps instead of 50,000 (1e-3 overshoots)
+        lr_logits=2e-2,          # below the reference 5e-2, which flips too many assignments per step
+    ),
+}
+RECIPE_KEYS = {"iterations", "num_sampling_steps", "labels_per_iteration", "lr_logits", "lr_codebook",
+               "lr_bias", "rmsprop_alpha", "lambda_r", "guidance_scale"}
+# Models with fewer quantizable weights than this default to the small recipe (the embedded
+# digits DiT has 7.1M; DiT-XL/2 has 669M and gets the reference budget).
+SMALL_MODEL_WEIGHTS = 50_000_000
+# k-means iterations for small models: converges (scikit-learn tolerance) well before 100.
+SMALL_MODEL_KMEANS_ITERS = 50
+
+
+def default_recipe(n_quantizable_weights: int) -> str:
+    return "small" if n_quantizable_weights < SMALL_MODEL_WEIGHTS else "reference"
+
+
+# ----------------------------------------------------------------------------------------
+# Methods: a name is its algorithm. Switches below belong to the method; a run that changes one
+# is saved under a derived name (see `method_config`), never under the registry name.
+# ----------------------------------------------------------------------------------------
+
+# CalibConfig fields that change the algorithm (not the budget).
+ALGORITHM_SWITCHES = ("train_assignments", "train_codebook_soft", "hard_forward", "force_hard_at",
+                      "freeze_after")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str              # "vq" (codebooks) or "rtn" (uniform grid)
+    description: str       # one line: what it is, and how it differs from the paper
+    calib: Optional[dict]  # algorithm switches of its calibration; None = no calibration
+    rtn_per_channel: bool = True
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib is not None
+
+    @property
+    def trains_assignments(self) -> bool:
+        return bool(self.calib and self.calib.get("train_assignments", True))
+
+
+_PAPER = dict(train_assignments=True, train_codebook_soft=True, hard_forward=False, force_hard_at=None,
+              freeze_after=0)
 
 # Every method is a config through the same code path (torchao style).
-METHODS: dict[str, Callable[..., object]] = {
-    "vq4dit": _vq("vq4dit", train_assignments=True, train_codebook_soft=True),
-    "vq4dit-ref": _vq("vq4dit-ref", train_assignments=True, train_codebook_soft=False),
-    "codebook-only": _vq("codebook-only", train_assignments=False),
-    "kmeans": _vq("kmeans"),
-    "rtn": lambda bits=2, **kw: RTNConfig(bits=bits, per_channel=True, method="rtn"),
-    "rtn-tensor": lambda bits=2, **kw: RTNConfig(bits=bits, per_channel=False, method="rtn-tensor"),
-}
+METHODS: dict[str, MethodSpec] = {m.name: m for m in [
+    MethodSpec("vq4dit", "vq", "VQ4DiT as in the paper: codebooks and soft assignment ratios calibrated "
+               "together, soft forward, L_r, progressive freezing, hard switch.", dict(_PAPER)),
+    MethodSpec("vq4dit-ref", "vq", "VQ4DiT as in the reference code: like vq4dit, but codebooks stay frozen "
+               "while a layer's assignments are soft.", dict(_PAPER, train_codebook_soft=False)),
+    MethodSpec("vq4dit-ste", "vq", "Ours: vq4dit with a straight-through forward (the hard weights that ship), "
+               "gradients reach the ratios through the soft mix.", dict(_PAPER, hard_forward=True)),
+    MethodSpec("codebook-only", "vq", "Classic VQ calibration: k-means assignments fixed, only codebooks "
+               "(and biases) trained.", dict(_PAPER, train_assignments=False)),
+    MethodSpec("kmeans", "vq", "k-means codebooks, nearest-codeword assignments, no calibration.", None),
+    MethodSpec("rtn", "rtn", "Uniform round-to-nearest, min-max per output channel.", None),
+    MethodSpec("rtn-tensor", "rtn", "Uniform round-to-nearest, one min-max grid per tensor (the paper's UQ).",
+               None, rtn_per_channel=False),
+]}
+DEFAULT_METHOD = "vq4dit-ste"  # best measured on the embedded model (README, results/)
 
 
-def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, **kw):
-    """`method_config("vq4dit", bits=2, calib={"iterations": 10})` -> a validated config."""
+def method_names(calibrated: Optional[bool] = None) -> list[str]:
+    return [n for n, m in METHODS.items() if calibrated is None or m.calibrated == calibrated]
+
+
+def derived_name(method: str, calib: Optional["CalibConfig"]) -> str:
+    """`method` when the calibration's algorithm switches match its registry entry, else
+    `method+switch=value,...` so a changed algorithm is never reported as the method."""
+    spec = METHODS[method]
+    if calib is None or spec.calib is None:
+        return method
+    diff = [f"{k}={getattr(calib, k)}" for k in ALGORITHM_SWITCHES if getattr(calib, k) != spec.calib[k]]
+    return method if not diff else method + "+" + ",".join(diff)
+
+
+def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, recipe: str = "reference", **kw):
+    """`method_config("vq4dit", bits=2, recipe="small", calib={"iterations": 10})` -> a validated config.
+
+    Calibration settings = CalibConfig defaults <- recipe (budget, learning rates) <- the method's
+    algorithm switches <- `calib` overrides. Overriding a switch renames the config (`derived_name`).
+    """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
-    if method.startswith("rtn"):
-        return METHODS[method](bits=bits)
-    return METHODS[method](bits=bits, calib=calib, **kw)
-
+        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: choose one of {list(RECIPES)}")
+    spec = METHODS[method]
+    if spec.kind == "rtn":
+        if kw or calib:
+            raise ValueError(f"method {method!r} takes only bits; got {sorted(set(kw) | set(calib or {}))}")
+        return RTNConfig(bits=bits, per_channel=spec.rtn_per_channel, method=method)
+    c = None
+    if spec.calibrated:
+        unknown = set(calib or {}) - {f.name for f in fields(CalibConfig)}
+        if unknown:
+            raise ValueError(f"unknown calibration settings {sorted(unknown)}")
+        c = CalibConfig(**{"recipe": recipe, **RECIPES[recipe], **spec.calib, **(calib or {})})
+    elif calib:
+        raise ValueError(f"method {method!r} has no calibration; got calibration settings {sorted(calib)}")
+    return VQConfig(bits=bits, calib=c, method=derived_name(method, c), **kw)

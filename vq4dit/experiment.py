@@ -1,7 +1,7 @@
 """One quantization run and its evaluation: the shared path of the benchmark and the app.
 
     teacher = load_dit(DIGITS_DIT_DIR).transformer
-    result = run_method(teacher, "vq4dit", bits=2, calib=SMALL_MODEL_RECIPE)
+    result = run_method(teacher, "vq4dit", bits=2, recipe="small")
     fp = generate(teacher, EvalSpec())
     q = generate(result.model, EvalSpec())
 """
@@ -14,29 +14,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import method_config
+from .config import METHODS, method_config
 from .metrics import block_mse
 from .quant_api import quantize, size_summary
 from .trace import Trace
 from .sampling import sample
-
-# Calibration recipe for the embedded digits DiT on a 2-core CPU. The reference recipe
-# (CalibConfig defaults: 1000 x 50 steps, soft forward, lr 5e-2 / 1e-4) stays available; this one
-# was chosen by the tuning runs recorded in the README ("What made VQ4DiT win"):
-SMALL_MODEL_RECIPE = dict(
-    iterations=8,            # trajectories; 8 x 25 = 200 optimizer steps, about a minute on 2 cores
-    num_sampling_steps=25,   # teacher DDIM steps per trajectory (timesteps spread over [0, 1000))
-    labels_per_iteration=4,  # reference value
-    guidance_scale=4.0,      # reference value
-    lr_codebook=3e-4,        # 3x the reference: 200 steps instead of 50,000 (1e-3 overshoots)
-    lr_logits=2e-2,          # below the reference 5e-2, which flips too many assignments per step
-    hard_forward=True,       # straight-through: train on the hard weights that ship; the paper's
-                             # soft forward leaves a soft-to-hard gap a short run cannot close
-)
-
-# k-means iterations: converges (scikit-learn tolerance) well before 100 on these layers.
-SMALL_MODEL_KMEANS_ITERS = 50
-
 
 @dataclass
 class RunResult:
@@ -59,16 +41,20 @@ class RunResult:
 
 
 def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None, vq: Optional[dict] = None,
-               on_step: Optional[Callable[[dict], Optional[bool]]] = None, progress: bool = True,
-               measure_block_mse: bool = True) -> RunResult:
-    """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched."""
-    config = method_config(method, bits=bits, calib=calib, **(vq or {}))
+               recipe: str = "reference", on_step: Optional[Callable[[dict], Optional[bool]]] = None,
+               progress: bool = True, measure_block_mse: bool = True) -> RunResult:
+    """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched.
+    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN)."""
+    spec = METHODS[method]
+    config = method_config(method, bits=bits, recipe=recipe,
+                           calib=calib if spec.calibrated else None,
+                           **((vq or {}) if spec.kind == "vq" else {}))
     model = copy.deepcopy(teacher).eval()
     t0 = time.time()
     trace = quantize(model, config, teacher=teacher, on_step=on_step, progress=progress)
     seconds = time.time() - t0
     model.eval()
-    res = RunResult(method, bits, model, config, trace, seconds, size_summary(model))
+    res = RunResult(config.method, bits, model, config, trace, seconds, size_summary(model))
     if measure_block_mse:
         m = block_mse(model, teacher)
         res.block_mse, res.per_block_mse = m["mean"], m["per_block"]
