@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Optional
+from typing import Optional
 
 # ----------------------------------------------------------------------------------------
 # Configs
