@@ -78,7 +78,7 @@ def test_run_streams_and_saves(app):
     meta = json.loads((rd / "run.json").read_text())
     assert meta["method"] == "vq4dit" and meta["bits"] == 2 and meta["status"] == "finished"
     assert meta["steps_done"] == meta["total_steps"] == 3
-    assert 2.0 < meta["bits_per_weight"] < 2.2
+    assert 2.0 < meta["bits_per_weight"] < 2.3  # indices + fp16 codebooks + fp32 biases
     assert meta["block_mse"] > 0 and len(meta["per_block_mse"]) == demo.engine.n_blocks
     assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0 and meta["metrics"]["psnr"] > 0
     assert (rd / "trace" / "steps.csv").is_file() and (rd / "model" / "vq4dit_config.json").is_file()
