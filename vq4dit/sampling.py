@@ -11,17 +11,27 @@ import torch
 from diffusers import DDIMScheduler
 
 
-def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
-    # clip_sample=False: x0 clipping turns the tiny digits model's samples into noise.
-    return DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="linear",
-        beta_start=0.0001,
-        beta_end=0.02,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type="epsilon",
-    )
+SAMPLERS = ("ddim", "ddpm")
+
+
+def make_scheduler(num_train_timesteps: int = 1000, kind: str = "ddim", learned_sigma: bool = False):
+    """DDIM (deterministic; our sampler for images and metrics) or DDPM (stochastic, 50 strided
+    steps: the reference code's sampler for calibration trajectories). DiT's linear betas."""
+    from diffusers import DDPMScheduler
+    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=0.0001,
+                  beta_end=0.02, clip_sample=False, prediction_type="epsilon")
+    if kind == "ddim":
+        # clip_sample=False: x0 clipping turns the tiny digits model's samples into noise.
+        return DDIMScheduler(**common, set_alpha_to_one=False)
+    if kind == "ddpm":
+        # learned-sigma models (DiT-XL/2) give their own variance, as in DiT's sampler
+        return DDPMScheduler(**common, variance_type="learned_range" if learned_sigma else "fixed_small")
+    raise ValueError(f"unknown sampler {kind!r}: choose one of {SAMPLERS}")
+
+
+def has_learned_sigma(transformer) -> bool:
+    cfg = transformer.config
+    return cfg.out_channels is not None and cfg.out_channels == 2 * cfg.in_channels
 
 
 def null_class_id(transformer) -> int:
