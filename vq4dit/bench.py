@@ -224,7 +224,8 @@ def run(plan: str, out_csv, settings=None, methods=None, seeds=(0,), shard=(0, 1
     done = {(r["plan"], r["setting"], r["label"], r["seed"]) for r in rows}
     todo = [j for j in jobs if j.key not in done]
     log(f"{len(jobs)} jobs in shard {i}/{n}, {len(jobs) - len(todo)} already in {out_csv}; machine: {machine_name()}")
-    calib_extra = dict(iterations=1, num_sampling_steps=5) if quick else {}
+    # Layer statistics (incl. gradient conflicts) every 10 steps: 20 records over the small recipe.
+    calib_extra = dict(iterations=1, num_sampling_steps=5) if quick else dict(trace_every=10)
     if quick:
         n_images, n_fd, steps = 20, 0, 10
     evaluator = Evaluator(teacher, n_images, max(n_fd, 20), steps)
