@@ -164,5 +164,11 @@ def main(argv=None) -> int:
         return 2
 
 
+
+def main_entry() -> None:
+    """The `vq4dit` console command (pyproject [project.scripts])."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())
