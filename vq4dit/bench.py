@@ -305,7 +305,8 @@ def report(csv_path) -> str:
         out.append(f"### {setting} ({rs[0]['k']} codewords, d={rs[0]['d']})" if rs[0].get("k") else f"### {setting}")
         out.append("")
         head = "| method | seeds | bits/w | " + " | ".join(
-            f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in metrics) + " | conflict share | calib s |"
+            f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in metrics) + \
+            " | conflict share | vs codebook-only (95% CI) | calib s |"
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for lab in labels:
@@ -327,7 +328,9 @@ def report(csv_path) -> str:
                     verdict = " **beats**" if p[2] < 0 else (" loses" if p[1] > 0 else "")
                     cells.append(f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}")
             c = mean_sd(rs, "conflict_share", lab)
-            cells.append(f"{c[0]:.3f}" if c else "-")
+            cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
+            pc = paired(rs, "conflict_share", lab) if lab != "codebook-only" else None
+            cells.append(f"{pc[0]:+.1f}% [{pc[1]:+.1f}, {pc[2]:+.1f}]" if pc else "-")
             t = mean_sd(rs, "calib_seconds", lab)
             cells.append(f"{t[0]:.0f}" if t else "-")
             out.append("| " + " | ".join(cells) + " |")
