@@ -130,14 +130,20 @@ class Evaluator:
 
     def __init__(self, teacher, n_images: int, n_fd: int, steps: int):
         from .testbed.classifier import DigitsEvaluator
-        self.digits = DigitsEvaluator()
+        self.digits = DigitsEvaluator()  # loads the classifier and the real digits' features
         self.specs = {c: EvalSpec(n_per_class=n_images // 10, guidance_scale=float(c), num_steps=steps, seed=0)
                       for c in (4, 1)}
         self.fd_specs = {c: EvalSpec(n_per_class=n_fd // 10, guidance_scale=float(c), num_steps=steps, seed=10_000)
                          for c in (4, 1)}
-        self.fp = {c: generate(teacher, spec) for c, spec in self.specs.items()}
-        self._fp_fd = None
+        self._fp: dict = {}
         self.teacher = teacher
+
+    @property
+    def fp(self) -> dict:
+        """FP images per CFG, generated on first use (ablation plans never need them)."""
+        if not self._fp:
+            self._fp = {c: generate(self.teacher, spec) for c, spec in self.specs.items()}
+        return self._fp
 
     def images(self, model) -> dict:
         row = {}
