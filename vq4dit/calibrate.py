@@ -133,18 +133,17 @@ class Trace:
     def save(self, path):
         """Atomic: written to a temp dir next to `path`, then renamed into place."""
         from safetensors.torch import save_file
+        from .safety import check_replace_target, replace_dir, temp_dir_for  # issue 11: crash-safe replace
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
+        check_replace_target(path, "meta.json", what="calibration trace")  # only ever replace a trace
+        tmp = temp_dir_for(path)
         try:
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
             for name in ("steps", "layers", "ratios", "events"):
                 self._frame(name).to_csv(tmp / f"{name}.csv", index=False)
             save_file({k: v.contiguous().cpu() for k, v in self.snapshots.items()},
                       str(tmp / "snapshots.safetensors"))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

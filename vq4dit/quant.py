@@ -31,6 +31,8 @@ import torch.nn.functional as F
 # bits -> (k codewords, d sub-vector length), from the paper (index bits per weight = log2(k)/d).
 VQ_PRESETS = {2: (256, 4), 3: (64, 2), 4: (256, 2)}
 RTN_BITS = (2, 3, 4, 8)
+MAX_LR = 10.0          # issue 11: learning-rate cap (reference lrs are 5e-2 / 1e-4)
+MAX_LAMBDA_R = 1000.0  # issue 11: cap of the ratio-regularizer weight (reference: 1.0)
 
 
 @dataclass
@@ -73,6 +75,18 @@ class CalibConfig:
             raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
         if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
             raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
+        # issue 11: bounded, finite numbers (a huge lr or a NaN lambda_r ends in NaN losses)
+        for name in ("lr_logits", "lr_codebook", "lr_bias"):
+            if getattr(self, name) > MAX_LR:
+                raise ValueError(f"CalibConfig.{name} must be <= {MAX_LR}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lambda_r) and 0 <= self.lambda_r <= MAX_LAMBDA_R):
+            raise ValueError(f"CalibConfig.lambda_r must be a finite number in [0, {MAX_LAMBDA_R}], got {self.lambda_r}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"CalibConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"CalibConfig.max_seconds must be a finite number > 0 (or None), got {self.max_seconds}")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise ValueError(f"CalibConfig.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha}")
 
     @property
     def total_steps(self) -> int:
@@ -260,19 +274,45 @@ def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch
     h.update(f"{k}/{iters}/{seed}/{x.shape}".encode())
     f = root / f"{h.hexdigest()}.safetensors"
     if f.is_file():
-        try:
-            t = load_file(str(f))
-            return t["codebook"].to(x.device), t["assignment"].to(x.device)
-        except Exception:
-            pass  # unreadable cache entry: recompute and overwrite
+        hit = _read_kmeans_entry(f, x.shape[0], k, x.shape[1])
+        if hit is not None:
+            return hit[0].to(x.device), hit[1].to(x.device)
+        # corrupt, tampered or unreadable entry: recompute and overwrite
     c, a = kmeans(x, k, iters, seed)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(f".tmp{os.getpid()}")
-        save_file({"codebook": c.cpu().contiguous(), "assignment": a.cpu().contiguous()}, str(tmp))
+        c_cpu, a_cpu = c.cpu().contiguous(), a.cpu().contiguous()
+        save_file({"codebook": c_cpu, "assignment": a_cpu}, str(tmp),
+                  metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
         os.replace(tmp, f)
     except OSError:
         pass  # a read-only cache is not an error
+    return c, a
+
+
+def _kmeans_digest(codebook: torch.Tensor, assignment: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (codebook, assignment):
+        h.update(f"{t.dtype}/{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_kmeans_entry(f: Path, s: int, k: int, d: int):
+    """(codebook, assignment) of a cache entry, or None unless shape, dtype, finiteness, index range
+    and the stored sha256 of its content all check out."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            digest = (fh.metadata() or {}).get("sha256")
+            c, a = fh.get_tensor("codebook"), fh.get_tensor("assignment")
+    except Exception:
+        return None
+    if (digest is None or tuple(c.shape) != (k, d) or c.dtype != torch.float32 or tuple(a.shape) != (s,)
+            or a.dtype != torch.long or not torch.isfinite(c).all()
+            or (s and (int(a.min()) < 0 or int(a.max()) >= k)) or _kmeans_digest(c, a) != digest):
+        return None
     return c, a
 
 
