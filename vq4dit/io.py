@@ -220,7 +220,7 @@ def _load_from_hub(repo_id: str, device, dtype) -> DiTBundle:
 def check_output(out, overwrite: bool, protect=()) -> Path:
     """Before any work: OUT may be written (missing, or a previous packed output with overwrite=True,
     never an input model or the working directory) and its parent is writable."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     recover_backup(out)
     if out.exists() or out.is_symlink():
         if not overwrite:

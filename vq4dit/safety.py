@@ -26,8 +26,13 @@ BACKUP_SUFFIX = ".vq4dit-backup"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)-tmp(?P<pid>\d+)-[^/]*$")
 
 
+def _abs(p) -> Path:
+    """Absolute path without resolving links ('.' and 'a/..' get a real name)."""
+    return Path(os.path.abspath(p))
+
+
 def backup_path(out: Path) -> Path:
-    out = Path(out)
+    out = _abs(out)
     return out.with_name(f".{out.name}{BACKUP_SUFFIX}")
 
 
@@ -45,7 +50,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(out: Path):
     """Remove `.OUT-tmpPID-*` dirs (and `.OUT.tmpPID` files) left by processes that no longer run."""
-    out = Path(out)
+    out = _abs(out)
     parent = out.parent
     if not parent.is_dir():
         return
@@ -63,7 +68,7 @@ def clean_stale_temps(out: Path):
 
 def recover_backup(out: Path) -> Optional[str]:
     """Finish an interrupted replace. Returns what was done ("restored", "removed") or None."""
-    out = Path(out)
+    out = _abs(out)
     bak = backup_path(out)
     if not bak.exists():
         return None
@@ -76,7 +81,7 @@ def recover_backup(out: Path) -> Optional[str]:
 
 def temp_dir_for(out: Path) -> Path:
     """A fresh temp dir next to OUT (same filesystem, so the final rename is atomic)."""
-    out = Path(out)
+    out = _abs(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_backup(out)
     clean_stale_temps(out)
@@ -89,7 +94,7 @@ def replace_dir(tmp: Path, out: Path):
     Order: old OUT -> backup, tmp -> OUT, delete backup. If the second rename fails, the backup is
     renamed back; if the process dies in between, `recover_backup` restores it on the next run.
     """
-    tmp, out = Path(tmp), Path(out)
+    tmp, out = Path(tmp), _abs(out)
     if not out.exists():
         os.replace(tmp, out)
         return
