@@ -207,3 +207,12 @@ def test_cli_nan_loss_is_one_clear_line(tiny_dit_dir, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == "error: calibration loss became nan at step 3: lower the learning rates"
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_in_process_restores_the_sigterm_handler(tmp_path):
+    """main() treats SIGTERM like Ctrl-C only while a command runs (a caller's handler comes back)."""
+    import signal
+    from vq4dit.__main__ import main
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["quantize", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--method", "rtn"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -36,12 +37,19 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _install_sigterm():
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises like Ctrl-C; the previous handler is restored afterwards."""
     import signal
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (e.g. main() called from a worker): leave it
-        pass
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. main() called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _flag(name: str) -> str:
@@ -62,7 +70,6 @@ def cmd_quantize(args) -> int:
     from .io import check_output, save_quantized
     from .safety import resolve_device
 
-    _install_sigterm()
     out = Path(args.out)
     unused = _unused_flags(args)
     if unused:
@@ -127,7 +134,6 @@ def cmd_sample(args) -> int:
     from .sampling import sample
     from .viz import save_grid
 
-    _install_sigterm()
     if args.labels is not None and len(args.labels) > MAX_SAMPLE_LABELS:
         raise ValueError(f"at most {MAX_SAMPLE_LABELS} labels per call, got {len(args.labels)}")
     out = Path(args.out)
@@ -196,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _SIGNALLED["term"] = False
     try:
-        return args.func(args)
+        with _sigterm_as_interrupt():
+            return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -287,7 +287,11 @@ def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch
                   metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
         os.replace(tmp, f)
     except OSError:
-        pass  # a read-only cache is not an error
+        try:
+            tmp.unlink(missing_ok=True)
+        except (OSError, NameError):
+            pass
+        # a read-only cache is not an error
     return c, a
 
 
