@@ -6,6 +6,7 @@ re-renders from it on `sel.change`.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import gradio as gr
@@ -83,6 +84,8 @@ def build_app(engine: Engine) -> gr.Blocks:
         def i(v, name):
             if v is None or v == "":
                 raise ValueError(f"{name} is empty")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite whole number, got {v}")
             if float(v) != int(float(v)):
                 raise ValueError(f"{name} must be a whole number, got {v}")
             return int(float(v))

@@ -19,6 +19,8 @@ from typing import Optional
 # bits -> (k codewords, d sub-vector length), from the paper (index bits per weight = log2(k)/d).
 VQ_PRESETS = {2: (256, 4), 3: (64, 2), 4: (256, 2)}
 RTN_BITS = (2, 3, 4, 8)
+MAX_LR = 10.0          # learning-rate cap (reference lrs are 5e-2 / 1e-4)
+MAX_LAMBDA_R = 1000.0  # cap of the ratio-regularizer weight (reference: 1.0)
 
 
 def index_bits(k: int) -> int:
@@ -80,6 +82,18 @@ class CalibConfig:
             raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
         if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
             raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
+        # bounded, finite numbers (a huge lr or a NaN lambda_r ends in NaN losses)
+        for name in ("lr_logits", "lr_codebook", "lr_bias"):
+            if getattr(self, name) > MAX_LR:
+                raise ValueError(f"CalibConfig.{name} must be <= {MAX_LR}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lambda_r) and 0 <= self.lambda_r <= MAX_LAMBDA_R):
+            raise ValueError(f"CalibConfig.lambda_r must be a finite number in [0, {MAX_LAMBDA_R}], got {self.lambda_r}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"CalibConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"CalibConfig.max_seconds must be a finite number > 0 (or None), got {self.max_seconds}")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise ValueError(f"CalibConfig.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha}")
 
     @property
     def total_steps(self) -> int:

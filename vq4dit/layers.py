@@ -138,26 +138,52 @@ def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int,
     root = kmeans_cache_dir()
     if root is None:
         return kmeans(x, k, iters, seed, weights=weights)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     h = hashlib.sha1(x.detach().cpu().numpy().tobytes())
     h.update(f"{k}/{iters}/{seed}/{x.shape}".encode())
     if weights is not None:
         h.update(weights.detach().float().cpu().numpy().tobytes())
     f = root / f"{h.hexdigest()}.safetensors"
     if f.is_file():
-        try:
-            t = load_file(str(f))
-            return t["codebook"].to(x.device), t["assignment"].to(x.device)
-        except Exception:
-            pass  # unreadable cache entry: recompute and overwrite
+        hit = _read_kmeans_entry(f, x.shape[0], k, x.shape[1])
+        if hit is not None:
+            return hit[0].to(x.device), hit[1].to(x.device)
+        # corrupt, tampered or unreadable entry: recompute and overwrite
     c, a = kmeans(x, k, iters, seed, weights=weights)
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        save_file({"codebook": c.cpu().contiguous(), "assignment": a.cpu().contiguous()}, str(tmp))
+        c_cpu, a_cpu = c.cpu().contiguous(), a.cpu().contiguous()
+        save_file({"codebook": c_cpu, "assignment": a_cpu}, str(tmp),
+                  metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
         os.replace(tmp, f)
     except OSError:
-        pass  # a read-only cache is not an error
+        tmp.unlink(missing_ok=True)  # a read-only cache is not an error
+    return c, a
+
+
+def _kmeans_digest(codebook: torch.Tensor, assignment: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (codebook, assignment):
+        h.update(f"{t.dtype}/{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_kmeans_entry(f: Path, s: int, k: int, d: int):
+    """(codebook, assignment) of a cache entry, or None unless shape, dtype, finiteness, index range
+    and the stored sha256 of its content all check out."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            digest = (fh.metadata() or {}).get("sha256")
+            c, a = fh.get_tensor("codebook"), fh.get_tensor("assignment")
+    except Exception:
+        return None
+    if (digest is None or tuple(c.shape) != (k, d) or c.dtype != torch.float32 or tuple(a.shape) != (s,)
+            or a.dtype != torch.long or not torch.isfinite(c).all()
+            or (s and (int(a.min()) < 0 or int(a.max()) >= k)) or _kmeans_digest(c, a) != digest):
+        return None
     return c, a
 
 
