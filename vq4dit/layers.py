@@ -275,7 +275,8 @@ class VQLinear(nn.Module):
             return False
         r = torch.softmax(self.logits, dim=1)
         self.frozen_mask |= r.max(1).values > freeze_threshold
-        if self.frozen_mask.float().mean().item() > hard_threshold:
+        # float64 share: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early
+        if self.frozen_mask.double().mean().item() > hard_threshold:
             self.make_hard()
             return True
         return False
