@@ -9,6 +9,8 @@ from vq4dit.__main__ import build_parser, main
 from vq4dit.io import load_dit, load_quantized, pack_bits, save_quantized, unpack_bits
 from vq4dit.layers import quantized_layers
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_pack_bits_round_trip(bits):

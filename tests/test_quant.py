@@ -11,6 +11,8 @@ from vq4dit.trace import Trace
 from vq4dit.metrics import block_mse
 from vq4dit.layers import VQLinear, kmeans, quantized_layers, vq_storage_bits, layer_type
 
+pytestmark = pytest.mark.core
+
 FAST = dict(iterations=3, num_sampling_steps=10, labels_per_iteration=2)
 
 
