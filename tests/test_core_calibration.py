@@ -337,3 +337,40 @@ def test_freeze_after_delays_freezing(freeze_after, first):
     assert (st.frozen_frac[:first - 1] == 0).all() and (st.hard_layers[:first - 1] == 0).all()
     assert st.frozen_frac.iloc[first - 1] == 1.0 and st.hard_layers.iloc[first - 1] == 14
     assert set(trace.hard_steps().values()) == {first}
+
+
+def test_max_seconds_stops_early_with_a_hard_model():
+    teacher = make_tiny_dit()
+    student = copy.deepcopy(teacher)
+    trace = quantize(student, method_config("vq4dit", bits=3, kmeans_iters=3,
+                                            calib=dict(iterations=5, num_sampling_steps=4, max_seconds=0.0)),
+                     teacher=teacher, progress=False)
+    assert trace.meta["stopped"] == "time budget" and trace.meta["steps_done"] == 1 and len(trace.steps) == 1
+    assert all(q.hard for q in quantized_layers(student).values())
+
+
+def test_calibration_seed_fixes_the_labels_and_noise():
+    teacher = make_tiny_dit()
+
+    def losses(seed):
+        cfg = method_config("codebook-only", bits=3, kmeans_iters=3, calib=dict(TINY, num_sampling_steps=2, seed=seed))
+        return quantize(copy.deepcopy(teacher), cfg, teacher=teacher, progress=False).steps.block_loss.tolist()
+
+    a = losses(0)
+    assert a == losses(0) and a != losses(1)
+
+
+def test_n_candidates_reaches_the_calibrated_layers():
+    """n_candidates = 3: each sub-vector's ratios run over its 3 nearest codewords during calibration."""
+    teacher = make_tiny_dit()
+    student = copy.deepcopy(teacher)
+    shapes = []
+
+    def on_step(info):
+        shapes.extend({tuple(q.logits.shape[1:]) for q in quantized_layers(student).values()})
+        return False
+
+    quantize(student, method_config("vq4dit", bits=3, kmeans_iters=3, n_candidates=3,
+                                    calib=dict(TINY, freeze_threshold=1.0)),
+             teacher=teacher, on_step=on_step, progress=False)
+    assert set(shapes) == {(3,)}

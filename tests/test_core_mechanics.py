@@ -195,8 +195,9 @@ def test_ratio_regularizer_gradient_pushes_toward_one_hot():
 # ---------------------------------------------------------------------------------------------
 
 def _freeze_case():
-    # top ratios 0.995 (cand 0), 0.98, 0.995 (cand 1), 0.574: softmax is NOT 1.0 for frozen rows
-    logits = torch.tensor([[math.log(199.0), 0.0], [math.log(49.0), 0.0], [0.0, math.log(199.0)], [0.3, 0.0]])
+    # top ratios 0.995 (cand 0), 0.989, 0.995 (cand 1), 0.574: softmax is NOT 1.0 for frozen rows
+    logits = torch.tensor([[math.log(199.0), 0.0], [math.log(0.989 / 0.011), 0.0], [0.0, math.log(199.0)],
+                           [0.3, 0.0]])
     return soft_layer(logits)
 
 
@@ -208,7 +209,7 @@ def test_freezing_picks_rows_above_threshold_and_makes_them_exactly_one_hot():
     assert q.frozen_mask.tolist() == [True, False, True, False]
     r = q.assignment_ratios()
     assert r[0].tolist() == [1.0, 0.0] and r[2].tolist() == [0.0, 1.0]
-    assert r[1, 0].item() == pytest.approx(0.98, abs=1e-6)
+    assert r[1, 0].item() == pytest.approx(0.989, abs=1e-6)  # just below the threshold: stays soft
     w = q.weight_hat().detach().reshape(-1, q.d)
     assert torch.equal(w[0], q.codebook.detach()[q.candidates[0, 0]])
     assert torch.equal(w[2], q.codebook.detach()[q.candidates[2, 1]])
@@ -435,3 +436,30 @@ def test_kmeans_method_weight_is_the_nearest_codeword():
         assert (got <= nearest + slack).all(), name
         assert (got - nearest > 1e-6).float().mean() < 0.05, name
         assert F.mse_loss(q.weight, orig[name]) < 0.5 * orig[name].var()
+
+
+def test_recipes_set_budget_only_and_changed_switches_rename_the_method():
+    """A recipe changes budget and learning rates, never the algorithm; overriding an algorithm switch
+    reports a derived name, so a changed algorithm is never saved as the registry method."""
+    from vq4dit.config import RECIPES
+    small = method_config("vq4dit", bits=2, recipe="small").calib
+    for key, val in RECIPES["small"].items():
+        assert getattr(small, key) == val
+    assert small.train_codebook_soft and not small.hard_forward and small.recipe == "small"
+    cfg = method_config("vq4dit", bits=2, calib=dict(hard_forward=True, iterations=3))
+    assert cfg.method == "vq4dit+hard_forward=True" and cfg.calib.iterations == 3
+    assert method_config("vq4dit-ste", bits=2, calib=dict(iterations=3)).method == "vq4dit-ste"
+
+
+@pytest.mark.parametrize("dtype,exact_fp16", [("float16", True), ("float32", False)])
+def test_codebook_dtype_is_the_precision_kept_and_stored(dtype, exact_fp16, tmp_path):
+    """codebook_dtype: float16 codebooks are rounded to fp16 in memory (so the packed reload is exact),
+    float32 ones are kept as k-means made them; the file stores that dtype."""
+    m = make_tiny_dit(layers=1)
+    quantize(m, VQConfig(bits=3, kmeans_iters=3, codebook_dtype=dtype), progress=False)
+    cbs = [q.codebook.detach() for q in quantized_layers(m).values()]
+    assert all(torch.equal(c, c.half().float()) for c in cbs) == exact_fp16
+    save_quantized(m, tmp_path / "p")
+    spans = _safetensors_spans(tmp_path / "p" / "model.safetensors")
+    name = next(iter(quantized_layers(m)))
+    assert spans[f"vq/{name}/codebook"][0] == ("F16" if exact_fp16 else "F32")
