@@ -4,6 +4,7 @@
     python tools/mutation_check.py --list       # names and what each breaks
     python tools/mutation_check.py -k freeze    # mutants whose name contains 'freeze'
     python tools/mutation_check.py --jobs 2
+    python tools/mutation_check.py --dedicated  # each mutant against only the test meant to guard it
 
 Each mutant is a source edit (exact text -> replacement, each text must occur exactly once) applied
 to a temporary copy of vq4dit/ and tests/; the copy's core tests run with the k-means cache off.
@@ -120,6 +121,47 @@ MUTANTS = [
      [("vq4dit/layers.py", "torch.round(w / scale) + zero", "torch.floor(w / scale) + zero")]),
 ]
 
+# The test meant to guard each mechanic (pytest -k expression); `--dedicated` checks that it alone
+# catches the mutant (the default run reports whichever core test fails first).
+GUARDS = {
+    "kmeans-no-lloyd": "test_kmeans_is_a_lloyd_fixed_point",
+    "kmeans-empty-cluster-at-zero": "test_kmeans_handles_empty_clusters",
+    "candidates-farthest": "test_candidates_are_nearest_codewords",
+    "logit-init-squared-dist": "test_logit_init_on_a_hand_computed_case",
+    "logit-init-eps": "test_logit_init_on_a_hand_computed_case",
+    "ratios-softmax-wrong-axis": "test_ratios_are_softmax_over_candidates",
+    "ratios-detached": "test_soft_weight_sends_gradients_to_logits",
+    "l_r-missing-n": "test_ratio_regularizer_value_on_known_ratios",
+    "l_r-counts-frozen": "test_ratio_regularizer_value_on_known_ratios",
+    "frozen-not-one-hot": "test_freezing_picks_rows_above_threshold",
+    "freeze-not-monotone": "test_frozen_rows_stay_put_while_others_train",
+    "freeze-threshold-ge-0.98": "test_freezing_picks_rows_above_threshold",
+    "hard-switch-at-threshold": "test_hard_switch_only_when_more_than_threshold",
+    "hard-keeps-candidate-0": "test_hard_switch_keeps_the_top_candidate",
+    "vq4dit-codebook-frozen-while-soft": "test_vq4dit_trains_codebook_and_assignment_logits",
+    "logits-not-optimized": "test_vq4dit_trains_codebook_and_assignment_logits",
+    "codebook-only-trains-assignments": "test_codebook_only_trains_only_the_codebook",
+    "hard-layers-codebook-frozen": "test_vq4dit_ref_freezes_codebooks_while_soft",
+    "ste-soft-forward": "test_straight_through_forward_is_hard",
+    "ste-no-ratio-gradient": "test_straight_through_forward_is_hard",
+    "calib-ignores-hard-forward": "test_vq4dit_ste_forwards_the_hard_weights",
+    "teacher-no-cfg": "test_teacher_trajectory_follows_the_cfg_sampler",
+    "sampler-no-cfg": "test_sampler_is_ddim_with_cfg_against_the_null_class",
+    "cfg-wrong-null-class": "test_cfg_batch_and_combination",
+    "block-hook-captures-input": "test_block_losses_localise_a_perturbed_block",
+    "block-loss-sum": "test_block_losses_localise_a_perturbed_block",
+    "loss-ignores-lambda_r": "test_calibration_loss_is_mean_block_mse_plus_lambda_r",
+    "codebook-lr-is-logit-lr": "test_calibration_uses_the_configured_optimizer_groups",
+    "labels-per-iteration-fixed": "test_calibration_draws_labels_and_noise",
+    "force-hard-at-ignored": "test_force_hard_at_makes_every_layer_hard",
+    "freeze-after-ignored": "test_freeze_after_delays_freezing",
+    "conflict-sign-flipped": "test_gradient_conflict_on_a_hand_made_case",
+    "coherence-by-count": "test_gradient_conflict_on_a_hand_made_case",
+    "indices-one-byte": "test_packed_indices_take_log2_k_bits_on_disk",
+    "rtn-always-per-tensor": "test_rtn_rounds_to_nearest_level_and_per_channel_beats_per_tensor",
+    "rtn-floor": "test_rtn_rounds_to_nearest_level_and_per_channel_beats_per_tensor",
+}
+
 
 def make_copy(edits) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="vq4dit-mut-"))
@@ -157,6 +199,7 @@ def first_failure(out: str) -> str:
 
 def check(name, edits, timeout, extra):
     tmp = make_copy(edits)
+    extra = [a.replace("{guard}", GUARDS.get(name, " or ".join(sorted(set(GUARDS.values()))))) for a in extra]
     try:
         rc, out, secs = run_core(tmp, timeout, extra)
     finally:
@@ -171,8 +214,15 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant run (default 600)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    ap.add_argument("--dedicated", action="store_true",
+                    help="run each mutant against only its guarding test (GUARDS) instead of all core tests")
     args, extra = ap.parse_known_args(argv)
+    if args.dedicated:
+        extra = [*extra, "-k", "{guard}"]
     mutants = [m for m in MUTANTS if args.k in m[0]]
+    missing = [m[0] for m in MUTANTS if m[0] not in GUARDS]
+    if missing:
+        raise SystemExit(f"no guarding test named for {missing}")
     if args.list:
         for name, what, _ in mutants:
             print(f"{name:36s} {what}")
