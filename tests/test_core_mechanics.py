@@ -59,7 +59,8 @@ def test_kmeans_is_a_lloyd_fixed_point_and_beats_random_codebook():
     x = torch.randn(2000, 2)
     c, a = kmeans(x, 32, iters=300, tol=0.0)
     assert c.shape == (32, 2) and a.shape == (2000,)
-    assert torch.equal(a, torch.cdist(x, c).argmin(1))
+    dist = torch.cdist(x, c)  # each point at its nearest centroid (up to distance rounding)
+    assert (dist.gather(1, a[:, None]).squeeze(1) <= dist.min(1).values + 1e-5).all()
     counts = torch.bincount(a, minlength=32)
     assert (counts > 0).all()
     means = torch.zeros_like(c).index_add_(0, a, x) / counts[:, None]
