@@ -13,11 +13,6 @@ os.environ.setdefault("VQ4DIT_CACHE", "off")  # tests measure k-means itself, no
 torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "core: library mechanics (no app, no browser); `python -m pytest -q -m core tests`")
-
-
 def make_tiny_dit(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32):
     """Small random DiT (hidden 64, 16 tokens) with non-zero adaLN so every layer matters."""
     from diffusers import DiTTransformer2DModel
@@ -54,3 +49,7 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: library mechanics (no app, no browser): python -m pytest -m core tests")

@@ -297,9 +297,9 @@ def test_calibration_draws_labels_and_noise_and_runs_the_configured_trajectory(m
     calls = []
     real = calibrate_mod.teacher_trajectory
 
-    def spy(teacher, labels, noise, num_steps, guidance_scale, scheduler=None):
+    def spy(teacher, labels, noise, num_steps, guidance_scale, *args, **kw):
         calls.append((labels.clone(), noise.clone(), num_steps, guidance_scale))
-        return real(teacher, labels, noise, num_steps, guidance_scale, scheduler)
+        return real(teacher, labels, noise, num_steps, guidance_scale, *args, **kw)
 
     monkeypatch.setattr(calibrate_mod, "teacher_trajectory", spy)
     teacher = make_tiny_dit()
@@ -343,7 +343,7 @@ def test_max_seconds_stops_early_with_a_hard_model():
     teacher = make_tiny_dit()
     student = copy.deepcopy(teacher)
     trace = quantize(student, method_config("vq4dit", bits=3, kmeans_iters=3,
-                                            calib=dict(iterations=5, num_sampling_steps=4, max_seconds=0.0)),
+                                            calib=dict(iterations=5, num_sampling_steps=4, max_seconds=1e-9)),
                      teacher=teacher, progress=False)
     assert trace.meta["stopped"] == "time budget" and trace.meta["steps_done"] == 1 and len(trace.steps) == 1
     assert all(q.hard for q in quantized_layers(student).values())
