@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, what it breaks (method.md step), [(file, exact old text, new text), ...])
 MUTANTS = [
     ("kmeans-no-lloyd", "step 1: k-means returns its k-means++ init, no Lloyd iterations",
-     [("vq4dit/layers.py", "    for _ in range(iters):\n        assign = _nearest(x, c)",
-       "    for _ in range(0):\n        assign = _nearest(x, c)")]),
+     [("vq4dit/layers.py", "    for _ in range(iters):\n", "    for _ in range(0):\n")]),
     ("kmeans-empty-cluster-at-zero", "step 1: empty clusters are not re-seeded (centroid left at 0)",
      [("vq4dit/layers.py", "        if empty.any():  # re-seed", "        if False:  # re-seed")]),
     ("candidates-farthest", "step 2: second candidate is the farthest codeword, not the 2nd nearest",
@@ -39,10 +38,12 @@ MUTANTS = [
     ("logit-init-eps", "step 3: logit init epsilon 1e-2 instead of 1e-5",
      [("vq4dit/layers.py", "(dist[:, :-1] + 1e-5))", "(dist[:, :-1] + 1e-2))")]),
     ("ratios-softmax-wrong-axis", "step 3: softmax over sub-vectors instead of over candidates",
-     [("vq4dit/layers.py", "r = torch.softmax(self.logits, dim=1)\n        if self.frozen_mask.any():",
+     [("vq4dit/layers.py", ("r = torch.softmax(self.logits, dim=1)\n        if self.frozen_mask.any():",
+                            "r = ratio_softmax(self.logits, self.temperature)\n        if self.frozen_mask.any():"),
        "r = torch.softmax(self.logits, dim=0)\n        if self.frozen_mask.any():")]),
     ("ratios-detached", "steps 3/6: ratios carry no gradient to the logits",
-     [("vq4dit/layers.py", "r = torch.softmax(self.logits, dim=1)\n        if self.frozen_mask.any():",
+     [("vq4dit/layers.py", ("r = torch.softmax(self.logits, dim=1)\n        if self.frozen_mask.any():",
+                            "r = ratio_softmax(self.logits, self.temperature)\n        if self.frozen_mask.any():"),
        "r = torch.softmax(self.logits.detach(), dim=1)\n        if self.frozen_mask.any():")]),
     ("l_r-missing-n", "step 4: L_r = mean(r(1-r)) without the factor n",
      [("vq4dit/layers.py", "return self.n_candidates * (r * (1 - r)).mean()", "return (r * (1 - r)).mean()")]),
@@ -57,7 +58,8 @@ MUTANTS = [
      [("vq4dit/layers.py", "self.frozen_mask |= r.max(1).values > freeze_threshold",
        "self.frozen_mask |= r.max(1).values >= freeze_threshold - 0.01")]),
     ("hard-switch-at-threshold", "step 7: switch to hard at >= threshold share instead of more than",
-     [("vq4dit/layers.py", ".mean().item() > hard_threshold:", ".mean().item() >= hard_threshold:")]),
+     [("vq4dit/layers.py", "if self.frozen_mask.double().mean().item() > hard_threshold:",
+       "if self.frozen_mask.double().mean().item() >= hard_threshold:")]),
     ("hard-keeps-candidate-0", "step 7: hard index = k-means candidate instead of the top candidate",
      [("vq4dit/layers.py", "self.assignment.copy_(self.current_assignment())\n        self.candidates",
        "self.assignment.copy_(self.candidates[:, 0])\n        self.candidates")]),
@@ -97,8 +99,9 @@ MUTANTS = [
     ("codebook-lr-is-logit-lr", "step 5: codebooks trained at the logits' learning rate",
      [("vq4dit/calibrate.py", "lr=cfg.lr_codebook, name=\"codebook\"", "lr=cfg.lr_logits, name=\"codebook\"")]),
     ("labels-per-iteration-fixed", "step 5: always 4 labels per trajectory",
-     [("vq4dit/calibrate.py", "random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)",
-       "random_labels_and_noise(teacher, 4, g, device)")]),
+     [("vq4dit/calibrate.py", "random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)\n"
+                              "            for x_in",
+       "random_labels_and_noise(teacher, 4, g, device)\n            for x_in")]),
     ("force-hard-at-ignored", "force_hard_at: never forces layers hard",
      [("vq4dit/calibrate.py", "force = cfg.force_hard_at is not None and", "force = False and")]),
     ("freeze-after-ignored", "freeze_after: freezing starts at step 1 regardless",
@@ -170,10 +173,12 @@ def make_copy(edits) -> Path:
         shutil.copytree(ROOT / d, tmp / d, ignore=ignore)
     if (ROOT / "assets").exists():
         os.symlink(ROOT / "assets", tmp / "assets")
-    for rel, old, new in edits:
+    for rel, olds, new in edits:
         f = tmp / rel
         src = f.read_text()
-        n = src.count(old)
+        # `old` may list alternatives (the same spot in older / newer versions of the library)
+        old = next((o for o in ((olds,) if isinstance(olds, str) else olds) if src.count(o) == 1), olds)
+        n = src.count(old) if isinstance(old, str) else 0
         if n != 1:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SystemExit(f"mutation text found {n} times in {rel} (need exactly 1): {old!r}")
