@@ -8,6 +8,8 @@ from conftest import make_tiny_dit
 from vq4dit import CalibConfig, RTNConfig, VQConfig, method_config, quantize
 from vq4dit.io import load_dit
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(bits=5), "unsupported bits=5"),

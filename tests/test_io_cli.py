@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_dit
-from vq4dit import method_config, quantize
+from vq4dit import METHODS, method_config, quantize
 from vq4dit.__main__ import build_parser, main
 from vq4dit.io import load_dit, load_quantized, pack_bits, save_quantized, unpack_bits
 from vq4dit.layers import quantized_layers
+
+pytestmark = pytest.mark.core
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
@@ -28,8 +30,11 @@ def _out(m, seed=0):
 @pytest.mark.parametrize("method,bits", [("vq4dit", 2), ("kmeans", 3), ("codebook-only", 4), ("rtn", 2), ("rtn-tensor", 3)])
 def test_packed_round_trip_is_exact(tmp_path, method, bits):
     m = make_tiny_dit()
-    quantize(m, method_config(method, bits=bits, calib=dict(iterations=1, num_sampling_steps=5), kmeans_iters=5),
-             progress=False)
+    spec = METHODS[method]
+    kw = {} if spec.kind == "rtn" else dict(kmeans_iters=5)
+    if spec.calibrated:
+        kw["calib"] = dict(iterations=1, num_sampling_steps=5)
+    quantize(m, method_config(method, bits=bits, **kw), progress=False)
     m.eval()
     save_quantized(m, tmp_path / "packed")
     back = load_quantized(tmp_path / "packed").transformer

@@ -9,6 +9,7 @@ import torch
 from vq4dit.metrics import frechet_distance, psnr
 
 
+@pytest.mark.core
 def test_frechet_distance_basics():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 8))
@@ -21,6 +22,7 @@ def test_frechet_distance_basics():
         frechet_distance(a, rng.normal(size=(10, 3)))
 
 
+@pytest.mark.core
 def test_psnr():
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     assert torch.isinf(psnr(x, x)).all() or (psnr(x, x) > 100).all()

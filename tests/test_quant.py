@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_dit
-from vq4dit import VQConfig, RTNConfig, method_config, quantize, size_summary
+from vq4dit import METHODS, VQConfig, RTNConfig, method_config, quantize, size_summary
 from vq4dit.trace import Trace
 from vq4dit.metrics import block_mse
 from vq4dit.layers import VQLinear, kmeans, quantized_layers, vq_storage_bits, layer_type
+
+pytestmark = pytest.mark.core
 
 FAST = dict(iterations=3, num_sampling_steps=10, labels_per_iteration=2)
 
@@ -64,7 +66,13 @@ def test_kmeans_beats_random_codebook():
 
 def _block_mse_after(method, bits, teacher, **calib):
     m = copy.deepcopy(teacher)
-    cfg = method_config(method, bits=bits, calib={**FAST, **calib}, kmeans_iters=20)
+    spec = METHODS[method]
+    if spec.kind == "rtn":
+        cfg = method_config(method, bits=bits)
+    elif spec.calibrated:
+        cfg = method_config(method, bits=bits, calib={**FAST, **calib}, kmeans_iters=20)
+    else:
+        cfg = method_config(method, bits=bits, kmeans_iters=20)
     trace = quantize(m, cfg, teacher=teacher, progress=False)
     return block_mse(m, teacher)["mean"], trace, m
 

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -196,7 +195,7 @@ def test_cli_outputs_and_devices_checked_before_compute(tiny_dit_dir, tmp_path):
 
 
 def test_cli_nan_loss_is_one_clear_line(tiny_dit_dir, tmp_path, monkeypatch, capsys):
-    import vq4dit.quant as q
+    import vq4dit.quant_api as q
     from vq4dit.__main__ import main
 
     def nan_quantize(*a, **k):

@@ -340,7 +340,8 @@ class VQLinear(nn.Module):
             return False
         r = ratio_softmax(self.logits, self.temperature)
         self.frozen_mask |= r.max(1).values > freeze_threshold
-        if self.frozen_mask.float().mean().item() > hard_threshold:
+        # float64 share: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early
+        if self.frozen_mask.double().mean().item() > hard_threshold:
             self.make_hard()
             return True
         return False
@@ -356,7 +357,7 @@ class VQLinear(nn.Module):
             top = ratio_softmax(self.logits, self.temperature).max(1).values
             top[self.frozen_mask] = -1.0
             self.frozen_mask[top.topk(min(need, int((~self.frozen_mask).sum()))).indices] = True
-        if self.frozen_mask.float().mean().item() > hard_threshold:
+        if self.frozen_mask.double().mean().item() > hard_threshold:
             self.make_hard()
             return True
         return False
