@@ -72,7 +72,7 @@ def test_cli_sigterm_keeps_partial_trace_like_sigint(tiny_dit_dir, tmp_path):
                           "--device", "cpu"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     buf = b""
     try:
-        while not re.search(rb"calibrate vq4dit:.*?\s[1-9]\d*/\d+", buf):  # a few optimizer steps done
+        while not re.search(rb"calibrate vq4dit[\w+=.,-]*:.*?\s[1-9]\d*/\d+", buf):  # a few optimizer steps done
             chunk = os.read(p.stderr.fileno(), 4096)
             assert chunk, buf.decode(errors="replace")[-2000:]
             buf += chunk
