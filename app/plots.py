@@ -13,38 +13,31 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-METHOD_COLORS = {
-    "fp": "#444444",
-    "vq4dit": "#d62728",         # the paper's method: red everywhere
-    "vq4dit-ref": "#ff7f0e",
-    "codebook-only": "#1f77b4",
-    "kmeans": "#2ca02c",
-    "rtn": "#9467bd",
-    "rtn-tensor": "#8c564b",
-}
-LAYER_COLUMNS = ["q", "k", "v", "out", "fc1", "fc2", "adaLN"]  # one heatmap column per layer kind
-_SUFFIX = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "out",
-           "ff.net.0.proj": "fc1", "ff.net.2": "fc2", "norm1.linear": "adaLN"}
+from vq4dit.config import METHODS
+from vq4dit.layers import LAYER_KINDS, block_index, layer_kind
+
+LAYER_COLUMNS = list(LAYER_KINDS)  # one heatmap column per layer kind (q, k, v, out, fc1, fc2, adaLN)
+FP_COLOR = "#444444"
+_METHOD_PALETTE = ["#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf",
+                   "#bcbd22", "#393b79", "#ad494a", "#8ca252"]
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf", "#393b79", "#ad494a", "#8ca252", "#bd9e39", "#843c39", "#7b4173"]
 BASE = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
 
 
 def color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#7f7f7f")
-
-
-def short_layer(name: str) -> str:
-    """'transformer_blocks.3.attn1.to_q' -> 'q'."""
-    for suf, s in _SUFFIX.items():
-        if name.endswith(suf):
-            return s
-    return name.rsplit(".", 1)[-1]
+    """One colour per method, by its place in the registry (derived names 'm+switch=..' share m's)."""
+    if method == "fp":
+        return FP_COLOR
+    names = list(METHODS)
+    base = (method or "").split("+", 1)[0]
+    return _METHOD_PALETTE[names.index(base) % len(_METHOD_PALETTE)] if base in names else "#7f7f7f"
 
 
 def layer_label(name: str) -> str:
-    parts = name.split(".")
-    return f"block {parts[1]} · {short_layer(name)}" if len(parts) > 2 and parts[1].isdigit() else name
+    """'transformer_blocks.3.attn1.to_q' -> 'block 3 · q'."""
+    b = block_index(name)
+    return f"block {b} · {layer_kind(name)}" if b >= 0 else name
 
 
 def message_figure(text: str, height: int = 260) -> go.Figure:
@@ -143,43 +136,47 @@ def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0
 # ----------------------------------------------------------------------------------------
 
 
-def evolution_figure(layer_rows: pd.DataFrame, ratio_rows: pd.DataFrame, hard_step: Optional[int],
-                     n_candidates: int, title: str, current_step: Optional[int] = None) -> go.Figure:
-    """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories."""
-    if layer_rows is None or len(layer_rows) == 0:
+def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, hard_step: Optional[int],
+                     title: str, current_step: Optional[int] = None, end_step: Optional[int] = None) -> go.Figure:
+    """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories.
+
+    hist: `Trace.ratio_histogram` (steps, shares (T, bins), edges); frozen: rows with step, frozen_frac;
+    paths: `Trace.ratio_paths`. `end_step` marks the end-of-calibration finalize when no hard switch
+    happened during the run."""
+    steps, shares, edges = hist
+    if len(steps) == 0:
         return message_figure("This run has no per-layer trace.")
+    n_paths = paths["sample"].nunique() if paths is not None and len(paths) else 0
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=[0.45, 0.25, 0.30],
                         subplot_titles=("Share of sub-vectors by their largest assignment ratio",
                                         "Frozen sub-vectors (%)",
-                                        "Ratio of the k-means codeword for 8 sample sub-vectors"))
-    bins = sorted([c for c in layer_rows.columns if c.startswith("ratio_hist_")], key=lambda c: int(c.rsplit("_", 1)[1]))
-    lo = 1.0 / max(n_candidates, 1)
-    edges = np.linspace(lo, 1.0, len(bins) + 1)
+                                        f"Ratio of the k-means codeword for {n_paths} sample sub-vectors"))
     centers = (edges[:-1] + edges[1:]) / 2
-    z = 100 * layer_rows[bins].to_numpy().T  # (bins, steps)
-    fig.add_trace(go.Heatmap(x=layer_rows["step"], y=centers, z=z, colorscale="Blues", zmin=0,
+    fig.add_trace(go.Heatmap(x=steps, y=centers, z=100 * shares.T, colorscale="Blues", zmin=0,
                              colorbar=dict(title="% of<br>sub-vectors", len=0.42, y=0.8),
                              hovertemplate="step %{x}<br>top ratio ≈ %{y:.2f}<br>%{z:.1f}% of sub-vectors<extra></extra>"),
                   1, 1)
-    fig.add_trace(go.Scatter(x=layer_rows["step"], y=100 * layer_rows["frozen_frac"], mode="lines+markers",
+    fig.add_trace(go.Scatter(x=frozen["step"], y=100 * frozen["frozen_frac"], mode="lines+markers",
                              line=dict(color="#2ca02c"), marker=dict(size=4), name="frozen %", showlegend=False), 2, 1)
-    if ratio_rows is not None and len(ratio_rows):
-        for j, g in ratio_rows.groupby("sample"):
+    if n_paths:
+        for j, g in paths.groupby("sample"):
             fig.add_trace(go.Scatter(x=g["step"], y=g["ratio_nearest"], mode="lines", name=f"sample {j}",
                                      line=dict(width=1.2, color=_PALETTE[int(j) % len(_PALETTE)]),
                                      showlegend=False,
                                      hovertemplate=f"sample {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
                           3, 1)
-    if hard_step is not None:
+    mark, text = (hard_step, f" layer switched to hard at step {hard_step}") if hard_step is not None else \
+        (end_step, f" no hard switch during the run: made hard by the final step ({end_step})")
+    if mark is not None:
         for r in (1, 2, 3):
-            fig.add_vline(x=hard_step, line=dict(color="#d62728", dash="dash", width=1.5), row=r, col=1)
-        fig.add_annotation(x=hard_step, y=50, xref="x2", yref="y2", text=f" layer switched to hard at step {hard_step}",
-                           showarrow=False, xanchor="left", font=dict(color="#d62728", size=11),
+            fig.add_vline(x=mark, line=dict(color="#d62728", dash="dash", width=1.5), row=r, col=1)
+        fig.add_annotation(x=mark, y=50, xref="x2", yref="y2", text=text, showarrow=False,
+                           xanchor="left" if hard_step is not None else "right", font=dict(color="#d62728", size=11),
                            bgcolor="rgba(255,255,255,0.8)")
     if current_step is not None:
         for r in (1, 2, 3):
             fig.add_vline(x=current_step, line=dict(color="#555", dash="dot", width=1), row=r, col=1)
-    fig.update_yaxes(title_text="top ratio", range=[lo, 1.0], row=1, col=1)
+    fig.update_yaxes(title_text="top ratio", range=[edges[0], 1.0], row=1, col=1)
     fig.update_yaxes(title_text="%", range=[0, 101], row=2, col=1)
     fig.update_yaxes(title_text="ratio", range=[0, 1.02], row=3, col=1)
     fig.update_xaxes(title_text="optimizer step", row=3, col=1)
@@ -192,30 +189,30 @@ def evolution_figure(layer_rows: pd.DataFrame, ratio_rows: pd.DataFrame, hard_st
 # ----------------------------------------------------------------------------------------
 
 
-def conflict_figure(per_method: dict, title: str) -> go.Figure:
-    """per_method: {method: layer_rows}. Coherence histogram vs step per method + conflict share."""
-    per_method = {m: r for m, r in per_method.items() if r is not None and len(r)}
-    if not per_method:
+def conflict_figure(per_run: dict, title: str) -> go.Figure:
+    """per_run: {label: (method, `Trace.conflicts(layer)` frame)}. Coherence histogram vs step per run
+    (bins from the frame's `coherence_hist`) + conflict share of every run on one axis."""
+    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
+    if not per_run:
         return message_figure("No gradient statistics for this layer.")
-    n = len(per_method)
-    titles = [f"{m}: per-codeword coherence" for m in per_method] + ["Conflicting gradients (%)"]
+    n = len(per_run)
+    titles = [f"{k}: per-codeword coherence" for k in per_run] + ["Conflicting gradients (%)"]
     fig = make_subplots(rows=1, cols=n + 1, horizontal_spacing=0.08, subplot_titles=titles)
-    centers = (np.arange(10) + 0.5) / 10
-    for i, (m, rows) in enumerate(per_method.items()):
-        rows = rows.dropna(subset=["conflict_share"]) if "conflict_share" in rows else rows.iloc[0:0]
-        hcols = [f"coherence_hist_{b}" for b in range(10)]
-        if len(rows) and all(c in rows for c in hcols):
-            fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * rows[hcols].to_numpy().T, colorscale="Magma_r",
-                                     zmin=0, zmax=100, showscale=i == 0,
-                                     colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
-                                                   thickness=12),
-                                     hovertemplate=f"{m}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
-                          1, i + 1)
-            fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
-                                     line=dict(color=color(m), width=2), name=f"{m}: mean coherence",
-                                     showlegend=False), 1, i + 1)
-            fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
-                                     marker=dict(size=4), line=dict(color=color(m)), name=m), 1, n + 1)
+    for i, (label, (method, rows)) in enumerate(per_run.items()):
+        hist = rows.attrs["coherence_hist"]                        # (T, bins) over [0, 1]
+        centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
+        fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * hist.T, colorscale="Magma_r",
+                                 zmin=0, zmax=100, showscale=i == 0,
+                                 colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
+                                               thickness=12),
+                                 hovertemplate=f"{label}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
+                      1, i + 1)
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
+                                 line=dict(color=color(method), width=2), name=f"{label}: mean coherence",
+                                 showlegend=False), 1, i + 1)
+        fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
+                                 marker=dict(size=4), line=dict(color=color(method), dash="solid" if i == 0 else "dot"),
+                                 name=label), 1, n + 1)
         fig.update_yaxes(title_text="coherence |Σg| / Σ|g|" if i == 0 else None, range=[0, 1], row=1, col=i + 1)
         fig.update_xaxes(title_text="optimizer step", row=1, col=i + 1)
     fig.update_yaxes(title_text="% opposing their codeword's sum", row=1, col=n + 1)
@@ -278,7 +275,7 @@ def changes_table(final_rows: pd.DataFrame, n_blocks: int, value: str = "changed
     """Blocks x layer kinds (q, k, v, out, fc1, fc2, adaLN) of `value` in %, for the table and heatmap."""
     t = pd.DataFrame(index=range(n_blocks), columns=LAYER_COLUMNS, dtype=float)
     for _, r in final_rows.iterrows():
-        t.loc[int(r["block"]), short_layer(r["layer"])] = 100 * float(r[value])
+        t.loc[int(r["block"]), layer_kind(r["layer"])] = 100 * float(r[value])
     t = t.round(2)
     t.insert(0, "block", range(n_blocks))
     return t

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vq4dit.config import CalibConfig, METHODS, method_config, method_names
+from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
 from vq4dit.experiment import EvalSpec, generate, run_method
 from vq4dit.io import load_dit, save_quantized
@@ -35,7 +35,6 @@ from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATED = tuple(method_names(calibrated=True))  # methods that record a Trace
 RUN_FILE = "run.json"
 
 
@@ -62,7 +61,7 @@ class AppConfig:
 @dataclass
 class RunSettings:
     """One run as the Set-up panel describes it."""
-    method: str = "vq4dit"
+    method: str = DEFAULT_METHOD
     bits: int = 2
     k: Optional[int] = None
     d: Optional[int] = None
@@ -240,7 +239,7 @@ class RunStore:
         meta = self.meta(run_id)
         tdir = self.root / run_id / "trace"
         if not tdir.exists():
-            if meta["method"] in CALIBRATED:
+            if _calibrated(meta["method"]):
                 self.bad[run_id] = "trace missing"
                 raise ValueError(f"run {run_id!r} is unreadable: its trace/ directory is missing")
             tr = None
@@ -324,6 +323,12 @@ class RunStore:
                 z.write(self.root / run_id / RUN_FILE, f"{run_id}/{RUN_FILE}")
         os.replace(tmp, out)
         return str(out)
+
+
+def _calibrated(method: str) -> bool:
+    """Does a run of `method` record a Trace? ('m+switch=..' derived names map to m.)"""
+    spec = METHODS.get(str(method).split("+", 1)[0])
+    return spec is not None and spec.calibrated
 
 
 def _round(v, n):
@@ -413,23 +418,16 @@ class Engine:
         return self.images(run_id, b.transformer, labels, seed, guidance, steps, vae=self.bundle.vae)
 
     def image_metrics(self, images, labels, reference) -> dict:
-        from vq4dit.metrics import image_mse, psnr
-        out = {}
+        """The library's metrics (DigitsEvaluator on the digits model, vq4dit.metrics otherwise)
+        plus the predicted class of each image ("pred") for the image labels."""
         if self.evaluator is not None:
-            pred = self.evaluator.predict(images)
-            out["accuracy"] = float((pred == torch.as_tensor(labels)).float().mean())
-            out["pred"] = pred.tolist()
-            if len(images) >= 2:
-                from vq4dit.metrics import frechet_distance
-                try:
-                    out["fd_digits"] = frechet_distance(self.evaluator.features(images),
-                                                        self.evaluator.real_features)
-                except ValueError:
-                    pass
-        if reference is not None:
-            out["psnr"] = float(psnr(images, reference).clamp_max(99.0).mean())
-            out["image_mse"] = float(image_mse(images, reference).mean())
-        return out
+            out = self.evaluator.evaluate(images, labels, reference)
+            out["pred"] = self.evaluator.predict(images).tolist()
+            return out
+        from vq4dit.metrics import image_mse, psnr
+        if reference is None:
+            return {}
+        return dict(psnr=float(psnr(images, reference).mean()), image_mse=float(image_mse(images, reference).mean()))
 
     def evaluate_run_model(self, model) -> tuple[dict, dict]:
         """(metrics of the quantized model, metrics of FP) on the fixed eval spec."""
@@ -469,7 +467,7 @@ class Engine:
                 a.rows.append({k: v for k, v in info.items() if k != "trace"})
                 return not a.stop.is_set()
 
-            calib = dict(s.calib, device=str(self.device)) if s.method in CALIBRATED else None
+            calib = dict(s.calib, device=str(self.device)) if METHODS[s.method].calibrated else None
             with self.model_lock:
                 res = run_method(self.teacher, s.method, s.bits, calib=calib, vq=s.vq_kwargs(),
                                  on_step=on_step, progress=False)

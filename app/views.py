@@ -12,9 +12,18 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import torch
+
+from vq4dit.config import DEFAULT_METHOD, METHODS, MethodSpec, method_names
+from vq4dit.layers import block_index, layer_kind
 
 from . import plots
 from .runs import Engine
+
+
+def method_spec(method: Optional[str]) -> Optional[MethodSpec]:
+    """Registry entry of a run's method ('m+switch=..' derived names map to m); None if unknown."""
+    return METHODS.get((method or "").split("+", 1)[0])
 
 
 class Views:
@@ -31,25 +40,6 @@ class Views:
     def trace(self, run_id):
         return self.store.trace(run_id) if run_id else None
 
-    def layer_frames(self, run_id) -> dict:
-        """{layer: rows of trace.layers}, {layer: rows of trace.ratios}, hard-switch steps (cached)."""
-        if run_id in self._frames:
-            return self._frames[run_id]
-        tr = self.trace(run_id)
-        if tr is None:
-            out = dict(layers={}, ratios={}, hard={})
-        else:
-            lay, rat, ev = tr.layers, tr.ratios, tr.events
-            hard = {r["layer"]: int(r["step"]) for _, r in ev.iterrows()} if len(ev) else {}
-            out = dict(layers={n: g.sort_values("step", kind="stable") for n, g in lay.groupby("layer")} if len(lay) else {},
-                       ratios={n: _fix_hard_ratios(g, hard.get(n)) for n, g in rat.groupby("layer")} if len(rat) else {},
-                       hard=hard)
-        with self._lock:
-            self._frames[run_id] = out
-            if len(self._frames) > 8:
-                self._frames.pop(next(iter(self._frames)))
-        return out
-
     def layers_of(self, run_id) -> list[str]:
         tr = self.trace(run_id)
         if tr is not None:
@@ -59,10 +49,10 @@ class Views:
         return list(quantized_layers(self.store.model(run_id).transformer)) if meta else []
 
     def layer_choices(self, run_id, block: int) -> list[tuple[str, str]]:
-        names = [n for n in self.layers_of(run_id) if f"transformer_blocks.{block}." in n]
+        names = [n for n in self.layers_of(run_id) if block_index(n) == int(block)]
         order = {c: i for i, c in enumerate(plots.LAYER_COLUMNS)}
-        names.sort(key=lambda n: order.get(plots.short_layer(n), 99))
-        return [(f"{plots.short_layer(n)} ({n.split('.', 2)[-1]})", n) for n in names]
+        names.sort(key=lambda n: order.get(layer_kind(n), 99))
+        return [(f"{layer_kind(n)} ({n.split('.', 2)[-1]})", n) for n in names]
 
     def steps_of(self, run_id) -> list[int]:
         tr = self.trace(run_id)
@@ -75,8 +65,8 @@ class Views:
         n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
         block = block if block is not None and 0 <= int(block) < n_blocks else 0
         choices = [v for _, v in self.layer_choices(run_id, int(block))]
-        kind = plots.short_layer(layer) if layer else None
-        pick = next((v for v in choices if plots.short_layer(v) == kind), choices[0] if choices else None)
+        kind = layer_kind(layer) if layer else None
+        pick = next((v for v in choices if layer_kind(v) == kind), choices[0] if choices else None)
         return dict(run=run_id, block=int(block), layer=pick, snap=max(len(self.steps_of(run_id)) - 1, 0))
 
     def describe(self, sel: dict) -> str:
@@ -90,8 +80,8 @@ class Views:
         lay = sel.get("layer")
         shape = ""
         tr = self.trace(sel["run"])
-        if tr is not None and lay in tr.meta.get("layers", {}):
-            shape = " · weight " + "×".join(str(s) for s in tr.meta["layers"][lay]["shape"])
+        if tr is not None and lay in tr.layer_names:
+            shape = " · weight " + "×".join(str(s) for s in tr.layer_info(lay).shape)
         fd = met.get("fd_digits")
         return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
@@ -108,7 +98,7 @@ class Views:
             m = self.store.meta(run_id)["method"] if run_id else None
             return plots.message_figure(f"{m} has no calibration: nothing to plot." if m else "No run selected.", 300)
         return plots.calibration_figure(tr.steps, title=f"Calibration of {run_id}", uirevision=run_id,
-                                        total_steps=tr.meta.get("total_steps"))
+                                        total_steps=tr.total_steps)
 
     def changes(self, sel: dict):
         """(heatmap figure, table, per-block MSE figure) for the selected run."""
@@ -117,13 +107,13 @@ class Views:
             msg = plots.message_figure("No run selected.")
             return msg, pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS), msg
         meta = self.store.meta(run_id)
-        frames = self.layer_frames(run_id)
         n_blocks = int(meta.get("n_blocks") or self.engine.n_blocks)
         tr = self.trace(run_id)
-        if frames["layers"]:
-            final = pd.concat([g.iloc[[-1]] for g in frames["layers"].values()])
+        stats = tr.layer_stats() if tr is not None else pd.DataFrame()
+        if len(stats):
+            final = stats.groupby("layer", sort=False).tail(1)   # rows are sorted by step
             table = plots.changes_table(final, n_blocks)
-            cell = (sel["block"], plots.short_layer(sel["layer"])) if sel.get("layer") else None
+            cell = (sel["block"], layer_kind(sel["layer"])) if sel.get("layer") else None
             heat = plots.changes_heatmap(table, cell, title=f"Sub-vectors whose codeword differs from k-means, "
                                                             f"final step — {meta['method']} W{meta['bits']}")
         else:
@@ -147,10 +137,9 @@ class Views:
                 self._proj.move_to_end(key)
                 return self._proj[key]
         tr = self.trace(run_id)
-        snaps = tr.snapshots
-        fp = snaps[f"{layer}|sample_fp"].numpy().astype(np.float64)       # (n, d)
-        steps = [s for s in tr.snapshot_steps() if f"{layer}|{s}|codebook" in snaps]
-        books = [snaps[f"{layer}|{s}|codebook"].numpy().astype(np.float64) for s in steps]  # each (k, d)
+        fp = tr.samples(layer)[0].astype(np.float64)                      # (n, d)
+        steps = tr.snapshot_steps(layer)
+        books = [tr.snapshot(layer, s).codebook.astype(np.float64) for s in steps]  # each (k, d)
         d = fp.shape[1]
         if d <= 2 and method != "UMAP":
             f = (lambda x: np.concatenate([x, np.zeros_like(x)], 1)) if d == 1 else (lambda x: x)
@@ -182,26 +171,22 @@ class Views:
     def cluster(self, sel: dict, color_by: str, method: str):
         run_id, layer = (sel or {}).get("run"), (sel or {}).get("layer")
         tr = self.trace(run_id) if run_id else None
-        if tr is None or not layer or f"{layer}|sample_fp" not in tr.snapshots:
+        if tr is None or not layer or not tr.has_samples(layer):
             why = "No run selected." if not run_id else "This run has no codebook trace (no calibration)."
             return plots.message_figure(why, 480), why
-        steps = self.steps_of(run_id)
+        steps = tr.snapshot_steps(layer)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
         pr = self.projection(run_id, layer, method)
-        s = tr.snapshots
-        assign = s[f"{layer}|{step}|assign"].numpy()
-        assign0 = s[f"{layer}|{steps[0]}|assign"].numpy()
-        top = s[f"{layer}|{step}|top_ratio"].numpy()
-        info = tr.meta["layers"][layer]
-        n_total = info["shape"][0] * info["shape"][1] // info["d"]
-        n_cand = (tr.meta.get("config") or {}).get("n_candidates", 2)
+        snap, snap0 = tr.snapshot(layer, step), tr.snapshot(layer, steps[0])
+        assign, assign0, top = snap.assign, snap0.assign, snap.top_ratio
+        info = tr.layer_info(layer)
         fig = plots.cluster_figure(pr["samples"], pr["books"][step], pr["books"][steps[0]] if step != steps[0] else None,
                                    assign, top, assign0, color_by,
                                    title=f"{plots.layer_label(layer)} — step {step}: sub-vectors and codewords",
-                                   axis=pr["axis"], n_candidates=n_cand, uirevision=f"{run_id}|{layer}|{method}")
+                                   axis=pr["axis"], n_candidates=tr.n_candidates, uirevision=f"{run_id}|{layer}|{method}")
         changed = float((assign != assign0).mean()) * 100
-        note = (f"Sampled **{len(assign):,} of {n_total:,}** sub-vectors (the same fixed random sample at every step) "
-                f"and all **{info['k']}** codewords (d={info['d']}). {pr['note']}. At step {step}, "
+        note = (f"Sampled **{len(assign):,} of {info.n_subvectors:,}** sub-vectors (the same fixed random sample at "
+                f"every step) and all **{info.k}** codewords (d={info.d}). {pr['note']}. At step {step}, "
                 f"{changed:.1f}% of the sampled sub-vectors use a different codeword than after k-means.")
         return fig, note
 
@@ -213,31 +198,63 @@ class Views:
         tr = self.trace(run_id) if run_id else None
         if tr is None or not layer:
             return plots.message_figure("No calibration trace for this run." if run_id else "No run selected.")
-        fr = self.layer_frames(run_id)
+        spec = method_spec(tr.method)
+        if spec is not None and not spec.trains_assignments:
+            return plots.message_figure(f"{tr.method} keeps the k-means assignments fixed: it has no assignment "
+                                        f"ratios to show (only its codebooks and biases train).")
         steps = self.steps_of(run_id)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
-        n_cand = (tr.meta.get("config") or {}).get("n_candidates", 2)
-        rows = fr["layers"].get(layer)
-        rows = rows.drop_duplicates("step", keep="last") if rows is not None else None
-        return plots.evolution_figure(rows, fr["ratios"].get(layer), fr["hard"].get(layer),
-                                      n_cand, title=f"{plots.layer_label(layer)} — {tr.meta.get('method')}: "
-                                                    f"how sure each sub-vector is of its codeword", current_step=step)
+        hard = tr.hard_steps().get(layer)
+        return plots.evolution_figure(tr.ratio_histogram(layer), tr.layer_stats(layer), tr.ratio_paths(layer), hard,
+                                      title=f"{plots.layer_label(layer)} — {tr.method}: "
+                                            f"how sure each sub-vector is of its codeword", current_step=step,
+                                      end_step=tr.steps_done if hard is None else None)
 
     # ------------------------------------------------------------------------------------
     # Gradient-direction conflicts
     # ------------------------------------------------------------------------------------
+    def newest(self, bits: int, want, exclude: Optional[str] = None) -> Optional[str]:
+        """Newest *finished* readable run at `bits` whose method spec satisfies `want(spec)`.
+        Cancelled or partial runs are never picked as a baseline automatically."""
+        for r in reversed(self.store.list()):
+            m = r.meta or {}
+            if (r.error is None and r.id != exclude and m.get("status") == "finished"
+                    and int(m.get("bits", -1)) == int(bits) and want(method_spec(m.get("method")))):
+                return r.id
+        return None
+
+    def baselines(self, bits: int, exclude: Optional[str] = None, limit: int = 4) -> list[str]:
+        """Newest finished run of every other method at `bits` (partial runs only when picked)."""
+        ex = (self.store.meta(exclude).get("method") if exclude else None)
+        seen, out = {ex}, []
+        for r in reversed(self.store.list()):
+            m = r.meta or {}
+            if (r.error is None and m.get("status") == "finished" and int(m.get("bits", -1)) == int(bits)
+                    and m.get("method") not in seen):
+                seen.add(m["method"])
+                out.append(r.id)
+        return out[:limit]
+
     def conflict_pair(self, run_id) -> tuple[dict, Optional[str]]:
-        """{method: run id} to compare (vq4dit vs codebook-only at the same bits), and the missing method."""
+        """{side: run id or None} for the paper's comparison at the run's bits: a method that trains
+        assignments vs one that keeps the k-means assignments (both from the registry), and the
+        registry name of the method to run for a missing side (None when both exist)."""
         meta = self.store.meta(run_id)
-        bits, method = int(meta["bits"]), meta["method"]
-        if method in ("vq4dit", "vq4dit-ref"):
-            pair = {method: run_id, "codebook-only": self.store.latest("codebook-only", bits)}
-        elif method == "codebook-only":
-            pair = {"vq4dit": self.store.latest("vq4dit", bits), method: run_id}
+        bits, spec = int(meta["bits"]), method_spec(meta["method"])
+        trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments  # noqa: E731
+        fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments  # noqa: E731
+        if trains(spec):
+            pair = {"assignments": run_id, "fixed": self.newest(bits, fixed, exclude=run_id)}
+        elif fixed(spec):
+            pair = {"assignments": self.newest(bits, trains, exclude=run_id), "fixed": run_id}
         else:
-            pair = {"vq4dit": self.store.latest("vq4dit", bits),
-                    "codebook-only": self.store.latest("codebook-only", bits)}
-        missing = next((m for m, r in pair.items() if r is None), None)
+            pair = {"assignments": self.newest(bits, trains), "fixed": self.newest(bits, fixed)}
+        missing = None
+        if pair["fixed"] is None:
+            missing = next((n for n in method_names(calibrated=True) if fixed(METHODS[n])), None)
+        elif pair["assignments"] is None:
+            missing = DEFAULT_METHOD if trains(METHODS[DEFAULT_METHOD]) else \
+                next((n for n in method_names(calibrated=True) if trains(METHODS[n])), None)
         return pair, missing
 
     def conflicts(self, sel: dict):
@@ -248,36 +265,36 @@ class Views:
             return "No run selected.", None, m, m
         meta = self.store.meta(run_id)
         pair, missing = self.conflict_pair(run_id)
-        per_method, used = {}, []
-        for m, rid in pair.items():
+        per_run, used = {}, []
+        for rid in pair.values():
             if rid is None:
                 continue
             try:
-                rows = self.layer_frames(rid)["layers"].get(layer)
+                tr = self.trace(rid)
             except ValueError:
                 continue
-            per_method[m] = rows
-            used.append(f"`{rid}` ({m})")
+            if tr is None or layer not in tr.layer_names:
+                continue
+            per_run[tr.method] = (tr.method, tr.conflicts(layer))
+            used.append(f"`{rid}` ({tr.method})")
         note = f"Comparing {' and '.join(used) if used else 'nothing'} at W{meta['bits']}, layer {plots.layer_label(layer)}."
         if missing:
-            note += (f" **No saved {missing} run at W{meta['bits']} yet**, so its side is missing: press the button "
-                     f"to run it with the Set-up settings.")
-        fig = plots.conflict_figure(per_method, title=f"Gradient agreement inside codewords — {plots.layer_label(layer)}")
-        # worst codeword of the selected run (or the vq4dit run when the selection has no trace)
+            note += (f" **No saved {missing} run at W{meta['bits']} yet** (only finished runs are picked "
+                     f"automatically), so its side is missing: press the button to run it with the Set-up settings.")
+        fig = plots.conflict_figure(per_run, title=f"Gradient agreement inside codewords — {plots.layer_label(layer)}")
+        # worst codeword of the selected run (or of the assignment-training side when the selection has no trace)
         tr = self.trace(run_id)
-        src_method = meta["method"]
-        if tr is None and pair.get("vq4dit"):
-            tr, src_method = self.trace(pair["vq4dit"]), "vq4dit"
-        wfig = plots.worst_codeword_figure(None, None, None, src_method)
-        if tr is not None:
-            steps = tr.snapshot_steps()
+        if tr is None and pair.get("assignments"):
+            tr = self.trace(pair["assignments"])
+        wfig = plots.worst_codeword_figure(None, None, None, meta["method"])
+        if tr is not None and layer in tr.layer_names:
+            steps = tr.snapshot_steps(layer)
             want = steps[min(sel.get("snap", 0), len(steps) - 1)]
-            have = [s for s in steps if f"{layer}|{s}|worst_grads" in tr.snapshots]
+            have = tr.gradient_steps(layer)
             if have:
                 s = min(have, key=lambda x: (abs(x - want), x))
-                g = tr.snapshots[f"{layer}|{s}|worst_grads"].numpy()
-                cw = int(tr.snapshots[f"{layer}|{s}|worst_codeword"][0])
-                wfig = plots.worst_codeword_figure(g, cw, s, src_method)
+                snap = tr.snapshot(layer, s)
+                wfig = plots.worst_codeword_figure(snap.worst_grads, snap.worst_codeword, s, tr.method)
                 if s != want:
                     note += f" Worst-codeword arrows: nearest snapshot with gradients is step {s} (selected: {want})."
         return note, missing, fig, wfig
@@ -321,7 +338,7 @@ class Views:
             meta = self.store.meta(run_id)
             rows.append((f"{meta['method']} W{meta['bits']} (selected)", run_id, meta["method"],
                          eng.run_images(run_id, labels, seed, guidance, steps)))
-            for b in self.store.baselines(int(meta["bits"]), exclude=run_id):
+            for b in self.baselines(int(meta["bits"]), exclude=run_id):
                 bm = self.store.meta(b)
                 try:
                     rows.append((f"{bm['method']} W{bm['bits']}", b, bm["method"],
@@ -343,66 +360,50 @@ class Views:
         return img, pd.DataFrame(table), note
 
 
-def _fix_hard_ratios(rows: pd.DataFrame, hard_step: Optional[int]) -> pd.DataFrame:
-    """Workaround: once a layer is hard, the trace logs ratio_nearest = 1.0 for every sample, even
-    one whose codeword is no longer the k-means one. Rewrite those rows as 1 (still the k-means
-    codeword) or 0 (moved), from the logged codeword; the final (finalized, hard) record too."""
-    rows = rows.sort_values("step", kind="stable").drop_duplicates(["step", "sample"], keep="last").copy()
-    if not len(rows):
-        return rows
-    first = rows[rows["step"] == rows["step"].min()].set_index("sample")["codeword"]
-    start = hard_step if hard_step is not None else int(rows["step"].max())
-    m = rows["step"] >= start
-    rows.loc[m, "ratio_nearest"] = (rows.loc[m, "codeword"].to_numpy()
-                                    == first.reindex(rows.loc[m, "sample"]).to_numpy()).astype(float)
-    return rows
-
-
 def _r(v, n):
-    return None if v is None else round(float(v), n)
+    """Rounded for a table; None for missing or non-finite values (NaN FD of one image, inf PSNR)."""
+    return None if v is None or not np.isfinite(float(v)) else round(float(v), n)
 
 
 def composite(rows, labels, preds, fp) -> np.ndarray:
-    """One picture: per model a row of images (with predicted class) and a row of |image - FP|."""
+    """One picture: per model a row of images (with predicted class) and a row of |image - FP|.
+    Each row of tiles is a `vq4dit.viz.make_grid` strip."""
     from PIL import Image, ImageDraw
-    from vq4dit.viz import to_uint8
+    from vq4dit.viz import make_grid
     h = fp.shape[-1]
-    scale = max(1, 64 // h) if h < 64 else 1
-    cell = h * scale if h * scale <= 128 else 128
-    label_w, pad, text_h = 190, 4, 14
+    scale = max(1, 64 // h)
+    pad, label_w, text_h = 4, 190, 14
+    cell = h * scale
     n = len(labels)
     lines = []
     for label, rid, method, x in rows:
         lines.append(("img", label, rid, method, x))
         if rid != "fp":
-            lines.append(("diff", "|difference| vs FP", rid, method, x))
+            # |x - FP| averaged over channels, 1 = half the range -> white (same) .. red (off by >= 1),
+            # written as an RGB image in [-1, 1] so the one grid helper draws it
+            dif = (x.float() - fp.float()).abs().mean(1, keepdim=True).clamp(0, 1)       # (N, 1, H, W)
+            red = torch.cat([torch.ones_like(dif), 1 - 2 * dif, 1 - 2 * dif], 1)
+            lines.append(("diff", "|difference| vs FP", rid, method, red))
     W = label_w + n * (cell + pad) + pad
-    H = sum(cell + pad + (text_h if kind == "img" else 0) for kind, *_ in lines) + pad
+    H = sum(cell + 2 * pad + (text_h if kind == "img" else 0) for kind, *_ in lines) + pad
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     y = pad
     for kind, label, rid, method, x in lines:
-        colr = plots.color(method)
-        draw.rectangle([0, y, 5, y + cell], fill=colr)
+        draw.rectangle([0, y, 5, y + cell], fill=plots.color(method))
         draw.text((10, y + cell // 2 - 12), label, fill="black")
         if kind == "diff":
-            dif = (x.float() - fp.float()).abs().mean(1).clamp(0, 1).numpy()  # (N, H, W), 1 = half the range
-            tiles = np.stack([255 * np.ones_like(dif), 255 * (1 - dif), 255 * (1 - dif)], -1).astype(np.uint8)
             draw.text((10, y + cell // 2 + 2), "white = same, red = off by >= 1", fill="#777")
-        else:
-            tiles = to_uint8(x)
-            if tiles.shape[-1] == 1:
-                tiles = np.repeat(tiles, 3, -1)
-        for i in range(n):
-            t = Image.fromarray(tiles[i]).resize((cell, cell), Image.NEAREST)
-            x0 = label_w + pad + i * (cell + pad)
-            canvas.paste(t, (x0, y))
-            if kind == "img" and preds.get(rid) is not None:
-                p = preds[rid][i]
-                ok = p == labels[i]
-                draw.text((x0 + 2, y + cell + 1), f"pred {p}" if ok else f"pred {p} !",
-                          fill="#2ca02c" if ok else "#d62728")
-            elif kind == "img":
-                draw.text((x0 + 2, y + cell + 1), f"class {labels[i]}", fill="#555")
-        y += cell + pad + (text_h if kind == "img" else 0)
+        canvas.paste(Image.fromarray(make_grid(x, nrow=n, pad=pad, scale=scale)), (label_w, y))
+        if kind == "img":
+            for i in range(n):
+                x0 = label_w + pad + i * (cell + pad)
+                if preds.get(rid) is not None:
+                    p = preds[rid][i]
+                    ok = p == labels[i]
+                    draw.text((x0 + 2, y + cell + pad + 1), f"pred {p}" if ok else f"pred {p} !",
+                              fill="#2ca02c" if ok else "#d62728")
+                else:
+                    draw.text((x0 + 2, y + cell + pad + 1), f"class {labels[i]}", fill="#555")
+        y += cell + 2 * pad + (text_h if kind == "img" else 0)
     return np.asarray(canvas)

@@ -289,3 +289,44 @@ def test_bad_model_dir_exits_with_one_line(tmp_path):
     assert r.returncode == 2
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "not a DiT model directory" in lines[0]
+
+
+def test_app_reads_runs_only_through_trace_api():
+    """No storage keys, no meta layout, no hard-coded method lists in the app (issue 8)."""
+    import re
+    src = {p.name: p.read_text() for p in (Path(__file__).resolve().parent.parent / "app").glob("*.py")}
+    for name, text in src.items():
+        for pat in (r'\|codebook', r'\|sample_fp', r'\|worst_grads', r'\.snapshots\[', r'\bmeta\[\s*"layers"',
+                    r'ratio_hist_', r'coherence_hist_', r'CALIBRATED', r'_fix_hard_ratios',
+                    r'(?<!kind == )"(vq4dit|vq4dit-ref|vq4dit-ste|codebook-only|kmeans|rtn|rtn-tensor)"'):
+            assert not re.search(pat, text), f"app/{name} matches {pat!r}"
+
+
+def test_method_dropdown_default_and_descriptions(app):
+    demo, client, runs = app
+    from vq4dit.config import DEFAULT_METHOD, METHODS
+    ui = demo.ui
+    assert ui.setup.method.value == DEFAULT_METHOD
+    assert [c[1] for c in ui.setup.method.choices] == list(METHODS)
+    assert METHODS[DEFAULT_METHOD].description in ui.method_md.value
+    for name, spec in METHODS.items():
+        assert spec.description in client.predict(name, api_name="/describe_method")
+
+
+def test_trace_logs_hard_ratios_as_kept_or_moved():
+    """Once a layer is hard the recorder logs ratio_nearest = 1 (kept the k-means codeword) or 0
+    (moved), so the app needs no rewrite of those rows."""
+    from conftest import make_tiny_dit
+    from vq4dit import method_config, quantize
+    tr = quantize(make_tiny_dit(), method_config("vq4dit", bits=3, kmeans_iters=5, calib=dict(
+        iterations=2, num_sampling_steps=5, lr_logits=0.5, force_hard_at=0.5, trace_every=1)), progress=False)
+    hard, total, moved = tr.hard_steps(), 0, 0
+    assert hard and all(s <= 5 for s in hard.values())
+    for layer in tr.layer_names:
+        p = tr.ratio_paths(layer)
+        first = p[p["step"] == p["step"].min()].set_index("sample")["codeword"]
+        h = p[p["step"] >= hard.get(layer, tr.steps_done)]
+        kept = (h["codeword"].to_numpy() == first.reindex(h["sample"]).to_numpy()).astype(float)
+        np.testing.assert_array_equal(h["ratio_nearest"].to_numpy(), kept)
+        total, moved = total + len(h), moved + int((kept == 0).sum())
+    assert total > 100 and moved >= 1  # some sampled sub-vectors really switched codeword
