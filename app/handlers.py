@@ -62,12 +62,13 @@ class SetupForm:
 
 @dataclass
 class ImageForm:
-    """The Images tab's controls plus the run they sample."""
+    """The Images tab's controls plus the run they sample (and the picked comparison run)."""
     run: Optional[str]
     labels: str
     seed: Any
     guidance: Any
     steps: Any
+    compare: Optional[str] = None   # "" / None = automatic baselines
 
 
 @dataclass
@@ -97,6 +98,9 @@ def form_event(fn, form_cls, lead: int = 0):
     return event
 
 
+AUTO_COMPARE = ("automatic: newest finished baseline", "")
+
+
 def _error(e: Exception) -> gr.Error:
     return gr.Error(str(e), print_exception=False)
 
@@ -113,13 +117,31 @@ class Handlers:
         self.engine, self.views, self.store = engine, views, engine.store
 
     # -- set-up panel ----------------------------------------------------------------------
-    def preset(self, bits):
-        """Bit-width slider: k and d follow the paper's preset."""
+    def preset(self, bits, method):
+        """Bit-width slider moved: k and d follow the paper's preset, and the newest finished run of
+        this method at these bits (if any) becomes the selected run in every view; otherwise the
+        status line offers to calibrate it."""
         k, d = VQ_PRESETS.get(int(bits), (None, None))
-        return gr.update(value=k), gr.update(value=d)
+        rid = self.views.newest(int(bits), lambda sp: sp is not None and sp.name == method)
+        if rid is None:
+            msg = f"No finished **{method} W{int(bits)}** run yet: press **Run** to calibrate it."
+            return gr.update(value=k), gr.update(value=d), gr.skip(), msg
+        return (gr.update(value=k), gr.update(value=d), gr.update(value=rid),
+                f"Showing the newest finished **{method} W{int(bits)}** run, `{rid}`, in every view. "
+                f"Press **Run** for a new one.")
 
     def describe_method(self, method):
         return method_description(method)
+
+    def estimate(self, form: SetupForm):
+        return estimate_text(self.engine, form)
+
+    def lock_run(self):
+        """While a run streams, Run buttons are disabled (a second click would only queue silently)."""
+        return gr.update(interactive=False), gr.update(interactive=False)
+
+    def unlock_run(self):
+        return gr.update(interactive=True), gr.update(interactive=True)
 
     def run(self, form: SetupForm):
         """Validate the Set-up form, then stream the run (status, live curves, runs list)."""
@@ -164,18 +186,22 @@ class Handlers:
                 fig = plots.calibration_figure(a.steps_frame(), title="Live calibration", uirevision=live_rev,
                                                total_steps=a.total_steps)
                 yield status_text(a), fig, gr.skip(), gr.skip(), gr.skip()
+        if a.phase == "cancelled":
+            yield f"**{s.method} W{s.bits} {a.error}.**", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
         if a.error is not None:
             raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
         table, ids, rd = self._runs_outputs(a.run_id)
         m = store.meta(a.run_id)
         met = m.get("metrics") or {}
         extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "fd_digits", "psnr") if met.get(k) is not None)
-        msg = (f"**Saved `{a.run_id}`** — {m['status']} after {m.get('steps_done') or 0}/{m.get('total_steps') or 0} "
+        how = f" during {m['cancelled_in']}, image evaluation skipped" if m.get("cancelled_in") else ""
+        msg = (f"**Saved `{a.run_id}`** — {m['status']}{how} after {m.get('steps_done') or 0}/{m.get('total_steps') or 0} "
                f"steps in {m['seconds']:.0f} s; {m['bits_per_weight']:.3f} bits/weight, block MSE {m['block_mse']:.4g}"
                + (f"; {extra}" if extra else "") + ". Loaded into every view.")
         fig = plots.calibration_figure(a.steps_frame(), title=f"Calibration of {a.run_id}", uirevision=live_rev,
                                        total_steps=a.total_steps)
-        yield msg, fig, table, gr.update(choices=ids, value=a.run_id), rd
+        yield msg, fig, table, gr.update(choices=self.views.run_choices(), value=a.run_id), rd
 
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
@@ -196,10 +222,16 @@ class Handlers:
         return table, ids, plots.rd_figure(table, fp_fd, current)
 
     def list_runs(self, sel):
+        """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
         table, ids, rd = self._runs_outputs((sel or {}).get("run"))
         cur = (sel or {}).get("run")
         value = cur if cur in ids else (ids[-1] if ids else None)
-        return table, gr.update(choices=ids, value=value), rd
+        return table, gr.update(choices=self.views.run_choices(), value=value), rd
+
+    def compare_choices(self, sel):
+        other = (sel or {}).get("other") or ""
+        choices = self.views.run_choices()
+        return gr.update(choices=[AUTO_COMPARE] + choices, value=other if other in {c[1] for c in choices} else "")
 
     def on_run_row(self, evt: gr.SelectData):
         """A row of the Runs table: load that run."""
@@ -214,16 +246,22 @@ class Handlers:
 
     # -- selection -------------------------------------------------------------------------
     def load_run(self, run_id, sel):
-        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads."""
+        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads,
+        the rate-distortion highlight; the previous run's images are cleared (never shown as this
+        run's); the Set-up panel shows the run's settings."""
         views = self.views
+        cleared = (None, None, f"Images cleared: press **Generate images** to sample `{run_id}`." if run_id else "")
         if not run_id:
             new = views.initial_selection(None)
             m = plots.message_figure("No run selected.")
             return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
-                    gr.update(maximum=1, value=0), new, m, None, None)
+                    gr.update(maximum=1, value=0), new, m, None, None,
+                    self._runs_outputs(None)[2], *cleared, *[gr.skip()] * len(fields(SetupForm)))
         try:
             views.trace(run_id)
             new = views.initial_selection(run_id, (sel or {}).get("block"), (sel or {}).get("layer"))
+            if (sel or {}).get("other") and sel["other"] != run_id:
+                new["other"] = sel["other"]
         except ValueError as e:
             raise _error(e)
         n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
@@ -233,7 +271,19 @@ class Handlers:
                 gr.update(minimum=0, maximum=max(len(steps) - 1, 1), value=new["snap"], interactive=len(steps) > 1,
                           label=f"Snapshot (0 = k-means init … {len(steps) - 1} = final)"),
                 new, views.calibration(run_id),
-                self.store.export_zip(run_id, "trace"), self.store.export_zip(run_id, "model"))
+                self.store.export_zip(run_id, "trace"), self.store.export_zip(run_id, "model"),
+                self._runs_outputs(run_id)[2], *cleared, *self._setup_of(run_id))
+
+    def _setup_of(self, run_id) -> list:
+        """Updates for the SetupForm components from a saved run's settings (skip what it lacks)."""
+        st = self.store.meta(run_id).get("settings") or {}
+        c = st.get("calib") or {}
+        vals = dict(method=st.get("method") if st.get("method") in METHODS else None, bits=st.get("bits"),
+                    k=st.get("k"), d=st.get("d"), n_candidates=st.get("n_candidates"), iterations=c.get("iterations"),
+                    sampling_steps=c.get("num_sampling_steps"), kmeans_iters=st.get("kmeans_iters"),
+                    lr_logits=c.get("lr_logits"), lr_codebook=c.get("lr_codebook"), lambda_r=c.get("lambda_r"),
+                    seed=st.get("seed"))
+        return [gr.skip() if vals[f.name] is None else gr.update(value=vals[f.name]) for f in fields(SetupForm)]
 
     def on_block(self, sel, block):
         if not sel or not sel.get("run") or block is None:
@@ -242,13 +292,24 @@ class Handlers:
         new["snap"] = sel.get("snap", new["snap"])
         return gr.update(choices=self.views.layer_choices(sel["run"], new["block"]), value=new["layer"]), new
 
+    def on_compare(self, sel, other):
+        """'Compare with' picked: every view compares the selected run with that run ('' = automatic);
+        images of the previous comparison are cleared, never shown under the new one."""
+        if not sel:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if other and other not in self.store.readable_ids():
+            raise gr.Error(f"run {other!r} is not a readable saved run", print_exception=False)
+        what = f"`{other}`" if other else "the automatic baselines"
+        return dict(sel, other=other or None), None, None, f"Images cleared: press **Generate images** to compare with {what}."
+
     def on_layer(self, sel, layer):
         if not sel or not layer:
             return gr.skip()
         return dict(sel, layer=layer)
 
     def on_snap(self, sel, snap):
-        if not sel:
+        """Snapshot slider changed (dragged or typed); a programmatic set to the same value is a no-op."""
+        if not sel or snap is None or int(snap) == sel.get("snap"):
             return gr.skip()
         return dict(sel, snap=int(snap))
 
@@ -272,13 +333,17 @@ class Handlers:
         try:
             cfig, cnote = views.cluster(sel, form.color_by, form.projection)
             efig = views.evolution(sel)
+            other = (sel or {}).get("other")
+            ofig = views.evolution(dict(sel, run=other, snap=10**6)) if other else None
             note, missing, kfig, wfig = views.conflicts(sel)
             heat, table, mse = views.changes(sel)
+            sfig, smd = views.conflict_summary(sel)
             desc = views.describe(sel)
         except ValueError as e:
             raise _error(e)
         btn = gr.update(visible=missing is not None, value=f"Run {missing} at these bits" if missing else "Run")
-        return desc, cfig, cnote, efig, note, btn, kfig, wfig, heat, table, mse
+        ocmp = gr.update(value=ofig, visible=True) if ofig is not None else gr.update(value=None, visible=False)
+        return desc, cfig, cnote, efig, ocmp, note, btn, kfig, wfig, sfig, smd, heat, table, mse
 
     def render_cluster(self, form: ViewForm):
         try:
@@ -287,10 +352,13 @@ class Handlers:
             raise _error(e)
 
     def make_images(self, form: ImageForm):
+        """Invalid input keeps the previous images and says why (a warning, not an empty view)."""
         try:
-            return self.views.images(form.run, form.labels, form.seed, form.guidance, form.steps)
+            return self.views.images(form.run, form.labels, form.seed, form.guidance, form.steps,
+                                     compare=form.compare or None)
         except ValueError as e:
-            raise _error(e)
+            gr.Warning(str(e))
+            return gr.skip(), gr.skip(), f"**Not generated:** {e}. The images shown (if any) are from the previous request."
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,16 +377,41 @@ def methods_table() -> str:
 
 
 def status_text(a) -> str:
+    """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
+    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
+    k-means time does not inflate the calibration ETA)."""
     s = a.settings
     el = time.time() - a.t0
-    done = len(a.rows)
     head = f"**{s.method} W{s.bits}** — "
+    tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
+    done = len(a.rows)
+    if a.phase == "k-means init" and a.layers_total:
+        i, n = a.layers_done, a.layers_total
+        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
+        return head + f"k-means: layer {i}/{n}{eta}" + tail
     if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
-        return head + f"calibration done ({done} steps), measuring block MSE vs FP… ({el:.0f} s)"
-    if a.phase == "calibrating" and a.total_steps:
+        return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
+    if a.phase == "calibrating" and a.total_steps and done:
         r = a.rows[-1]
-        eta = el / max(done, 1) * (a.total_steps - done)
-        return (head + f"step {done}/{a.total_steps}, loss {r['loss']:.4g}, frozen {100 * r['frozen_frac']:.1f}%, "
-                       f"{el:.0f} s elapsed, ~{eta:.0f} s of calibration left"
-                       + (" — **cancelling…**" if a.stop.is_set() else ""))
-    return head + f"{a.phase}… ({el:.0f} s)" + (" — **cancelling…**" if a.stop.is_set() else "")
+        eta = r["seconds"] / done * (a.total_steps - done)
+        return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
+                       f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
+                + tail)
+    return head + f"{a.phase}…" + tail
+
+
+def estimate_text(engine: Engine, form: "SetupForm") -> str:
+    """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
+    try:
+        s = form.settings(engine.calib_defaults)
+        cfg = s.config()
+    except (ValueError, TypeError, KeyError) as e:
+        return f"**Estimate:** invalid settings ({e})"
+    est = engine.estimate(cfg)
+    if est.get("error"):
+        return f"**Estimate:** {est['error']}"
+    t = est.get("seconds")
+    when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
+    return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "
+            f"({est['n_weights'] / 1e6:.2f} M quantized weights → {est['bytes'] / 2**20:.2f} MiB packed, "
+            f"vs {est['n_weights'] * 4 / 2**20:.1f} MiB fp32); {est['steps']} calibration steps; time {when}.")

@@ -13,7 +13,7 @@ import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs, method_description, methods_table
+from .handlers import AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs, method_description, methods_table
 from .runs import Engine
 from .views import Views
 
@@ -77,21 +77,23 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
     SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat."""
     store = engine.store
     cd = engine.calib_defaults
-    ids = store.readable_ids()
     with gr.Blocks(title="VQ4DiT explorer") as demo:
         gr.Markdown(f"## VQ4DiT explorer — vector-quantized Diffusion Transformer\n"
                     f"Model: `{engine.cfg.model}` ({engine.n_blocks} transformer blocks, {engine.n_classes} classes, "
                     f"device {engine.device}) · runs dir: `{store.root}`")
         sel = gr.State(views.initial_selection(None))
         with gr.Row(equal_height=True):
-            run_dd = gr.Dropdown(label="Run", choices=ids, value=None, scale=3, interactive=True,
+            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=None, scale=3, interactive=True,
                                  allow_custom_value=True)  # load_run validates the id itself
             block_dd = gr.Dropdown(label="Block", choices=[], scale=1, interactive=True)
             layer_dd = gr.Dropdown(label="Layer", choices=[], scale=2, interactive=True)
             snap_sl = gr.Slider(label="Snapshot", minimum=0, maximum=1, step=1, value=0, scale=3)
+            compare_dd = gr.Dropdown(label="Compare with", choices=[AUTO_COMPARE] + views.run_choices(), value="",
+                                     scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
+                                     info="any run, any bits; cancelled runs are used only when picked here")
         sel_md = gr.Markdown(views.describe(None))
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate"):
                 with gr.Row():
                     bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
@@ -119,6 +121,7 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary")
                     cancel_btn = gr.Button("Cancel", variant="stop")
+                estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
                 live_plot = gr.Plot(label="Calibration curves", value=views.calibration(None))
                 gr.Markdown(CAPTIONS["setup"])
@@ -132,11 +135,14 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                 gr.Markdown(CAPTIONS["clusters"])
             with gr.Tab("Assignment evolution"):
                 evol_plot = gr.Plot(label="Assignment ratios over calibration")
+                evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
             with gr.Tab("Gradient conflicts"):
                 conflict_note = gr.Markdown()
                 other_btn = gr.Button("Run", visible=False, variant="secondary")
                 conflict_plot = gr.Plot(label="Gradient coherence per codeword")
+                summary_md = gr.Markdown()
+                summary_plot = gr.Plot(label="Model-wide conflict summary")
                 worst_plot = gr.Plot(label="Worst codeword's gradients")
                 gr.Markdown(CAPTIONS["conflicts"])
             with gr.Tab("Per-block changes"):
@@ -170,17 +176,19 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, run_dd=run_dd, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
         mse_plot=mse_plot, changes_df=changes_df, gen_btn=gen_btn, image_out=image_out, image_note=image_note,
         image_metrics=image_metrics, runs_df=runs_df, refresh_btn=refresh_btn, dl_trace=dl_trace,
-        dl_model=dl_model, rd_plot=rd_plot,
+        dl_model=dl_model, rd_plot=rd_plot, estimate_md=estimate_md, tabs=tabs,
+        summary_plot=summary_plot, summary_md=summary_md,
         setup=SimpleNamespace(method=method, bits=bits, k=k_nb, d=d_nb, n_candidates=n_nb, iterations=it_nb,
                               sampling_steps=st_nb, kmeans_iters=km_nb, lr_logits=lrl_nb, lr_codebook=lrc_nb,
                               lambda_r=lam_nb, seed=seed_nb),
-        images=SimpleNamespace(run=run_dd, labels=labels_tb, seed=img_seed, guidance=guidance, steps=img_steps),
+        images=SimpleNamespace(run=run_dd, labels=labels_tb, seed=img_seed, guidance=guidance, steps=img_steps,
+                               compare=compare_dd),
         view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection),
     )
 
@@ -192,33 +200,47 @@ def wire(ui: SimpleNamespace, h: Handlers):
     view = form_inputs(ViewForm, ui.view)
     run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
     image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
-    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.conflict_note, ui.other_btn,
-                     ui.conflict_plot, ui.worst_plot, ui.heat_plot, ui.changes_df, ui.mse_plot]
+    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot, ui.conflict_note,
+                     ui.other_btn,
+                     ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md, ui.heat_plot, ui.changes_df,
+                     ui.mse_plot]
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
-    ui.setup.bits.change(h.preset, ui.setup.bits, [ui.setup.k, ui.setup.d], queue=False)
+    run_buttons = [ui.run_btn, ui.other_btn]
+    ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method], [ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
+                        queue=False, api_name="bits")  # user moves only (load_run sets bits too)
     ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
-    ui.run_btn.click(form_event(h.run, SetupForm), setup, run_outputs, api_name="run", **MODEL_QUEUE).success(
-        make_images, images, image_outputs, **MODEL_QUEUE)
-    ui.other_btn.click(form_event(h.run_missing, SetupForm, lead=1), [ui.sel] + setup, run_outputs,
-                       api_name="run_missing", **MODEL_QUEUE).success(make_images, images, image_outputs, **MODEL_QUEUE)
+    gr.on([c.change for c in setup], form_event(h.estimate, SetupForm), setup, ui.estimate_md, queue=False,
+          trigger_mode="always_last", api_name="estimate")
+    for btn, fn, inputs, name in ((ui.run_btn, form_event(h.run, SetupForm), setup, "run"),
+                                  (ui.other_btn, form_event(h.run_missing, SetupForm, lead=1), [ui.sel] + setup,
+                                   "run_missing")):
+        ran = btn.click(h.lock_run, None, run_buttons, queue=False).then(
+            fn, inputs, run_outputs, api_name=name, **MODEL_QUEUE)
+        ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
+        ran.then(h.unlock_run, None, run_buttons, queue=False)
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
     ui.gen_btn.click(make_images, images, image_outputs, api_name="images", **MODEL_QUEUE)
 
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
-                     [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
-                     api_name="load_run")
+                     [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model,
+                      ui.rd_plot] + image_outputs + setup, api_name="load_run")
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
     ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)
-    ui.snap_sl.release(h.on_snap, [ui.sel, ui.snap_sl], ui.sel)
+    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last")  # drag or type
     ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel])
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
     ui.sel.change(form_event(h.render_layer_views, ViewForm), view, layer_outputs, concurrency_limit=4)
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
-    ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs")
-    ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])
+    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare")
+    for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
+               ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
+        ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
+    ui.demo.load(form_event(h.estimate, SetupForm), setup, ui.estimate_md, queue=False, api_name=False)
+    # plotly sizes a plot drawn in a hidden tab to half width: re-layout on every tab switch
+    ui.tabs.select(None, None, None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")
 
 
 def build_app(engine: Engine) -> gr.Blocks:

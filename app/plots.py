@@ -95,32 +95,34 @@ def calibration_figure(steps: pd.DataFrame, title: str = "", uirevision: str = "
 def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
                    assign: np.ndarray, top_ratio: np.ndarray, assign0: np.ndarray, color_by: str,
                    title: str, axis: str, n_candidates: int = 2, uirevision: str = "") -> go.Figure:
-    """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings."""
+    """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings.
+    SVG scatter, not WebGL: ~800 points draw fast, and every re-render of a Scattergl plot leaks a
+    WebGL context in the browser ("Too many active WebGL contexts")."""
     fig = go.Figure()
     hover = [f"codeword {a}<br>top ratio {r:.3f}<br>k-means codeword {a0}"
              for a, r, a0 in zip(assign, top_ratio, assign0)]
     if color_by == "top ratio":
         marker = dict(size=6, color=top_ratio, colorscale="Viridis", cmin=1.0 / max(n_candidates, 1), cmax=1.0,
                       colorbar=dict(title="top ratio", len=0.8))
-        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
                                    name="sub-vectors", text=hover, hoverinfo="text"))
     elif color_by == "assignment changed":
         changed = assign != assign0
         for mask, name, col in ((~changed, f"same codeword as k-means ({(~changed).sum()})", "#9ecae1"),
                                 (changed, f"changed vs k-means ({changed.sum()})", "#d62728")):
-            fig.add_trace(go.Scattergl(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
+            fig.add_trace(go.Scatter(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
                                        marker=dict(size=6 if name.startswith("changed") else 5, color=col),
                                        name=name, text=[h for h, m in zip(hover, mask) if m], hoverinfo="text"))
     else:  # by codeword: a cyclic palette, so neighbouring clusters differ
         cols = [_PALETTE[int(a) % len(_PALETTE)] for a in assign]
-        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
                                    marker=dict(size=5, color=cols, opacity=0.8), name="sub-vectors (colour = codeword)",
                                    text=hover, hoverinfo="text"))
     if xy_codebook0 is not None:
-        fig.add_trace(go.Scattergl(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
+        fig.add_trace(go.Scatter(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
                                    marker=dict(size=7, symbol="circle-open", color="#999999"),
                                    name="codewords at k-means init", hoverinfo="skip"))
-    fig.add_trace(go.Scattergl(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
+    fig.add_trace(go.Scatter(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
                                marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
                                name="codewords (this step)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
                                hoverinfo="text"))
@@ -222,6 +224,30 @@ def conflict_figure(per_run: dict, title: str) -> go.Figure:
     return fig
 
 
+def conflict_summary_figure(per_run: dict, title: str) -> go.Figure:
+    """per_run: {label: (method, `Trace.conflict_summary()` frame)}. Conflict share of every layer
+    (blocks x layer kinds, in model order), one bar series per run, the model-wide mean as a line."""
+    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
+    if not per_run:
+        return message_figure("No gradient statistics in these runs (methods without calibration record none).")
+    order = {c: i for i, c in enumerate(LAYER_COLUMNS)}
+    fig = go.Figure()
+    for i, (label, (method, df)) in enumerate(per_run.items()):
+        df = df.assign(_o=df["kind"].map(lambda k: order.get(k, 99))).sort_values(["block", "_o"])
+        x = [f"{b}·{k}" for b, k in zip(df["block"], df["kind"])]
+        mean = 100 * float(df["conflict_share"].mean())
+        fig.add_trace(go.Bar(x=x, y=100 * df["conflict_share"], name=f"{label} (mean {mean:.1f}%)",
+                             marker_color=color(method), opacity=0.85 if i == 0 else 0.6,
+                             marker_pattern_shape="" if i == 0 else "/",
+                             hovertemplate=f"{label}<br>block·layer %{{x}}<br>%{{y:.1f}}% conflicting<extra></extra>"))
+        fig.add_hline(y=mean, line=dict(color=color(method), dash="dash" if i == 0 else "dot", width=1.5))
+    fig.update_layout(**BASE, height=360, title=title, barmode="group", bargap=0.15,
+                      xaxis=dict(title="block · layer", tickangle=-60, tickfont=dict(size=9)),
+                      yaxis=dict(title="% of sub-vector gradients opposing their codeword's sum"),
+                      legend=dict(orientation="h", y=1.12, x=0))
+    return fig
+
+
 def worst_codeword_figure(grads: Optional[np.ndarray], codeword: Optional[int], step: Optional[int],
                           method: str) -> go.Figure:
     """The lowest-coherence codeword's sub-vector gradients as arrows from the origin (2-D)."""
@@ -281,34 +307,61 @@ def changes_table(final_rows: pd.DataFrame, n_blocks: int, value: str = "changed
     return t
 
 
-def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title: str = "") -> go.Figure:
+CHANGE_SCALE = [[0.0, "#ffffff"], [0.25, "#fcbba1"], [0.6, "#ef3b2c"], [1.0, "#67000d"]]  # 0 % = white
+
+
+def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title: str = "",
+                    diff: Optional[pd.DataFrame] = None, diff_title: str = "") -> go.Figure:
+    """Blocks x layer kinds heatmap (0 = white); with `diff` (another run's table) a second panel
+    shows this run minus that one on a diverging scale centred on white."""
     z = table[LAYER_COLUMNS].to_numpy(dtype=float)
-    fig = go.Figure(go.Heatmap(x=LAYER_COLUMNS, y=[f"block {b}" for b in table["block"]], z=z, colorscale="Reds",
-                               zmin=0, colorbar=dict(title="% changed"),
-                               text=np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(z))),
-                               texttemplate="%{text}",
-                               hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"))
+    ylab = [f"block {b}" for b in table["block"]]
+    text = lambda a: np.where(np.isnan(a), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(a)))  # noqa: E731
+    cols = 2 if diff is not None else 1
+    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.12,
+                        subplot_titles=("this run", diff_title) if cols == 2 else None)
+    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0,
+                             colorbar=dict(title="% changed", x=0.44 if cols == 2 else 1.02),
+                             text=text(z), texttemplate="%{text}",
+                             hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"),
+                  1, 1)
+    if diff is not None:
+        dz = z - diff[LAYER_COLUMNS].to_numpy(dtype=float)
+        m = float(np.nanmax(np.abs(dz))) if np.isfinite(dz).any() else 1.0
+        fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=dz, colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m,
+                                 colorbar=dict(title="Δ points"), text=text(dz), texttemplate="%{text}",
+                                 hovertemplate="%{y} · %{x}<br>%{z:+.2f} points vs the compared run<extra></extra>"),
+                      1, 2)
     if selected is not None:
         b, col = selected
         if col in LAYER_COLUMNS:
             xi = LAYER_COLUMNS.index(col)
-            fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=b - 0.5, y1=b + 0.5,
-                          line=dict(color="#1f77b4", width=3))
-    fig.update_layout(**BASE, height=80 + 40 * len(table), title=title,
-                      xaxis_title="layer in the block", yaxis=dict(title="transformer block", autorange="reversed"))
+            for c in range(1, cols + 1):
+                fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=b - 0.5, y1=b + 0.5,
+                              line=dict(color="#1f77b4", width=3), row=1, col=c)
+    fig.update_layout(**BASE, height=80 + 40 * len(table), title=title)
+    fig.update_xaxes(title_text="layer in the block")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="transformer block", row=1, col=1)
     return fig
 
 
-def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], method: str) -> go.Figure:
+def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], method: str,
+                     compare: Optional[tuple] = None) -> go.Figure:
+    """Held-out block MSE per block (bars); `compare` = (per_block_mse, method, label) of another run."""
     if not per_block_mse:
         return message_figure("No per-block MSE recorded for this run.")
     b = [f"block {i}" for i in range(len(per_block_mse))]
     fig = go.Figure(go.Bar(x=per_block_mse, y=b, orientation="h", marker_color=color(method),
-                           name="held-out trajectories", hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+                           name="held-out trajectories" if not compare else "this run (held-out)",
+                           hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+    if compare and compare[0]:
+        fig.add_trace(go.Bar(x=compare[0], y=b[:len(compare[0])], orientation="h", marker_color=color(compare[1]),
+                             marker_pattern_shape="/", name=compare[2], hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
     if final_block_loss:
         fig.add_trace(go.Scatter(x=final_block_loss, y=b, mode="markers", marker=dict(symbol="diamond", size=9,
                                  color="black"), name="last calibration step"))
-    fig.update_layout(**BASE, height=80 + 40 * len(b), title="Block-output MSE vs FP",
+    fig.update_layout(**BASE, height=80 + 40 * len(b), title="Block-output MSE vs FP", barmode="group",
                       xaxis=dict(title="MSE (block output units², log)", type="log"),
                       yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.3))
     return fig

@@ -343,6 +343,10 @@ def _round(v, n):
 # ----------------------------------------------------------------------------------------
 
 
+class RunCancelled(Exception):
+    """Cancel pressed before there was a model worth saving (during k-means)."""
+
+
 @dataclass
 class ActiveRun:
     settings: RunSettings
@@ -354,6 +358,10 @@ class ActiveRun:
     run_id: Optional[str] = None
     error: Optional[BaseException] = None
     t0: float = field(default_factory=time.time)
+    layers_done: int = 0                        # k-means / RTN progress over the target layers
+    layers_total: int = 0
+    quantize_seconds: Optional[float] = None    # time of the per-layer quantization (k-means) stage
+    cancelled_in: Optional[str] = None          # phase in which Cancel took effect (None: not cancelled)
 
     def steps_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.rows))
@@ -441,6 +449,39 @@ class Engine:
         m.pop("pred", None), f.pop("pred", None)
         return m, f
 
+    # -- estimates ------------------------------------------------------------------------
+    def estimate(self, cfg) -> dict:
+        """Before a run: storage from the library's bit accounting (`vq_storage_bits` /
+        `rtn_storage_bits`, the numbers the packed model will have) over the layers `quantize`
+        targets, and time from earlier runs of the same method and k x d (median per stage)."""
+        from vq4dit.config import VQConfig
+        from vq4dit.layers import default_filter, rtn_storage_bits, vq_storage_bits
+        n = total = 0
+        for name, lin in self.teacher.named_modules():
+            if not default_filter(lin, name):
+                continue
+            bias = lin.bias is not None
+            if isinstance(cfg, VQConfig):
+                if lin.in_features % cfg.d:
+                    return dict(error=f"d={cfg.d} does not divide {name}'s in_features={lin.in_features}")
+                b = vq_storage_bits(lin.out_features, lin.in_features, cfg.k, cfg.d, cfg.codebook_dtype, bias)
+            else:
+                b = rtn_storage_bits(lin.out_features, lin.in_features, cfg.bits, cfg.per_channel, bias)
+            n += b["n_weights"]
+            total += b["index_bits"] + b["side_bits"] + b["bias_bits"]
+        calib = getattr(cfg, "calib", None)
+        steps = calib.total_steps if calib is not None else 0
+        out = dict(n_weights=n, bits_per_weight=total / max(n, 1), bytes=total / 8, steps=steps, seconds=None)
+        same = [r.meta for r in self.store.list() if r.error is None and r.meta.get("quantize_seconds") is not None
+                and r.meta.get("method") == cfg.method and r.meta.get("k") == getattr(cfg, "k", None)
+                and r.meta.get("d") == getattr(cfg, "d", None)]
+        if same:
+            q = float(np.median([m["quantize_seconds"] for m in same]))
+            per = [(m["seconds"] - m["quantize_seconds"]) / m["steps_done"] for m in same if m.get("steps_done")]
+            out["seconds"] = q + (float(np.median(per)) * steps if per else 0.0)
+            out["basis"] = f"median of {len(same)} earlier {cfg.method} run(s) at this k×d, excluding evaluation"
+        return out
+
     # -- runs -----------------------------------------------------------------------------
     def busy(self) -> bool:
         return self.active is not None and not self.active.done.is_set()
@@ -462,17 +503,36 @@ class Engine:
     def _work(self, a: ActiveRun):
         s = a.settings
         try:
+            def layer_progress(items, desc=None):
+                """Wraps the library's per-layer quantization loop: progress and Cancel."""
+                items = list(items)
+                a.layers_total, t = len(items), time.time()
+                for i, item in enumerate(items):
+                    if a.stop.is_set():
+                        a.cancelled_in = a.phase
+                        raise RunCancelled(f"cancelled during {a.phase} (layer {i}/{len(items)}): nothing saved")
+                    a.layers_done = i
+                    yield item
+                a.layers_done, a.quantize_seconds = len(items), time.time() - t
+                a.phase = "calibrating" if METHODS[s.method].calibrated else "measuring block MSE vs FP"
+
             def on_step(info):
-                a.phase = "calibrating"
                 a.rows.append({k: v for k, v in info.items() if k != "trace"})
-                return not a.stop.is_set()
+                if a.stop.is_set():
+                    a.cancelled_in = a.cancelled_in or "calibrating"
+                    return False
+                return True
 
             calib = dict(s.calib, device=str(self.device)) if METHODS[s.method].calibrated else None
             with self.model_lock:
                 res = run_method(self.teacher, s.method, s.bits, calib=calib, vq=s.vq_kwargs(),
-                                 on_step=on_step, progress=False)
-            a.phase = "evaluating images"
-            metrics, fp_metrics = self.evaluate_run_model(res.model)
+                                 on_step=on_step, progress=layer_progress)
+            if a.stop.is_set():  # Cancel after calibration: skip the image evaluation, save as cancelled
+                a.cancelled_in = a.cancelled_in or "measuring block MSE vs FP"
+                metrics, fp_metrics = {}, {}
+            else:
+                a.phase = "evaluating images"
+                metrics, fp_metrics = self.evaluate_run_model(res.model)
             a.phase = "saving"
             run_id = self.store.new_id(s.method, s.bits)
             tr = res.trace
@@ -483,16 +543,18 @@ class Engine:
                 bits_per_weight=res.size["bits_per_weight"], size=res.size, block_mse=res.block_mse,
                 per_block_mse=res.per_block_mse, seconds=res.seconds, metrics=metrics, fp_metrics=fp_metrics,
                 eval_spec=asdict(self.eval_spec()), n_blocks=self.n_blocks, created=time.time(),
-                total_steps=tr.meta.get("total_steps") if tr is not None else None,
-                steps_done=tr.meta.get("steps_done") if tr is not None else None,
-                stopped=tr.meta.get("stopped") if tr is not None else None,
-                status=("cancelled" if tr is not None and tr.meta.get("stopped") == "cancelled"
-                        else (f"stopped ({tr.meta['stopped']})" if tr is not None and tr.meta.get("stopped")
-                              else "finished")),
+                total_steps=tr.total_steps if tr is not None else None,
+                steps_done=tr.steps_done if tr is not None else None,
+                stopped=tr.stopped if tr is not None else None,
+                status=("cancelled" if a.cancelled_in or (tr is not None and tr.stopped == "cancelled")
+                        else (f"stopped ({tr.stopped})" if tr is not None and tr.stopped else "finished")),
+                cancelled_in=a.cancelled_in, quantize_seconds=a.quantize_seconds,
             )
             self.store.save(run_id, res, meta, scheduler=self.bundle.scheduler)
             a.run_id = run_id
             a.phase = "saved"
+        except RunCancelled as e:
+            a.error, a.phase = e, "cancelled"
         except BaseException as e:  # reported to the UI by the streaming generator
             a.error = e
             a.phase = "failed"

@@ -31,7 +31,7 @@ class Views:
         self.engine = engine
         self.store = engine.store
         self._proj: OrderedDict = OrderedDict()
-        self._frames: dict = {}
+        self._metrics: dict = {}   # (run, labels, seed, guidance, steps) -> image metrics
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------
@@ -53,6 +53,19 @@ class Views:
         order = {c: i for i, c in enumerate(plots.LAYER_COLUMNS)}
         names.sort(key=lambda n: order.get(layer_kind(n), 99))
         return [(f"{layer_kind(n)} ({n.split('.', 2)[-1]})", n) for n in names]
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        """(label, run id) for the run pickers, oldest first; partial runs say so in the label."""
+        out = []
+        for r in self.store.list():
+            if r.error is not None:
+                continue
+            m = r.meta
+            st = m.get("status", "?")
+            tag = "" if st == "finished" else f" — {st}" + (
+                f" {m.get('steps_done')}/{m.get('total_steps')}" if m.get("total_steps") else "")
+            out.append((f"{r.id}{tag}", r.id))
+        return out
 
     def steps_of(self, run_id) -> list[int]:
         tr = self.trace(run_id)
@@ -83,11 +96,17 @@ class Views:
         if tr is not None and lay in tr.layer_names:
             shape = " · weight " + "×".join(str(s) for s in tr.layer_info(lay).shape)
         fd = met.get("fd_digits")
+        other = sel.get("other")
+        cmp = ""
+        if other and other != sel["run"]:
+            om = self.store.meta(other)
+            cmp = f" · **Compared with** `{other}` ({om['method']}, W{om['bits']}, {om.get('status', '?')})"
         return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
                 + (f", FD-digits {fd:.2f}" if fd is not None else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")
-                + (f" · **Snapshot** step {step} of {m.get('steps_done') or steps[-1]}" if tr is not None else ""))
+                + (f" · **Snapshot** step {step} of {m.get('steps_done') or steps[-1]}" if tr is not None else "")
+                + cmp)
 
     # ------------------------------------------------------------------------------------
     # Calibration curves and per-block heatmaps (depend on the run only)
@@ -100,8 +119,22 @@ class Views:
         return plots.calibration_figure(tr.steps, title=f"Calibration of {run_id}", uirevision=run_id,
                                         total_steps=tr.total_steps)
 
+    def change_table(self, run_id, step: Optional[int] = None) -> Optional[pd.DataFrame]:
+        """Blocks x layer kinds: % of sub-vectors whose codeword differs from k-means at `step`
+        (the last record at or before it; None = final). None when the run has no trace."""
+        tr = self.trace(run_id)
+        stats = tr.layer_stats() if tr is not None else pd.DataFrame()
+        if not len(stats):
+            return None
+        if step is not None:
+            stats = stats[stats["step"] <= step]
+        final = stats.groupby("layer", sort=False).tail(1)   # rows are sorted by step
+        n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
+        return plots.changes_table(final, n_blocks)
+
     def changes(self, sel: dict):
-        """(heatmap figure, table, per-block MSE figure) for the selected run."""
+        """(heatmap figure, table, per-block MSE figure) for the selected run at the selected
+        snapshot; with a picked comparison run, also the difference heatmap and its MSE bars."""
         run_id = sel.get("run") if sel else None
         if not run_id:
             msg = plots.message_figure("No run selected.")
@@ -109,13 +142,18 @@ class Views:
         meta = self.store.meta(run_id)
         n_blocks = int(meta.get("n_blocks") or self.engine.n_blocks)
         tr = self.trace(run_id)
-        stats = tr.layer_stats() if tr is not None else pd.DataFrame()
-        if len(stats):
-            final = stats.groupby("layer", sort=False).tail(1)   # rows are sorted by step
-            table = plots.changes_table(final, n_blocks)
+        steps = self.steps_of(run_id)
+        step = steps[min(sel.get("snap", 0), len(steps) - 1)] if tr is not None and steps else None
+        table = self.change_table(run_id, step)
+        other = sel.get("other")
+        om = self.store.meta(other) if other and other != run_id else None
+        if table is not None:
             cell = (sel["block"], layer_kind(sel["layer"])) if sel.get("layer") else None
-            heat = plots.changes_heatmap(table, cell, title=f"Sub-vectors whose codeword differs from k-means, "
-                                                            f"final step — {meta['method']} W{meta['bits']}")
+            diff = self.change_table(other) if om else None
+            heat = plots.changes_heatmap(
+                table, cell, title=f"Sub-vectors whose codeword differs from k-means at step {step} — "
+                                   f"{meta['method']} W{meta['bits']}",
+                diff=diff, diff_title=f"minus {om['method']} W{om['bits']} (final)" if om else "")
         else:
             table = pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS)
             heat = plots.message_figure(f"{meta['method']} keeps no assignment trace (no calibration).")
@@ -123,7 +161,8 @@ class Views:
         if tr is not None and len(tr.steps):
             row = tr.steps.iloc[-1]
             last = [float(row[f"block_{b}"]) for b in range(n_blocks) if f"block_{b}" in row]
-        mse = plots.block_mse_figure(meta.get("per_block_mse") or [], last, meta["method"])
+        cmp = (om.get("per_block_mse") or [], om["method"], f"{om['method']} W{om['bits']} ({other})") if om else None
+        mse = plots.block_mse_figure(meta.get("per_block_mse") or [], last, meta["method"], compare=cmp)
         return heat, table, mse
 
     # ------------------------------------------------------------------------------------
@@ -235,10 +274,13 @@ class Views:
                 out.append(r.id)
         return out[:limit]
 
-    def conflict_pair(self, run_id) -> tuple[dict, Optional[str]]:
+    def conflict_pair(self, run_id, compare: Optional[str] = None) -> tuple[dict, Optional[str]]:
         """{side: run id or None} for the paper's comparison at the run's bits: a method that trains
         assignments vs one that keeps the k-means assignments (both from the registry), and the
-        registry name of the method to run for a missing side (None when both exist)."""
+        registry name of the method to run for a missing side (None when both exist). A picked
+        `compare` run replaces the automatic choice: any two runs, any bits."""
+        if compare and compare != run_id:
+            return {"selected": run_id, "compare": compare}, None
         meta = self.store.meta(run_id)
         bits, spec = int(meta["bits"]), method_spec(meta["method"])
         trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments  # noqa: E731
@@ -264,7 +306,7 @@ class Views:
             m = plots.message_figure("No run selected.")
             return "No run selected.", None, m, m
         meta = self.store.meta(run_id)
-        pair, missing = self.conflict_pair(run_id)
+        pair, missing = self.conflict_pair(run_id, sel.get("other"))
         per_run, used = {}, []
         for rid in pair.values():
             if rid is None:
@@ -275,17 +317,19 @@ class Views:
                 continue
             if tr is None or layer not in tr.layer_names:
                 continue
-            per_run[tr.method] = (tr.method, tr.conflicts(layer))
-            used.append(f"`{rid}` ({tr.method})")
-        note = f"Comparing {' and '.join(used) if used else 'nothing'} at W{meta['bits']}, layer {plots.layer_label(layer)}."
+            label = tr.method if tr.method not in per_run else f"{tr.method} ({rid})"
+            per_run[label] = (tr.method, tr.conflicts(layer))
+            used.append(f"`{rid}` ({tr.method}, W{self.store.meta(rid)['bits']})")
+        how = "picked" if sel.get("other") else f"newest finished at W{meta['bits']}"
+        note = f"Comparing {' and '.join(used) if used else 'nothing'} ({how}), layer {plots.layer_label(layer)}."
         if missing:
             note += (f" **No saved {missing} run at W{meta['bits']} yet** (only finished runs are picked "
                      f"automatically), so its side is missing: press the button to run it with the Set-up settings.")
         fig = plots.conflict_figure(per_run, title=f"Gradient agreement inside codewords — {plots.layer_label(layer)}")
         # worst codeword of the selected run (or of the assignment-training side when the selection has no trace)
         tr = self.trace(run_id)
-        if tr is None and pair.get("assignments"):
-            tr = self.trace(pair["assignments"])
+        if tr is None and pair.get("assignments") or tr is None and pair.get("compare"):
+            tr = self.trace(pair.get("assignments") or pair.get("compare"))
         wfig = plots.worst_codeword_figure(None, None, None, meta["method"])
         if tr is not None and layer in tr.layer_names:
             steps = tr.snapshot_steps(layer)
@@ -298,6 +342,31 @@ class Views:
                 if s != want:
                     note += f" Worst-codeword arrows: nearest snapshot with gradients is step {s} (selected: {want})."
         return note, missing, fig, wfig
+
+    def conflict_summary(self, sel: dict):
+        """(figure, markdown) of the model-wide conflict share per layer for the comparison pair:
+        the number that tests the paper's claim (lower with trainable assignments)."""
+        run_id = (sel or {}).get("run")
+        if not run_id:
+            return plots.message_figure("No run selected."), ""
+        pair, _ = self.conflict_pair(run_id, sel.get("other"))
+        per_run = {}
+        for rid in pair.values():
+            tr = self.trace(rid) if rid else None
+            if tr is not None:
+                per_run[f"{tr.method} ({rid})" if rid != run_id else f"{tr.method} (selected)"] = (
+                    tr.method, tr.conflict_summary())
+        fig = plots.conflict_summary_figure(per_run, "Conflict share per layer over the whole run")
+        have = {k: v for k, (m, v) in per_run.items() if len(v)}
+        if len(have) < 2:
+            return fig, "Model-wide summary needs both sides of the comparison."
+        (la, a), (lb, b) = list(have.items())[:2]
+        j = a.merge(b, on="layer", suffixes=("_a", "_b"))
+        lower = int((j["conflict_share_a"] < j["conflict_share_b"]).sum())
+        md = (f"**Model-wide conflict share:** {la} **{100 * a['conflict_share'].mean():.1f}%** vs {lb} "
+              f"**{100 * b['conflict_share'].mean():.1f}%**; lower for {la.split(' ')[0]} in {lower} of {len(j)} layers "
+              f"(mean over each run's logged steps with gradients).")
+        return fig, md
 
     # ------------------------------------------------------------------------------------
     # Images side by side
@@ -325,8 +394,10 @@ class Views:
             raise ValueError(f"at most 32 images at a time, got {len(out)} labels")
         return out
 
-    def images(self, run_id, labels_text, seed, guidance, steps):
-        """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model."""
+    def images(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None):
+        """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model.
+        Rows: FP, the selected run, then the picked comparison run or (none picked) the newest
+        finished run of every other method at the same bits."""
         labels = self.parse_labels(labels_text)
         seed, guidance, steps = int(seed or 0), float(guidance), int(steps or 1)
         if steps < 1:
@@ -338,16 +409,27 @@ class Views:
             meta = self.store.meta(run_id)
             rows.append((f"{meta['method']} W{meta['bits']} (selected)", run_id, meta["method"],
                          eng.run_images(run_id, labels, seed, guidance, steps)))
-            for b in self.baselines(int(meta["bits"]), exclude=run_id):
+            others = [compare] if compare and compare != run_id else self.baselines(int(meta["bits"]), exclude=run_id)
+            for b in others:
                 bm = self.store.meta(b)
+                tag = " (compare)" if compare else ""
+                if bm.get("status") != "finished":
+                    tag += f" [{bm.get('status')}]"
                 try:
-                    rows.append((f"{bm['method']} W{bm['bits']}", b, bm["method"],
+                    rows.append((f"{bm['method']} W{bm['bits']}{tag}", b, bm["method"],
                                  eng.run_images(b, labels, seed, guidance, steps)))
                 except ValueError:
+                    if compare:
+                        raise
                     continue
         table, preds = [], {}
         for label, rid, method, x in rows:
-            m = eng.image_metrics(x, labels, None if rid == "fp" else fp)
+            key = (rid, tuple(labels), seed, guidance, steps)   # same key as the image cache
+            m = self._metrics.get(key)
+            if m is None:
+                m = self._metrics[key] = eng.image_metrics(x, labels, None if rid == "fp" else fp)
+                while len(self._metrics) > 64:
+                    self._metrics.pop(next(iter(self._metrics)))
             preds[rid] = m.get("pred")
             table.append({"model": label, "run": rid if rid != "fp" else "-",
                           "accuracy": _r(m.get("accuracy"), 3),
@@ -355,8 +437,10 @@ class Views:
                           "PSNR vs FP (dB)": _r(m.get("psnr"), 2), "MSE vs FP": _r(m.get("image_mse"), 5)})
         img = composite(rows, labels, preds, fp)
         note = (f"{len(labels)} images per model, seed {seed}, guidance {guidance:g}, {steps} DDIM steps; "
-                f"every model starts from the same noise. Baselines: newest saved run of each other method at the "
-                f"same bits ({len(rows) - 2 if run_id else 0} found).")
+                f"every model starts from the same noise. "
+                + (f"Compared with `{compare}` (picked in *Compare with*)." if compare else
+                   f"Baselines: newest finished run of each other method at the same bits "
+                   f"({len(rows) - 2 if run_id else 0} found; pick any run in *Compare with*)."))
         return img, pd.DataFrame(table), note
 
 
