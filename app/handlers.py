@@ -126,9 +126,9 @@ class Handlers:
         if rid is None:
             msg = f"No finished **{method} W{int(bits)}** run yet: press **Run** to calibrate it."
             return gr.update(value=k), gr.update(value=d), gr.skip(), msg
-        return (gr.update(value=k), gr.update(value=d), gr.update(value=rid),
-                f"Showing the newest finished **{method} W{int(bits)}** run, `{rid}`, in every view. "
-                f"Press **Run** for a new one.")
+        msg = (f"Showing the newest finished **{method} W{int(bits)}** run, `{rid}`, in every view. "
+               f"Press **Run** for a new one.")
+        return gr.update(value=k), gr.update(value=d), gr.update(value=rid), msg
 
     def describe_method(self, method):
         return method_description(method)
@@ -160,7 +160,7 @@ class Handlers:
         if not missing:
             raise gr.Error("Both sides of the comparison already exist.", print_exception=False)
         rb = int(self.store.meta(sel["run"])["bits"])
-        k, d = VQ_PRESETS[rb] if rb in VQ_PRESETS else (form.k, form.d)
+        k, d = VQ_PRESETS.get(rb, (form.k, form.d))
         yield from self.run(SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}))
 
     def cancel(self):
@@ -191,7 +191,7 @@ class Handlers:
             return
         if a.error is not None:
             raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
-        table, ids, rd = self._runs_outputs(a.run_id)
+        table, _, rd = self._runs_outputs(a.run_id)
         m = store.meta(a.run_id)
         met = m.get("metrics") or {}
         extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "fd_digits", "psnr") if met.get(k) is not None)
@@ -225,7 +225,8 @@ class Handlers:
         """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
         table, ids, rd = self._runs_outputs((sel or {}).get("run"))
         cur = (sel or {}).get("run")
-        value = cur if cur in ids else (ids[-1] if ids else None)
+        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
+        value = cur if cur in ids else (finished or ids or [None])[-1]  # a partial run only when picked
         return table, gr.update(choices=self.views.run_choices(), value=value), rd
 
     def compare_choices(self, sel):
@@ -299,6 +300,9 @@ class Handlers:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if other and other not in self.store.readable_ids():
             raise gr.Error(f"run {other!r} is not a readable saved run", print_exception=False)
+        if other and other == sel.get("run"):
+            gr.Warning("That is the selected run itself: comparing with the automatic baselines instead.")
+            other = ""
         what = f"`{other}`" if other else "the automatic baselines"
         return dict(sel, other=other or None), None, None, f"Images cleared: press **Generate images** to compare with {what}."
 
@@ -400,7 +404,7 @@ def status_text(a) -> str:
     return head + f"{a.phase}…" + tail
 
 
-def estimate_text(engine: Engine, form: "SetupForm") -> str:
+def estimate_text(engine: Engine, form: SetupForm) -> str:
     """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
     try:
         s = form.settings(engine.calib_defaults)

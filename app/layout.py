@@ -13,7 +13,8 @@ import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs, method_description, methods_table
+from .handlers import (AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
+                       method_description, methods_table)
 from .runs import Engine
 from .views import Views
 
@@ -53,13 +54,15 @@ CAPTIONS = {
     "changes": (
         "**How to read this.** Each cell is one layer (q, k, v attention projections shown separately, out "
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
-        "final codeword differs from the k-means one. Click a cell in the table below to make that layer the "
-        "current layer in every view (plots here are not clickable). Right: block-output MSE against the FP "
-        "model on held-out noise (bars) and at the last calibration step (diamonds)."),
+        "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
+        "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
+        "Click a cell in the table below to make that layer the current layer in every view (plots here are not "
+        "clickable). Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
+        "run) and at the last calibration step (diamonds)."),
     "images": (
         "**How to read this.** Rows: the full-precision model (FP, the reference), the selected run and the "
-        "newest saved run of every other method at the same bits, all sampled from the same noise, labels and "
-        "sampler. Under each image, the digit classifier's prediction (green = the requested class, red with "
+        "run picked in *Compare with* (or, when none is picked, the newest finished run of every other method at "
+        "the same bits), all sampled from the same noise, labels and sampler. Under each image, the digit classifier's prediction (green = the requested class, red with "
         "'!' = wrong). Below each quantized row, the per-pixel absolute difference to FP (white = identical, "
         "red = off by half the intensity range or more). Table: class accuracy, FD-digits (Fréchet distance of "
         "classifier features to real digits; noisy with few images), PSNR vs FP (higher = closer to FP)."),
@@ -200,10 +203,9 @@ def wire(ui: SimpleNamespace, h: Handlers):
     view = form_inputs(ViewForm, ui.view)
     run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
     image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
-    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot, ui.conflict_note,
-                     ui.other_btn,
-                     ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md, ui.heat_plot, ui.changes_df,
-                     ui.mse_plot]
+    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot,
+                     ui.conflict_note, ui.other_btn, ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md,
+                     ui.heat_plot, ui.changes_df, ui.mse_plot]
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
@@ -211,7 +213,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method], [ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
                         queue=False, api_name="bits")  # user moves only (load_run sets bits too)
     ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
-    gr.on([c.change for c in setup], form_event(h.estimate, SetupForm), setup, ui.estimate_md, queue=False,
+    estimate = form_event(h.estimate, SetupForm)
+    gr.on([c.change for c in setup], estimate, setup, ui.estimate_md, queue=False,
           trigger_mode="always_last", api_name="estimate")
     for btn, fn, inputs, name in ((ui.run_btn, form_event(h.run, SetupForm), setup, "run"),
                                   (ui.other_btn, form_event(h.run_missing, SetupForm, lead=1), [ui.sel] + setup,
@@ -220,6 +223,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
             fn, inputs, run_outputs, api_name=name, **MODEL_QUEUE)
         ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
         ran.then(h.unlock_run, None, run_buttons, queue=False)
+        ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
     ui.gen_btn.click(make_images, images, image_outputs, api_name="images", **MODEL_QUEUE)
 
@@ -238,7 +242,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
-    ui.demo.load(form_event(h.estimate, SetupForm), setup, ui.estimate_md, queue=False, api_name=False)
+    ui.demo.load(estimate, setup, ui.estimate_md, queue=False, api_name=False)
     # plotly sizes a plot drawn in a hidden tab to half width: re-layout on every tab switch
     ui.tabs.select(None, None, None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")
 

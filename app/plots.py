@@ -243,7 +243,7 @@ def conflict_summary_figure(per_run: dict, title: str) -> go.Figure:
         fig.add_hline(y=mean, line=dict(color=color(method), dash="dash" if i == 0 else "dot", width=1.5))
     fig.update_layout(**BASE, height=360, title=title, barmode="group", bargap=0.15,
                       xaxis=dict(title="block · layer", tickangle=-60, tickfont=dict(size=9)),
-                      yaxis=dict(title="% of sub-vector gradients opposing their codeword's sum"),
+                      yaxis=dict(title="% conflicting gradients"),
                       legend=dict(orientation="h", y=1.12, x=0))
     return fig
 
@@ -316,12 +316,12 @@ def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title
     shows this run minus that one on a diverging scale centred on white."""
     z = table[LAYER_COLUMNS].to_numpy(dtype=float)
     ylab = [f"block {b}" for b in table["block"]]
-    text = lambda a: np.where(np.isnan(a), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(a)))  # noqa: E731
+    text = lambda a: np.where(np.isnan(a), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(a)))
     cols = 2 if diff is not None else 1
-    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.12,
+    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14,
                         subplot_titles=("this run", diff_title) if cols == 2 else None)
-    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0,
-                             colorbar=dict(title="% changed", x=0.44 if cols == 2 else 1.02),
+    bar = dict(title="%", x=0.44, xanchor="left", thickness=12) if cols == 2 else dict(title="% changed")
+    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, colorbar=bar,
                              text=text(z), texttemplate="%{text}",
                              hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"),
                   1, 1)
@@ -329,7 +329,7 @@ def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title
         dz = z - diff[LAYER_COLUMNS].to_numpy(dtype=float)
         m = float(np.nanmax(np.abs(dz))) if np.isfinite(dz).any() else 1.0
         fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=dz, colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m,
-                                 colorbar=dict(title="Δ points"), text=text(dz), texttemplate="%{text}",
+                                 colorbar=dict(title="Δ points", thickness=12), text=text(dz), texttemplate="%{text}",
                                  hovertemplate="%{y} · %{x}<br>%{z:+.2f} points vs the compared run<extra></extra>"),
                       1, 2)
     if selected is not None:
@@ -343,6 +343,8 @@ def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title
     fig.update_xaxes(title_text="layer in the block")
     fig.update_yaxes(autorange="reversed")
     fig.update_yaxes(title_text="transformer block", row=1, col=1)
+    if cols == 2:
+        fig.update_yaxes(showticklabels=False, row=1, col=2)   # same rows as the left panel
     return fig
 
 
@@ -373,7 +375,8 @@ def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], meth
 
 
 def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Optional[str] = None) -> go.Figure:
-    """bits/weight vs FD-digits and vs block MSE, one colour per method."""
+    """bits/weight vs FD-digits and vs block MSE, one colour per method; the current run is the
+    large marker, cancelled / partial runs are open circles."""
     ok = runs.dropna(subset=["bits/weight"]) if len(runs) else runs
     if len(ok) == 0:
         return message_figure("No saved runs yet: start one in the Set-up panel.", 320)
@@ -383,10 +386,14 @@ def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Option
     for m, g in ok.groupby("method"):
         for col, ycol in ((1, "FD-digits"), (2, "block MSE")):
             sizes = [14 if r == current else 9 for r in g["run"]]
+            partial = [str(st) != "finished" for st in g["status"]] if "status" in g else [False] * len(g)
             fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
-                                     showlegend=col == 1, marker=dict(color=color(m), size=sizes,
-                                                                      line=dict(width=1, color="white")),
-                                     text=g["run"], hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
+                                     showlegend=col == 1,
+                                     marker=dict(color=color(m), size=sizes, line=dict(width=1.5, color=color(m)),
+                                                 symbol=["circle-open" if p else "circle" for p in partial]),
+                                     text=[f"{r} ({st})" if p else r for r, st, p in
+                                           zip(g["run"], g.get("status", g["run"]), partial)],
+                                     hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
                                      + ycol + " %{y:.4g}<extra></extra>"), 1, col)
     if fp_fd is not None and math.isfinite(fp_fd):
         fig.add_hline(y=fp_fd, line=dict(color=color("fp"), dash="dash"), row=1, col=1,

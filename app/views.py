@@ -283,8 +283,8 @@ class Views:
             return {"selected": run_id, "compare": compare}, None
         meta = self.store.meta(run_id)
         bits, spec = int(meta["bits"]), method_spec(meta["method"])
-        trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments  # noqa: E731
-        fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments  # noqa: E731
+        trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments
+        fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments
         if trains(spec):
             pair = {"assignments": run_id, "fixed": self.newest(bits, fixed, exclude=run_id)}
         elif fixed(spec):
@@ -320,7 +320,7 @@ class Views:
             label = tr.method if tr.method not in per_run else f"{tr.method} ({rid})"
             per_run[label] = (tr.method, tr.conflicts(layer))
             used.append(f"`{rid}` ({tr.method}, W{self.store.meta(rid)['bits']})")
-        how = "picked" if sel.get("other") else f"newest finished at W{meta['bits']}"
+        how = "picked in *Compare with*" if "compare" in pair else f"newest finished at W{meta['bits']}"
         note = f"Comparing {' and '.join(used) if used else 'nothing'} ({how}), layer {plots.layer_label(layer)}."
         if missing:
             note += (f" **No saved {missing} run at W{meta['bits']} yet** (only finished runs are picked "
@@ -453,6 +453,7 @@ def composite(rows, labels, preds, fp) -> np.ndarray:
     """One picture: per model a row of images (with predicted class) and a row of |image - FP|.
     Each row of tiles is a `vq4dit.viz.make_grid` strip."""
     from PIL import Image, ImageDraw
+
     from vq4dit.viz import make_grid
     h = fp.shape[-1]
     scale = max(1, 64 // h)

@@ -400,8 +400,11 @@ def test_run_switch_clears_images_restores_settings_and_moves_rd_highlight(app):
     sizes = {}
     for t in rd["data"]:
         for r, s in zip(t.get("text") or [], t["marker"]["size"] if isinstance(t["marker"]["size"], list) else []):
-            sizes[r] = s
+            sizes[r.split(" (")[0]] = s  # partial runs: "id (cancelled)"
     assert sizes[b] == 14 and sizes[a] == 9  # the highlight follows the selection
+    symbols = {r.split(" (")[0]: sym for t in rd["data"] for r, sym in zip(t.get("text") or [], t["marker"]["symbol"])}
+    for rid in ids:
+        assert (symbols[rid] == "circle-open") == (demo.engine.store.meta(rid)["status"] != "finished")
 
 
 def test_invalid_image_input_keeps_previous_result(app):
