@@ -139,12 +139,14 @@ def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0
 
 
 def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, hard_step: Optional[int],
-                     title: str, current_step: Optional[int] = None, end_step: Optional[int] = None) -> go.Figure:
+                     title: str, current_step: Optional[int] = None, end_step: Optional[int] = None,
+                     switched: Optional[pd.DataFrame] = None) -> go.Figure:
     """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories.
 
     hist: `Trace.ratio_histogram` (steps, shares (T, bins), edges); frozen: rows with step, frozen_frac;
     paths: `Trace.ratio_paths`. `end_step` marks the end-of-calibration finalize when no hard switch
-    happened during the run."""
+    happened during the run. `switched`: the same ratio at snapshot steps for sampled sub-vectors
+    that ended on another codeword (dashed)."""
     steps, shares, edges = hist
     if len(steps) == 0:
         return message_figure("This run has no per-layer trace.")
@@ -152,7 +154,9 @@ def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, har
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=[0.45, 0.25, 0.30],
                         subplot_titles=("Share of sub-vectors by their largest assignment ratio",
                                         "Frozen sub-vectors (%)",
-                                        f"Ratio of the k-means codeword for {n_paths} sample sub-vectors"))
+                                        f"Ratio of the k-means codeword: {n_paths} sample sub-vectors"
+                                        + (f" + {switched['sample'].nunique()} that switched (dashed, at snapshots)"
+                                           if switched is not None and len(switched) else "")))
     centers = (edges[:-1] + edges[1:]) / 2
     fig.add_trace(go.Heatmap(x=steps, y=centers, z=100 * shares.T, colorscale="Blues", zmin=0,
                              colorbar=dict(title="% of<br>sub-vectors", len=0.42, y=0.8),
@@ -166,6 +170,13 @@ def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, har
                                      line=dict(width=1.2, color=_PALETTE[int(j) % len(_PALETTE)]),
                                      showlegend=False,
                                      hovertemplate=f"sample {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
+                          3, 1)
+    if switched is not None and len(switched):
+        for j, g in switched.groupby("sample"):
+            fig.add_trace(go.Scatter(x=g["step"], y=g["ratio_nearest"], mode="lines+markers", name=f"switched {j}",
+                                     line=dict(width=1.2, dash="dash", color="#d62728"), marker=dict(size=4),
+                                     opacity=0.7, showlegend=False,
+                                     hovertemplate=f"switched sub-vector {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
                           3, 1)
     mark, text = (hard_step, f" layer switched to hard at step {hard_step}") if hard_step is not None else \
         (end_step, f" no hard switch during the run: made hard by the final step ({end_step})")

@@ -572,3 +572,30 @@ def test_bit_width_slider_shows_matching_run_or_offers_to_calibrate(app):
     assert (val(k), val(d)) == (256, 4) and val(run) == want and want in msg
     k, d, run, msg = client.predict(4, "vq4dit", api_name="/bits")
     assert (val(k), val(d)) == (256, 2) and "No finished **vq4dit W4** run" in msg
+
+
+def test_evolution_shows_switched_subvectors(app):
+    """Sub-vectors that changed codeword appear as trajectories ending at 0 (the k-means codeword lost)."""
+    demo, client, runs = app
+    views = demo.views
+    rid = first_run(runs)
+    tr = views.trace(rid)
+    from app.views import switched_paths
+    for layer in tr.layer_names:
+        steps = tr.snapshot_steps(layer)
+        first, last = tr.snapshot(layer, steps[0]), tr.snapshot(layer, steps[-1])
+        n_moved = int((first.assign != last.assign).sum())
+        sw = switched_paths(tr, layer)
+        if n_moved == 0:
+            assert sw is None
+            continue
+        assert sw["sample"].nunique() == min(8, n_moved)
+        final = sw[sw["step"] == steps[-1]]
+        np.testing.assert_allclose(final["ratio_nearest"], 0.0)          # hard at the end, codeword lost
+        start = sw[sw["step"] == steps[0]]
+        assert (start["ratio_nearest"] >= 0.5).all()                      # k-means codeword on top at init
+        fig = views.evolution(dict(views.initial_selection(rid, tr.layer_info(layer).block, layer)))
+        assert sum(1 for t in fig.data if (t.name or "").startswith("switched ")) == min(8, n_moved)
+        break
+    else:
+        pytest.skip("no sampled sub-vector switched codeword in this tiny run")
