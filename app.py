@@ -3,6 +3,12 @@
     python app.py                                  # http://127.0.0.1:7860
     python app.py --model path/to/DiT-XL-2-256 --device cuda
     VQ4DIT_PORT=8000 python app.py --runs-dir /tmp/runs
+    VQ4DIT_AUTH=me:secret python app.py --host 0.0.0.0   # reachable from the network: login required
+
+Bind address: --host, else $VQ4DIT_HOST, else $GRADIO_SERVER_NAME, else 127.0.0.1. Port: --port, else
+$VQ4DIT_PORT, else $GRADIO_SERVER_PORT, else 7860. A non-loopback address needs credentials (--auth or
+$VQ4DIT_AUTH, "user:password") unless --no-auth is given. Gradio analytics are off unless
+GRADIO_ANALYTICS_ENABLED=True is set.
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default (set before gradio is imported)
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def parse_args(argv=None):
@@ -20,8 +28,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DIGITS_DIT_DIR), help="diffusers DiT dir (default: embedded digits DiT)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where runs are saved and listed")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    p.add_argument("--host", default=os.environ.get("VQ4DIT_HOST", "127.0.0.1"), help="bind address ($VQ4DIT_HOST)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("VQ4DIT_PORT", "7860")), help="port ($VQ4DIT_PORT)")
+    p.add_argument("--host", default=None,
+                   help="bind address (else $VQ4DIT_HOST, else $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    p.add_argument("--port", default=None, help="port (else $VQ4DIT_PORT, else $GRADIO_SERVER_PORT, else 7860)")
+    p.add_argument("--auth", default=None,
+                   help="login as user:password (else $VQ4DIT_AUTH); required when --host is not a loopback address")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve a non-loopback address without credentials (anyone on the network can use the app)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: tiny ops are much faster single-threaded on a busy box)")
     g = p.add_argument_group("defaults shown in the Set-up panel (tests use tiny values)")
@@ -35,22 +48,95 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class ServerSettings:
+    def __init__(self, host: str, port: int, auth, exposed: bool):
+        self.host, self.port, self.auth, self.exposed = host, port, auth, exposed
+
+    def banner(self) -> str:
+        url = f"http://{self.host}:{self.port}"
+        if not self.exposed:
+            return f"VQ4DiT explorer on {url} (loopback only)"
+        if self.auth:
+            return (f"VQ4DiT explorer on {url}: reachable from the network; login required "
+                    f"(user {self.auth[0]!r})")
+        return (f"WARNING: VQ4DiT explorer on {url} is reachable from the network WITHOUT credentials "
+                f"(--no-auth): anyone who can reach it can start and cancel runs and download models")
+
+
+def resolve_server(args, env=None) -> ServerSettings:
+    """Bind address, port and credentials from flags, then the project's and Gradio's variables.
+    ValueError (one clear line) for a bad port, bad credentials or an exposed address without them."""
+    from vq4dit.safety import is_loopback
+    env = os.environ if env is None else env
+    host = args.host or env.get("VQ4DIT_HOST") or env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    src, raw = next(((n, v) for n, v in (("--port", args.port), ("VQ4DIT_PORT", env.get("VQ4DIT_PORT")),
+                                         ("GRADIO_SERVER_PORT", env.get("GRADIO_SERVER_PORT")))
+                     if v not in (None, "")), ("default", DEFAULT_PORT))
+    try:
+        port = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{src}={raw!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{src}={raw!r} is not a port number (1-65535)")
+    auth_src, auth_raw = (("--auth", args.auth) if args.auth else ("VQ4DIT_AUTH", env.get("VQ4DIT_AUTH") or None))
+    auth = None
+    if auth_raw:
+        user, sep, pw = auth_raw.partition(":")
+        if not sep or not user or not pw:
+            raise ValueError(f"{auth_src} must be user:password with both parts non-empty")
+        auth = (user, pw)
+    exposed = not is_loopback(host)
+    if exposed and auth is None and not args.no_auth:
+        raise ValueError(f"binding to {host} makes the app reachable from the network: pass --auth user:password "
+                         f"(or set VQ4DIT_AUTH), or --no-auth to serve it without credentials")
+    return ServerSettings(host, port, auth, exposed)
+
+
+def check_port_free(host: str, port: int):
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"cannot resolve bind address {host!r}") from None
+    family, _, _, _, addr = infos[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (port busy? pick another with --port)") from None
+    finally:
+        s.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from vq4dit.safety import resolve_device
+    try:  # everything that can fail is checked before the model is loaded
+        server = resolve_server(args)
+        device = resolve_device(args.device)
+        check_port_free(server.host, server.port)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch
     torch.set_num_threads(max(1, args.threads))
     from app import AppConfig, create_app
-    cfg = AppConfig(model=args.model, runs_dir=args.runs_dir, device=args.device, iterations=args.iterations,
+    cfg = AppConfig(model=args.model, runs_dir=args.runs_dir, device=str(device), iterations=args.iterations,
                     sampling_steps=args.sampling_steps, kmeans_iters=args.kmeans_iters,
                     eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, image_steps=args.image_steps,
                     warm_umap=not args.no_umap_warmup)
     try:
         demo = create_app(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PermissionError) as e:
         print(f"error: cannot open model: {e}", file=sys.stderr)
         return 2
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port)
+    print(server.banner(), file=sys.stderr, flush=True)
+    try:
+        demo.launch(server_name=server.host, server_port=server.port, auth=server.auth)
+    except OSError as e:
+        print(f"error: cannot start the server on {server.host}:{server.port}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

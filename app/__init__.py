@@ -7,7 +7,11 @@
 Modules: runs.py (runs dir, worker + stop flag, caches), plots.py (pure trace -> plotly figures),
 views.py (what each view shows for the shared selection), layout.py (gr.Blocks and events).
 """
-from .runs import AppConfig, Engine, RunSettings, RunStore, warm_umap_async
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default (before gradio is imported)
+
+from .runs import AppConfig, Engine, RunSettings, RunStore, warm_umap_async  # noqa: E402
 
 
 def create_app(cfg: AppConfig):

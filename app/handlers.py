@@ -8,6 +8,7 @@ component.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -18,7 +19,7 @@ from vq4dit.config import METHODS, VQ_PRESETS
 from vq4dit.layers import layer_kind
 
 from . import plots
-from .runs import Engine, RunSettings
+from .runs import Engine, RunSettings, image_params
 from .views import Views
 
 # ----------------------------------------------------------------------------------------
@@ -47,6 +48,8 @@ class SetupForm:
         def i(v, name):
             if v is None or v == "":
                 raise ValueError(f"{name} is empty")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite whole number, got {v}")
             if float(v) != int(float(v)):
                 raise ValueError(f"{name} must be a whole number, got {v}")
             return int(float(v))
@@ -247,17 +250,14 @@ class Handlers:
 
     # -- selection -------------------------------------------------------------------------
     def load_run(self, run_id, sel):
-        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads,
-        the rate-distortion highlight; the previous run's images are cleared (never shown as this
-        run's); the Set-up panel shows the run's settings."""
+        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads.
+        (`run_context` follows: RD highlight, cleared images, the run's settings.)"""
         views = self.views
-        cleared = (None, None, f"Images cleared: press **Generate images** to sample `{run_id}`." if run_id else "")
         if not run_id:
             new = views.initial_selection(None)
             m = plots.message_figure("No run selected.")
             return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
-                    gr.update(maximum=1, value=0), new, m, None, None,
-                    self._runs_outputs(None)[2], *cleared, *[gr.skip()] * len(fields(SetupForm)))
+                    gr.update(maximum=1, value=0), new, m, None, None)
         try:
             views.trace(run_id)
             new = views.initial_selection(run_id, (sel or {}).get("block"), (sel or {}).get("layer"))
@@ -272,8 +272,16 @@ class Handlers:
                 gr.update(minimum=0, maximum=max(len(steps) - 1, 1), value=new["snap"], interactive=len(steps) > 1,
                           label=f"Snapshot (0 = k-means init … {len(steps) - 1} = final)"),
                 new, views.calibration(run_id),
-                self.store.export_zip(run_id, "trace"), self.store.export_zip(run_id, "model"),
-                self._runs_outputs(run_id)[2], *cleared, *self._setup_of(run_id))
+                self.store.export_zip(run_id, "trace"), self.store.export_zip(run_id, "model"))
+
+    def run_context(self, run_id):
+        """After a run loads: the rate-distortion highlight moves to it, the previous run's images are
+        cleared (never shown as this run's), and the Set-up panel shows the run's settings."""
+        rd = self._runs_outputs(run_id)[2]
+        if not run_id:
+            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm))
+        note = f"Images cleared: press **Generate images** to sample `{run_id}`."
+        return rd, None, None, note, *self._setup_of(run_id)
 
     def _setup_of(self, run_id) -> list:
         """Updates for the SetupForm components from a saved run's settings (skip what it lacks)."""
@@ -355,14 +363,21 @@ class Handlers:
         except ValueError as e:
             raise _error(e)
 
+    def check_images(self, form: ImageForm):
+        """Validate the Images form in a step with no outputs: invalid input raises here, before
+        `make_images`, so the images on screen are kept (an error in `make_images` would blank them)."""
+        try:
+            self.views.parse_labels(form.labels)
+            image_params(form.seed, form.guidance, form.steps)
+        except ValueError as e:
+            raise _error(e)
+
     def make_images(self, form: ImageForm):
-        """Invalid input keeps the previous images and says why (a warning, not an empty view)."""
         try:
             return self.views.images(form.run, form.labels, form.seed, form.guidance, form.steps,
                                      compare=form.compare or None)
         except ValueError as e:
-            gr.Warning(str(e))
-            return gr.skip(), gr.skip(), f"**Not generated:** {e}. The images shown (if any) are from the previous request."
+            raise _error(e)
 
 
 # ----------------------------------------------------------------------------------------

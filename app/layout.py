@@ -225,11 +225,13 @@ def wire(ui: SimpleNamespace, h: Handlers):
         ran.then(h.unlock_run, None, run_buttons, queue=False)
         ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
-    ui.gen_btn.click(make_images, images, image_outputs, api_name="images", **MODEL_QUEUE)
+    ui.gen_btn.click(form_event(h.check_images, ImageForm), images, None, concurrency_limit=None).success(
+        make_images, images, image_outputs, api_name="images", **MODEL_QUEUE)
 
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
-                     [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model,
-                      ui.rd_plot] + image_outputs + setup, api_name="load_run")
+                     [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
+                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup,
+                                                  api_name="run_context")
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
     ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)
     ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last")  # drag or type

@@ -2,7 +2,7 @@
 
 A saved run is one directory under the runs dir, written atomically (temp dir, then rename):
     runs/<id>/run.json         settings, size, block MSE, image metrics (what the Runs table shows)
-    runs/<id>/trace/           vq4dit.calibrate.Trace.save (absent for rtn / kmeans: no calibration)
+    runs/<id>/trace/           vq4dit.trace.Trace.save (absent for rtn / kmeans: no calibration)
     runs/<id>/model/           vq4dit.io.save_quantized (packed model, reloadable with load_dit)
 Everything here is a thin layer over the library: quantizing, calibrating, sampling and metrics
 all come from `vq4dit`.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,78 @@ from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
+
+# Documented limits of what the app accepts (README "Safety"); checked before any work is done.
+APP_LIMITS = dict(iterations=10_000, sampling_steps=1000, total_steps=500_000, kmeans_iters=1000, k=65536,
+                  d=64, n_candidates=16, seed=2 ** 32 - 1, image_labels=32, image_steps=1000, guidance=100.0)
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The only files an export may contain: what the app itself wrote (relative to the run dir).
+EXPORT_FILES = {
+    "model": ("model/vq4dit_config.json", "model/model.safetensors", "model/scheduler/scheduler_config.json"),
+    "trace": ("trace/meta.json", "trace/steps.csv", "trace/layers.csv", "trace/ratios.csv", "trace/events.csv",
+              RUN_FILE),
+}
+
+
+def _whole(v, name: str, lo: int, hi: int) -> int:
+    """An integer setting in [lo, hi] (bools, NaN, inf and fractions refused)."""
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {v!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    if not lo <= int(f) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {int(f)}")
+    return int(f)
+
+
+def image_params(seed, guidance, steps) -> tuple[int, float, int]:
+    """Validated (seed, guidance, steps) of an Images request, before anything is sampled."""
+    seed = _whole(0 if seed is None or seed == "" else seed, "image seed", 0, APP_LIMITS["seed"])
+    steps = _whole(1 if steps is None or steps == "" else steps, "sampler steps", 1, APP_LIMITS["image_steps"])
+    try:
+        g = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance scale must be a number, got {guidance!r}") from None
+    if not (math.isfinite(g) and 0 <= g <= APP_LIMITS["guidance"]):
+        raise ValueError(f"guidance scale must be in [0, {APP_LIMITS['guidance']:g}], got {guidance!r}")
+    return seed, g, steps
+
+
+def _num_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def run_meta_error(meta) -> Optional[str]:
+    """Why a run.json cannot be shown (None when it is fine): every field the views read is checked."""
+    if not isinstance(meta, dict):
+        return "run.json is not an object"
+    if not isinstance(meta.get("method"), str) or meta["method"] not in METHODS:
+        return f"unknown method {str(meta.get('method'))[:40]!r}"
+    b = meta.get("bits")
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
+        return f"bits is not an integer in [1, 16] ({str(b)[:20]!r})"
+    for key in ("k", "d", "n_blocks", "steps_done", "total_steps", "n_candidates"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            return f"{key} is not a non-negative integer"
+    for key in ("bits_per_weight", "block_mse", "seconds"):
+        if not _num_or_none(meta.get(key)):
+            return f"{key} is not a number"
+    for key in ("metrics", "fp_metrics"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, dict) or not all(_num_or_none(x) for x in v.values())):
+            return f"{key} is not an object of numbers"
+    pb = meta.get("per_block_mse")
+    if pb is not None and (not isinstance(pb, list) or not all(_num_or_none(x) for x in pb)):
+        return "per_block_mse is not a list of numbers"
+    for key in ("status", "stopped"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            return f"{key} is not a string"
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,12 +144,39 @@ class RunSettings:
     calib: dict = field(default_factory=dict)  # CalibConfig overrides
 
     def config(self):
-        """The library's validated config (ValueError with a clear message when invalid)."""
+        """The library's validated config (ValueError with a clear message when invalid).
+        App limits (APP_LIMITS) are checked first, before anything is allocated."""
+        self.check_limits()
         spec = METHODS[self.method] if self.method in METHODS else None
         if spec is not None and spec.kind == "rtn":
             return method_config(self.method, bits=self.bits)
         return method_config(self.method, bits=self.bits, calib=self.calib if spec and spec.calibrated else None,
                              **self.vq_kwargs())
+
+    def check_limits(self):
+        L = APP_LIMITS
+        for name, v, lo, hi in (("k", self.k, 2, L["k"]), ("d", self.d, 1, L["d"]),
+                                ("candidates n", self.n_candidates, 1, L["n_candidates"]),
+                                ("k-means iterations", self.kmeans_iters, 1, L["kmeans_iters"]),
+                                ("seed", self.seed, 0, L["seed"]), ("bits", self.bits, 1, 8)):
+            if v is not None:
+                _whole(v, name, lo, hi)
+        c = self.calib or {}
+        it = _whole(c.get("iterations", 1), "iterations", 1, L["iterations"])
+        st = _whole(c.get("num_sampling_steps", 1), "sampling steps", 1, L["sampling_steps"])
+        if "labels_per_iteration" in c:
+            _whole(c["labels_per_iteration"], "labels per iteration", 1, 256)
+        if _calibrated(self.method) and it * st > L["total_steps"]:
+            raise ValueError(f"iterations x sampling steps = {it * st} optimizer steps is over the app's limit of "
+                             f"{L['total_steps']}: use the library or the CLI for longer runs")
+        for key in ("lr_logits", "lr_codebook", "lambda_r", "guidance_scale"):
+            if key in c:
+                try:
+                    f = float(c[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{key} must be a number, got {c[key]!r}") from None
+                if not math.isfinite(f):
+                    raise ValueError(f"{key} must be a finite number, got {c[key]!r}")
 
     def vq_kwargs(self) -> dict:
         kw = dict(k=self.k, d=self.d, n_candidates=self.n_candidates, kmeans_iters=self.kmeans_iters,
@@ -114,8 +214,12 @@ class RunInfo:
 
 def _atomic_json(path: Path, obj):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o):
@@ -149,20 +253,38 @@ class RunStore:
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
+    # -- ids ------------------------------------------------------------------------------
+    def run_dir(self, run_id) -> Path:
+        """The directory of a run: `run_id` must be a plain name that resolves strictly inside the runs
+        dir. The error never says whether anything exists elsewhere on disk."""
+        if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+            raise ValueError(f"invalid run id {str(run_id)[:80]!r}: pick a run from the Runs table")
+        root = self.root.resolve()
+        p = (self.root / run_id).resolve()
+        if p.parent != root:
+            raise ValueError(f"invalid run id {run_id!r}: pick a run from the Runs table")
+        return self.root / run_id
+
     # -- listing --------------------------------------------------------------------------
     def list(self) -> list[RunInfo]:
         out = []
+        if not self.root.is_dir():
+            return out
         for p in sorted(self.root.iterdir(), key=lambda q: q.name):
             if not p.is_dir() or p.name.startswith("."):
                 continue
             info = RunInfo(p.name, p)
             try:
+                self.run_dir(p.name)
                 info.meta = json.loads((p / RUN_FILE).read_text())
-                if not isinstance(info.meta, dict) or "method" not in info.meta or "bits" not in info.meta:
-                    raise ValueError("run.json lacks method/bits")
+                err = run_meta_error(info.meta)
+                if err:
+                    raise ValueError(err)
             except FileNotFoundError:
                 info.meta, info.error = None, f"no {RUN_FILE}"
-            except (OSError, ValueError) as e:
+            except ValueError as e:
+                info.meta, info.error = None, f"{RUN_FILE} invalid: {e}"[:120]
+            except OSError as e:
                 info.meta, info.error = None, f"{RUN_FILE} unreadable ({type(e).__name__})"
             if info.error is None and p.name in self.bad:
                 info.error = self.bad[p.name]
@@ -173,13 +295,17 @@ class RunStore:
         return [r.id for r in self.list() if r.error is None]
 
     def meta(self, run_id: str) -> dict:
-        p = self.root / run_id / RUN_FILE
+        p = self.run_dir(run_id) / RUN_FILE
         try:
-            return json.loads(p.read_text())
-        except FileNotFoundError as e:
-            raise ValueError(f"run {run_id!r} not found in {self.root}") from e
+            meta = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"run {run_id!r} not found in the runs dir") from None
         except (OSError, ValueError) as e:
-            raise ValueError(f"run {run_id!r} is unreadable: {p} is not valid JSON ({e})") from e
+            raise ValueError(f"run {run_id!r} is unreadable: {RUN_FILE} is not valid JSON ({type(e).__name__})") from None
+        err = run_meta_error(meta)
+        if err:
+            raise ValueError(f"run {run_id!r} is unreadable: {err}")
+        return meta
 
     def table(self) -> pd.DataFrame:
         rows = []
@@ -237,7 +363,7 @@ class RunStore:
                 self._traces.move_to_end(run_id)
                 return self._traces[run_id]
         meta = self.meta(run_id)
-        tdir = self.root / run_id / "trace"
+        tdir = self.run_dir(run_id) / "trace"
         if not tdir.exists():
             if _calibrated(meta["method"]):
                 self.bad[run_id] = "trace missing"
@@ -264,8 +390,10 @@ class RunStore:
             if run_id in self._models:
                 self._models.move_to_end(run_id)
                 return self._models[run_id]
+        mdir = self.run_dir(run_id) / "model"
+        self.meta(run_id)
         try:
-            b = load_dit(self.root / run_id / "model", device=self.device)
+            b = load_dit(mdir, device=self.device)
         except (FileNotFoundError, ValueError) as e:
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
@@ -277,6 +405,7 @@ class RunStore:
 
     # -- saving ---------------------------------------------------------------------------
     def new_id(self, method: str, bits: int) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
         base = f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-w{bits}"
         rid, i = base, 1
         while (self.root / rid).exists():
@@ -286,7 +415,8 @@ class RunStore:
 
     def save(self, run_id: str, result, meta: dict, scheduler=None) -> Path:
         """Trace + packed model + run.json, built in a temp dir and renamed into place."""
-        out = self.root / run_id
+        out = self.run_dir(run_id)
+        self.root.mkdir(parents=True, exist_ok=True)  # the runs dir may have been deleted meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
         try:
             if result.trace is not None:
@@ -307,21 +437,31 @@ class RunStore:
         return d
 
     def export_zip(self, run_id: str, what: str) -> Optional[str]:
-        """Zip of the run's trace CSVs (what='trace') or its packed model (what='model')."""
-        src = self.root / run_id / what
-        if not src.is_dir():
+        """Zip of the run's trace CSVs (what='trace') or its packed model (what='model').
+        Only the files the app itself writes (EXPORT_FILES) are included; links are skipped."""
+        if what not in EXPORT_FILES:
+            raise ValueError(f"unknown export {what!r}")
+        run = self.run_dir(run_id)
+        self.meta(run_id)
+        src = run / what
+        if not src.is_dir() or src.is_symlink():
             return None
         out = self.export_dir() / f"{run_id}-{what}.zip"
         if out.is_file():
             return str(out)
+        root = run.resolve()
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(src.rglob("*")):
-                if f.is_file() and (what == "model" or f.suffix in (".csv", ".json")):
-                    z.write(f, f"{run_id}/{what}/{f.relative_to(src)}")
-            if what == "trace" and (self.root / run_id / RUN_FILE).is_file():
-                z.write(self.root / run_id / RUN_FILE, f"{run_id}/{RUN_FILE}")
-        os.replace(tmp, out)
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for rel in EXPORT_FILES[what]:
+                    f = run / rel
+                    if f.is_symlink() or not f.is_file() or root not in f.resolve().parents:
+                        continue
+                    z.write(f, f"{run_id}/{rel}")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return str(out)
 
 

@@ -18,7 +18,7 @@ from vq4dit.config import DEFAULT_METHOD, METHODS, MethodSpec, method_names
 from vq4dit.layers import block_index, layer_kind
 
 from . import plots
-from .runs import Engine
+from .runs import APP_LIMITS, Engine, image_params
 
 
 def method_spec(method: Optional[str]) -> Optional[MethodSpec]:
@@ -375,17 +375,27 @@ class Views:
     def parse_labels(self, text: str) -> list[int]:
         n = self.engine.n_classes
         out = []
+        if len(str(text or "")) > 1000:
+            raise ValueError("the class-label text is too long (at most 1000 characters)")
         for part in str(text or "").replace(" ", ",").split(","):
             if not part:
                 continue
             try:
                 if "-" in part[1:]:
                     a, b = part.split("-", 1)
-                    out.extend(range(int(a), int(b) + 1))
+                    a, b = int(a), int(b)
+                    if b - a + 1 + len(out) > APP_LIMITS["image_labels"]:  # checked before allocating
+                        raise OverflowError
+                    out.extend(range(a, b + 1))
                 else:
                     out.append(int(part))
             except ValueError:
-                raise ValueError(f"class labels must be integers like '0,1,2' or '0-9', got {part!r}") from None
+                raise ValueError(f"class labels must be integers like '0,1,2' or '0-9', got {part[:40]!r}") from None
+            except OverflowError:
+                raise ValueError(f"at most {APP_LIMITS['image_labels']} images at a time "
+                                 f"(the range {part[:40]!r} is too long)") from None
+            if len(out) > APP_LIMITS["image_labels"]:
+                raise ValueError(f"at most {APP_LIMITS['image_labels']} images at a time")
         if not out:
             raise ValueError("give at least one class label, e.g. '0-9'")
         bad = [x for x in out if not 0 <= x < n]
@@ -400,9 +410,7 @@ class Views:
         Rows: FP, the selected run, then the picked comparison run or (none picked) the newest
         finished run of every other method at the same bits."""
         labels = self.parse_labels(labels_text)
-        seed, guidance, steps = int(seed or 0), float(guidance), int(steps or 1)
-        if steps < 1:
-            raise ValueError("sampler steps must be >= 1")
+        seed, guidance, steps = image_params(seed, guidance, steps)
         eng = self.engine
         fp = eng.fp_images(labels, seed, guidance, steps)
         rows = [("FP (reference)", "fp", "fp", fp)]

@@ -49,3 +49,7 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: library mechanics (no app, no browser): python -m pytest -m core tests")

@@ -388,15 +388,17 @@ def test_run_switch_clears_images_restores_settings_and_moves_rd_highlight(app):
     client.predict(a, api_name="/load_run")
     img, table, note = client.predict(a, "1,2", 0, 4.0, 3, api_name="/images")
     assert img is not None and "(selected)" in json.dumps(table)
-    out = client.predict(b, api_name="/load_run")
-    # outputs without the State: block, layer, snapshot, curves, 2 downloads, rd, images x3, setup x12
-    img_out, note_out = out[7], out[9]
+    client.predict(b, api_name="/load_run")
+    first, chain = deps(demo, demo.ui.run_dd, "change")
+    assert [f.name for f in chain[:2]] == ["load_run", "run_context"] and chain[1].trigger_only_on_success
+    out = client.predict(b, api_name="/run_context")  # rd, images x3, setup x12
+    img_out, note_out = out[1], out[3]
     assert val(img_out) is None and b in note_out  # never the previous run's images
     meta = demo.engine.store.meta(b)
-    setup = out[10:]
+    setup = out[4:]
     assert val(setup[0]) == meta["settings"]["method"] and val(setup[1]) == meta["bits"]
     assert val(setup[5]) == meta["settings"]["calib"]["iterations"]
-    rd = plot_json(out[6])
+    rd = plot_json(out[0])
     sizes = {}
     for t in rd["data"]:
         for r, s in zip(t.get("text") or [], t["marker"]["size"] if isinstance(t["marker"]["size"], list) else []):
@@ -408,10 +410,20 @@ def test_run_switch_clears_images_restores_settings_and_moves_rd_highlight(app):
 
 
 def test_invalid_image_input_keeps_previous_result(app):
+    """Generate validates in a first step without outputs; only on success does make_images (which
+    owns the image outputs) run, so an error never blanks the images on screen."""
     demo, client, runs = app
-    rid = demo.engine.store.readable_ids()[0]
-    img, table, note = client.predict(rid, "0,12", 0, 4.0, 3, api_name="/images")  # no AppError
-    assert note.startswith("**Not generated:**") and "[0, 9]" in note
+    from gradio_client.exceptions import AppError
+    ui = demo.ui
+    first, chain = deps(demo, ui.gen_btn, "click")
+    assert [f.name for f in first] == ["check_images"] and first[0].outputs == []
+    assert [f.name for f in chain] == ["check_images", "make_images"] and chain[1].trigger_only_on_success
+    import gradio as gr
+    with pytest.raises(gr.Error, match=r"\[0, 9\]"):
+        first[0].fn(None, "0,12", 0, 4.0, 3, "")
+    first[0].fn(None, "0,1", 0, 4.0, 3, "")  # valid input passes
+    with pytest.raises(AppError, match=r"\[0, 9\]"):
+        client.predict(demo.engine.store.readable_ids()[0], "0,12", 0, 4.0, 3, api_name="/images")
 
 
 def test_cluster_plot_is_svg_not_webgl(app):

@@ -153,5 +153,18 @@ def test_views_follow_selection_in_browser(server, tmp_path):
         assert widths and all(svg >= 0.9 * box for box, svg in widths), widths
         out = tmp_path / "per-block.png"
         page.screenshot(path=str(out), full_page=True)
+
+        # invalid image input: the error is shown, the images on screen stay
+        page.get_by_role("tab", name="Images").click()
+        labels = page.get_by_label("Class labels")
+        labels.fill("1,2")
+        page.get_by_role("button", name="Generate images").click()
+        expect(page.locator("#samples img")).to_be_visible(timeout=180_000)
+        labels.fill("0,12")
+        page.get_by_role("button", name="Generate images").click()
+        expect(page.get_by_text("class labels must be in [0, 9]").first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)
+        expect(page.locator("#samples img")).to_be_visible()
+        page.screenshot(path=str(tmp_path / "images-invalid.png"), full_page=True)
         browser.close()
     assert not [m for m in console if "WebGL" in m], console

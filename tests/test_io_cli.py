@@ -52,8 +52,13 @@ def test_save_refuses_existing_dir_and_soft_layers(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         save_quantized(m, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    save_quantized(m, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match="not a previous"):  # issue 11: only a previous output is replaced
+        save_quantized(m, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+    save_quantized(m, tmp_path / "out3")
+    (tmp_path / "out3" / "stale.txt").write_text("old output")
+    save_quantized(m, tmp_path / "out3", overwrite=True)
+    assert not (tmp_path / "out3" / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
     lay = next(iter(quantized_layers(m).values()))
     lay.init_soft(torch.randn(lay.out_features, lay.in_features))

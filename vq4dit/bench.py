@@ -1,9 +1,15 @@
-"""Benchmark: every method at every bit-width on the embedded digits DiT.
+"""Benchmark on the embedded digits DiT: every method at every setting, several seeds, paired
+comparisons with confidence intervals. Writes one CSV row per run (resumable) and a report.
 
-    python -m vq4dit.bench                 # full run (what the README quotes), ~45 min on 2 cores
-    python -m vq4dit.bench --quick         # CI smoke: every method at W2 and W2-budget, tiny budgets
+    python -m vq4dit.bench --quick                       # CI smoke: W2 + XL-sharing, tiny budgets
+    python -m vq4dit.bench --plan main --seeds 3 4 5      # the reported table (seeds 3-5)
+    python -m vq4dit.bench --plan ablations --seeds 0 1 2 # tuning / ablations (seeds 0-2)
+    python -m vq4dit.bench --plan main --shard 0/4        # one of 4 processes (e.g. on one GPU)
+    python -m vq4dit.bench report results/bench_main.csv  # paired intervals vs codebook-only
 
-Prints a markdown table and writes a CSV. Every row uses the same seeds, labels and sampler.
+Every row of a plan is `python -m vq4dit quantize --recipe small --method M --seed S ...` with the
+same settings (the CLI and the bench share `run_method`). The seed sets both k-means and the
+calibration data, so methods compared at one seed share both. Rows already in the CSV are skipped.
 """
 from __future__ import annotations
 
@@ -13,186 +19,390 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import RECIPES, SMALL_MODEL_KMEANS_ITERS, VQ_PRESETS
+from .config import METHODS
 from .experiment import EvalSpec, generate, run_method
 
-METHOD_ORDER = ["rtn-tensor", "rtn", "kmeans", "codebook-only", "vq4dit-ref", "vq4dit", "vq4dit-ste"]
+# ----------------------------------------------------------------------------------------
+# Settings: (k, d) per name. bits/weight of indices = log2(k) / d.
+# ----------------------------------------------------------------------------------------
 
-# Budget-matched 2-bit setting for the small model: with hidden 256 the paper's W2 preset
-# (k=256, d=4) spends 0.25-0.4 extra bits/weight on fp16 codebooks (2.25-2.4 total). k=64, d=4
-# keeps each codeword shared by >= 256 sub-vectors and totals ~1.6 bits/weight, under the
-# 2 + 0.125 bits of per-channel RTN W2 -- so every method is compared at <= 2 total bits.
-BUDGET_W2 = dict(k=64, d=4)
+SETTINGS = {
+    "W2": dict(bits=2),            # paper preset k=256, d=4
+    "W3": dict(bits=3),            # k=64, d=2
+    "W4": dict(bits=4),            # k=256, d=2
+    # Budget-matched 2-bit: with hidden 256 the W2 preset spends 0.25-0.4 extra bits/weight on fp16
+    # codebooks; k=64, d=4 totals ~1.6 bits/weight, under per-channel RTN W2.
+    "W2-budget": dict(bits=2, k=64, d=4),
+    # Sharing-matched to DiT-XL/2 at W2: there each codeword is shared by out*in/(d*k) sub-vectors,
+    # 1152*1152/(4*256) = 1,296 (attention) to 1152*4608/(4*256) = 5,184 (MLP). On our hidden-256
+    # model k=16, d=4 gives 256*256/(4*16) = 1,024 to 256*1024/(4*16) = 4,096 (1.01 bits/weight
+    # of indices): the regime where shared codewords' gradients conflict, the paper's mechanism.
+    "XL-sharing": dict(bits=2, k=16, d=4),
+}
+CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste"]
+BASELINES = ["rtn-tensor", "rtn", "kmeans"]   # deterministic given the seed: one run each
 
-COLUMNS = ["setting", "method", "bits", "k", "d", "bits_per_weight", "acc_cfg1", "fd_cfg1", "acc_cfg4",
-           "fd_cfg4", "psnr_cfg1", "psnr_cfg4", "block_mse", "calib_seconds", "packed_bytes", "stopped", "machine"]
+# Ablations of the soft-to-hard gap (block MSE only): (label, method, calib overrides, vq overrides).
+ABLATIONS = [
+    ("codebook-only", "codebook-only", {}, {}),
+    ("vq4dit", "vq4dit", {}, {}),
+    ("vq4dit-ste", "vq4dit-ste", {}, {}),
+    # learning rates: the small recipe was tuned for vq4dit-ste; give the others their own try
+    ("vq4dit lr_logits 5e-2", "vq4dit", dict(lr_logits=5e-2), {}),
+    ("codebook-only lr_codebook 1e-3", "codebook-only", dict(lr_codebook=1e-3), {}),
+    # closing the soft-to-hard gap of the paper's soft forward
+    ("vq4dit lambda_r 0.1", "vq4dit", dict(lambda_r=0.1), {}),
+    ("vq4dit +anneal T->0.05", "vq4dit", dict(temperature_end=0.05), {}),
+    ("vq4dit +commit by 80%", "vq4dit", dict(commit_until=0.8), {}),
+    ("vq4dit +repick", "vq4dit", dict(finish_repick=True), {}),
+    ("vq4dit-ste +repick", "vq4dit-ste", dict(finish_repick=True), {}),
+    # init and candidates
+    ("vq4dit-ste +act-aware init", "vq4dit-ste", {}, dict(activation_aware=True)),
+    ("codebook-only +act-aware init", "codebook-only", {}, dict(activation_aware=True)),
+    ("vq4dit-ste n=1", "vq4dit-ste", {}, dict(n_candidates=1)),
+    ("vq4dit-ste n=3", "vq4dit-ste", {}, dict(n_candidates=3)),
+]
 
+COLUMNS = ["plan", "setting", "label", "method", "seed", "k", "d", "bits_per_weight", "block_mse",
+           "img_mse_cfg4", "psnr_cfg4", "acc_cfg4", "img_mse_cfg1", "psnr_cfg1", "acc_cfg1",
+           "fd_cfg4", "fd_cfg1", "n_fd_images", "conflict_share", "coherence", "changed_frac",
+           "calib_seconds", "stopped", "machine"]
+
+
+@dataclass
+class Job:
+    plan: str
+    setting: str
+    label: str
+    method: str
+    seed: int
+    calib: dict = field(default_factory=dict)
+    vq: dict = field(default_factory=dict)
+    images: bool = True      # image MSE/PSNR/accuracy vs FP on `n_images` at CFG 4 (and CFG 1)
+    fd: bool = False         # FD-digits on `n_fd` images at CFG 4 and 1
+
+    @property
+    def key(self) -> tuple:
+        return (self.plan, self.setting, self.label, str(self.seed))
+
+
+def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True) -> list[Job]:
+    jobs = []
+    if plan in ("main", "quick"):
+        for s in settings:
+            for m in methods or (BASELINES + CALIBRATED):
+                if METHODS[m].kind == "rtn" and "k" in SETTINGS[s]:
+                    continue  # RTN has no k/d: its rows live under the preset settings
+                for seed in (seeds[:1] if m in BASELINES else seeds):
+                    fd = plan == "main" and with_fd and s in ("W2", "XL-sharing") and m in CALIBRATED
+                    jobs.append(Job(plan, s, m, m, seed, fd=fd))
+    elif plan == "ablations":
+        for s in settings:
+            for label, m, calib, vq in ABLATIONS:
+                if methods and m not in methods:
+                    continue
+                for seed in seeds:
+                    jobs.append(Job(plan, s, label, m, seed, dict(calib), dict(vq), images=False))
+    else:
+        raise ValueError(f"unknown plan {plan!r}")
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------
 
 def machine_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA)"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__.split('+')[0]}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"
 
 
-def settings(quick: bool) -> list[tuple[str, int, dict]]:
-    """(name, bits, vq overrides). Quick mode keeps the two d=4 settings: d=2 presets have twice
-    the sub-vectors, and their k-means alone takes minutes on 2 cores."""
-    out = [(f"W{b}", b, {}) for b in sorted(VQ_PRESETS)]
-    out.append(("W2-budget", 2, dict(BUDGET_W2)))
-    return [s for s in out if s[2].get("d", VQ_PRESETS[s[1]][1]) == 4] if quick else out
+class Evaluator:
+    """FP references computed once: images from the same noise for every model."""
+
+    def __init__(self, teacher, n_images: int, n_fd: int, steps: int):
+        from .testbed.classifier import DigitsEvaluator
+        self.digits = DigitsEvaluator()  # loads the classifier and the real digits' features
+        self.specs = {c: EvalSpec(n_per_class=n_images // 10, guidance_scale=float(c), num_steps=steps, seed=0)
+                      for c in (4, 1)}
+        self.fd_specs = {c: EvalSpec(n_per_class=n_fd // 10, guidance_scale=float(c), num_steps=steps, seed=10_000)
+                         for c in (4, 1)}
+        self._fp: dict = {}
+        self.teacher = teacher
+
+    @property
+    def fp(self) -> dict:
+        """FP images per CFG, generated on first use (ablation plans never need them)."""
+        if not self._fp:
+            self._fp = {c: generate(self.teacher, spec) for c, spec in self.specs.items()}
+        return self._fp
+
+    def images(self, model) -> dict:
+        row = {}
+        for c, spec in self.specs.items():
+            m = self.digits.evaluate(generate(model, spec), spec.labels(), reference=self.fp[c])
+            row.update({f"img_mse_cfg{c}": m["image_mse"], f"psnr_cfg{c}": m["psnr"], f"acc_cfg{c}": m["accuracy"]})
+        return row
+
+    def fd(self, model) -> dict:
+        row = {}
+        for c, spec in self.fd_specs.items():
+            row[f"fd_cfg{c}"] = self.digits.evaluate(generate(model, spec), spec.labels())["fd_digits"]
+        row["n_fd_images"] = len(self.fd_specs[4].labels())
+        return row
+
+    def fp_row(self, plan, with_fd: bool) -> dict:
+        row = dict(plan=plan, setting="FP", label="fp32", method="fp32", seed=0, bits_per_weight=32.0, block_mse=0.0)
+        for c, spec in self.specs.items():
+            m = self.digits.evaluate(self.fp[c], spec.labels())
+            row[f"acc_cfg{c}"] = m["accuracy"]
+        if with_fd:
+            row.update(self.fd(self.teacher))
+        return row
 
 
-def packed_bytes(model) -> int:
-    from .io import save_quantized
-    with tempfile.TemporaryDirectory() as d:
-        save_quantized(model, Path(d) / "m")
-        return (Path(d) / "m" / "model.safetensors").stat().st_size
-
-
-def evaluate_model(model, evaluator, specs, fp_images) -> dict:
-    row = {}
-    for cfg, spec in specs.items():
-        imgs = generate(model, spec)
-        m = evaluator.evaluate(imgs, spec.labels(), reference=fp_images.get(cfg))
-        row[f"acc_cfg{cfg}"] = m["accuracy"]
-        row[f"fd_cfg{cfg}"] = m["fd_digits"]
-        if "psnr" in m:
-            row[f"psnr_cfg{cfg}"] = m["psnr"]
+def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
+            vq_extra: dict | None = None) -> dict:
+    vq = dict(SETTINGS[job.setting])
+    bits = vq.pop("bits")
+    vq.update(vq_extra or {}, **job.vq, seed=job.seed)
+    calib = dict(calib_extra, **job.calib, seed=job.seed, device=str(device))
+    t0 = time.time()
+    res = run_method(teacher, job.method, bits=bits, recipe=recipe, calib=calib, vq=vq, progress=False)
+    s = res.summary()
+    row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
+               k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
+               calib_seconds=s["seconds"], stopped=s["stopped"])
+    if res.trace is not None:
+        cs = res.trace.conflict_summary()
+        row.update(conflict_share=float(cs["conflict_share"].mean()) if len(cs) else None,
+                   coherence=float(cs["coherence_mean"].mean()) if len(cs) else None)
+        last = res.trace.layer_stats()
+        if len(last):
+            last = last[last["step"] == last["step"].max()]
+            row["changed_frac"] = float(last["changed_frac"].mean())
+    if job.images:
+        row.update(evaluator.images(res.model))
+    if job.fd:
+        row.update(evaluator.fd(res.model))
+    row["_conflicts"] = res.trace.conflict_summary() if res.trace is not None else None
+    row["_wall"] = time.time() - t0
     return row
 
 
-def run(quick: bool = False, out_csv: str = "bench.csv", model_dir=None, methods=None, only=None,
-        calib_overrides=None, log=print, per_class: int = 5, eval_steps: int = 25) -> list[dict]:
-    from .io import load_dit
-    from .testbed import DIGITS_DIT_DIR
-    from .testbed.classifier import DigitsEvaluator
-
-    bundle = load_dit(model_dir or DIGITS_DIT_DIR)
-    teacher = bundle.transformer
-    evaluator = DigitsEvaluator()
-    # Sampling dominates CPU time (a 7M-parameter DiT on 64 tokens): 5 images per class and 25
-    # DDIM steps per CFG keep a row near a minute on 2 cores.
-    n_per_class, steps = (2, 10) if quick else (per_class, eval_steps)
-    specs = {c: EvalSpec(n_per_class=n_per_class, guidance_scale=float(c), num_steps=steps, seed=0) for c in (1, 4)}
-    calib = dict(RECIPES["small"])
-    if quick:
-        calib.update(iterations=1, num_sampling_steps=5)
-    calib.update(calib_overrides or {})
-    kmeans_iters = 5 if quick else SMALL_MODEL_KMEANS_ITERS
-    machine = machine_name()
-    rows = []
-
-    t0 = time.time()
-    fp_images = {c: generate(teacher, spec) for c, spec in specs.items()}
-    fp = dict(setting="FP", method="fp32", bits=32, k=None, d=None, bits_per_weight=32.0, block_mse=0.0,
-              calib_seconds=0.0, packed_bytes=None, stopped=None, machine=machine)
-    fp.update(evaluate_model(teacher, evaluator, specs, {}))
-    fp.update(psnr_cfg1=math.inf, psnr_cfg4=math.inf)
-    rows.append(fp)
-    log(f"FP: acc cfg1 {fp['acc_cfg1']:.3f} cfg4 {fp['acc_cfg4']:.3f}, FD cfg1 {fp['fd_cfg1']:.2f} ({time.time() - t0:.0f}s)")
-    for name, bits, vq in settings(quick):
-        if only and name not in only:
-            continue
-        for method in methods or METHOD_ORDER:
-            if method.startswith("rtn") and vq:
-                continue  # RTN has no k/d: its rows live under the preset settings
-            t1 = time.time()
-            res = run_method(teacher, method, bits=bits, calib=calib,
-                             vq=None if method.startswith("rtn") else dict(vq, kmeans_iters=kmeans_iters),
-                             progress=False)
-            s = res.summary()
-            row = dict(setting=name, method=method, bits=bits, k=s["k"], d=s["d"],
-                       bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
-                       calib_seconds=s["seconds"], packed_bytes=packed_bytes(res.model), stopped=s["stopped"],
-                       machine=machine)
-            row.update(evaluate_model(res.model, evaluator, specs, fp_images))
-            rows.append(row)
-            write_csv(rows, out_csv)  # after every row: an interrupted run keeps what it measured
-            log(f"{name:9s} {method:13s} bpw {row['bits_per_weight']:.3f} acc1 {row['acc_cfg1']:.3f} "
-                f"fd1 {row['fd_cfg1']:.2f} acc4 {row['acc_cfg4']:.3f} fd4 {row['fd_cfg4']:.2f} "
-                f"psnr1 {row['psnr_cfg1']:.2f} mse {row['block_mse']:.3g} calib {row['calib_seconds']:.0f}s "
-                f"(row {time.time() - t1:.0f}s)")
-    write_csv(rows, out_csv)
-    print(markdown_table(rows))
-    log(f"wrote {out_csv} ({time.time() - t0:.0f}s total, machine: {machine})")
-    return rows
+def read_rows(path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, columns=COLUMNS):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
 
 
-def _fmt(v, spec):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return format(v, spec)
+def run(plan: str, out_csv, settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
+        n_images=200, n_fd=1000, steps=25, device=None, log=print) -> list[dict]:
+    from .io import load_dit
+    from .sampling import pick_device
+    from .testbed import DIGITS_DIT_DIR
+
+    settings = settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad:
+        raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
+    device = pick_device(device)
+    teacher = load_dit(DIGITS_DIT_DIR, device=device).transformer
+    jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0)
+    i, n = shard
+    jobs = jobs[i::n]
+    rows = read_rows(out_csv)
+    done = {(r["plan"], r["setting"], r["label"], r["seed"]) for r in rows}
+    todo = [j for j in jobs if j.key not in done]
+    log(f"{len(jobs)} jobs in shard {i}/{n}, {len(jobs) - len(todo)} already in {out_csv}; machine: {machine_name()}")
+    # Layer statistics (incl. gradient conflicts) every 10 steps: 20 records over the small recipe.
+    calib_extra = dict(iterations=1, num_sampling_steps=5) if quick else dict(trace_every=10)
+    if quick:
+        n_images, n_fd, steps = 20, 0, 10
+    evaluator = Evaluator(teacher, n_images, max(n_fd, 20), steps)
+    conflicts_csv = Path(out_csv).with_name(Path(out_csv).stem + "_conflicts.csv")
+    conflict_rows = read_rows(conflicts_csv)
+    machine = machine_name()
+    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations":
+        rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
+                         machine=machine))
+        write_csv(rows, out_csv)
+    for j, job in enumerate(todo):
+        row = run_job(job, teacher, evaluator, "small", calib_extra, device,
+                      dict(kmeans_iters=5) if quick else None)
+        cs = row.pop("_conflicts")
+        wall = row.pop("_wall")
+        row["machine"] = machine
+        rows.append(row)
+        write_csv(rows, out_csv)  # after every row: an interrupted run keeps what it measured
+        if cs is not None and len(cs):
+            for r in cs.to_dict("records"):
+                conflict_rows.append(dict(plan=job.plan, setting=job.setting, label=job.label, seed=job.seed, **r))
+            write_csv(conflict_rows, conflicts_csv, ["plan", "setting", "label", "seed", "layer", "block", "kind",
+                                                    "conflict_share", "coherence_mean", "n_steps"])
+        log(f"[{j + 1}/{len(todo)}] {job.setting:10s} {job.label:28s} seed {job.seed} "
+            f"mse {row['block_mse']:.4g} img4 {row.get('img_mse_cfg4', float('nan')):.4g} "
+            f"calib {row['calib_seconds']:.1f}s (row {wall:.0f}s)")
+    return rows
 
 
-def markdown_table(rows) -> str:
-    head = ("| setting | method | k | d | bits/weight | acc CFG1 | FD CFG1 | acc CFG4 | FD CFG4 | PSNR CFG1 dB "
-            "| PSNR CFG4 dB | block MSE | calib s | packed bytes |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["setting"], r["method"], _fmt(r.get("k"), "d"), _fmt(r.get("d"), "d"),
-            _fmt(r["bits_per_weight"], ".3f"), _fmt(r.get("acc_cfg1"), ".1%"), _fmt(r.get("fd_cfg1"), ".2f"),
-            _fmt(r.get("acc_cfg4"), ".1%"), _fmt(r.get("fd_cfg4"), ".2f"), _fmt(r.get("psnr_cfg1"), ".2f"),
-            _fmt(r.get("psnr_cfg4"), ".2f"), _fmt(r.get("block_mse"), ".3g"), _fmt(r.get("calib_seconds"), ".0f"),
-            _fmt(r.get("packed_bytes"), ",d")]) + " |")
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------------------
+# Report: paired per-seed differences vs codebook-only with 95% t-intervals
+# ----------------------------------------------------------------------------------------
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _num(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def paired(rows, metric, label, base="codebook-only"):
+    """Relative paired difference (label - base) / base per seed: (mean, lo, hi, n) in %."""
+    by = {(r["label"], r["seed"]): _num(r.get(metric)) for r in rows}
+    diffs = [100 * (by[(label, s)] - by[(base, s)]) / by[(base, s)]
+             for (lab, s) in by if lab == label and by.get((base, s)) and by[(label, s)] is not None]
+    if len(diffs) < 2:
+        return None
+    m, sd, n = float(np.mean(diffs)), float(np.std(diffs, ddof=1)), len(diffs)
+    h = T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return m, m - h, m + h, n
+
+
+def mean_sd(rows, metric, label):
+    v = [_num(r.get(metric)) for r in rows if r["label"] == label]
+    v = [x for x in v if x is not None]
+    if not v:
+        return None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
+
+
+def report(csv_path) -> str:
+    rows = read_rows(csv_path)
+    out = [f"Source: `{csv_path}` ({len(rows)} rows; machine: {rows[-1]['machine'] if rows else '?'})", ""]
+    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
+    for setting in [s for s in SETTINGS if any(r["setting"] == s for r in rows)]:
+        rs = [r for r in rows if r["setting"] == setting]
+        labels = list(dict.fromkeys(r["label"] for r in rs))
+        out.append(f"### {setting} ({rs[0]['k']} codewords, d={rs[0]['d']})" if rs[0].get("k") else f"### {setting}")
+        out.append("")
+        head = "| method | seeds | bits/w | " + " | ".join(
+            f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in metrics) + \
+            " | conflict share | vs codebook-only (95% CI) | calib s |"
+        out.append(head)
+        out.append("|" + "---|" * (head.count("|") - 1))
+        for lab in labels:
+            cells = [lab]
+            ms = mean_sd(rs, "block_mse", lab)
+            cells.append(str(ms[2]) if ms else "-")
+            b = mean_sd(rs, "bits_per_weight", lab)
+            cells.append(f"{b[0]:.3f}" if b else "-")
+            for key, _ in metrics:
+                v = mean_sd(rs, key, lab)
+                cells.append(f"{v[0]:.4g} ± {v[1]:.2g}" if v else "-")
+                if lab == "codebook-only":
+                    cells.append("(baseline)")
+                    continue
+                p = paired(rs, key, lab)
+                if p is None:
+                    cells.append("-")
+                else:
+                    verdict = " **beats**" if p[2] < 0 else (" loses" if p[1] > 0 else "")
+                    cells.append(f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}")
+            c = mean_sd(rs, "conflict_share", lab)
+            cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
+            pc = paired(rs, "conflict_share", lab) if lab != "codebook-only" else None
+            cells.append(f"{pc[0]:+.1f}% [{pc[1]:+.1f}, {pc[2]:+.1f}]" if pc else "-")
+            t = mean_sd(rs, "calib_seconds", lab)
+            cells.append(f"{t[0]:.0f}" if t else "-")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    fd = [r for r in rows if _num(r.get("fd_cfg4")) is not None]
+    if fd:
+        out += ["### FD-digits (classifier features)", "",
+                "| setting | method | seeds | images | FD CFG4 mean ± sd | FD CFG1 mean ± sd |", "|---|---|---|---|---|---|"]
+        for setting in dict.fromkeys(r["setting"] for r in fd):
+            rs = [r for r in fd if r["setting"] == setting]
+            for lab in dict.fromkeys(r["label"] for r in rs):
+                a, b = mean_sd(rs, "fd_cfg4", lab), mean_sd(rs, "fd_cfg1", lab)
+                out.append(f"| {setting} | {lab} | {a[2]} | {rs[0]['n_fd_images']} | {a[0]:.1f} ± {a[1]:.1f} | "
+                           f"{b[0]:.1f} ± {b[1]:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        p = argparse.ArgumentParser(prog="python -m vq4dit.bench report")
+        p.add_argument("csv")
+        p.add_argument("--out", help="markdown file (default: print)")
+        a = p.parse_args(argv[1:])
+        text = report(a.csv)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+        print(text)
+        return 0
     p = argparse.ArgumentParser(prog="python -m vq4dit.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny budgets (CI smoke test): every method at W2 and W2-budget, few images")
-    p.add_argument("--out", default="bench.csv", help="CSV path (default bench.csv)")
-    p.add_argument("--model", help="DiT dir (default: the embedded digits DiT)")
-    p.add_argument("--methods", nargs="*", help=f"subset of {METHOD_ORDER}")
-    p.add_argument("--settings", nargs="*", help="subset of W2 W3 W4 W2-budget")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: tiny budgets, W2 + XL-sharing, 1 seed")
+    p.add_argument("--plan", default="main", choices=["main", "ablations"])
+    p.add_argument("--out", default="bench.csv", help="CSV path; existing rows are kept and skipped")
+    p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
+    p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)}")
+    p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
+    p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG")
+    p.add_argument("--fd-images", type=int, default=1000, help="images for FD-digits (main plan, W2 + XL-sharing)")
+    p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps for generated images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--per-class", type=int, default=5, help="generated images per class and CFG (full mode)")
-    p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps for generated images (full mode)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bad = set(args.methods or []) - set(METHOD_ORDER)
+    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bad = set(a.methods or []) - set(METHODS)
     if bad:
-        print(f"error: unknown methods {sorted(bad)}; choose from {METHOD_ORDER}", file=sys.stderr)
+        print(f"error: unknown methods {sorted(bad)}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
-    run(quick=args.quick, out_csv=args.out, model_dir=args.model, methods=args.methods, only=args.settings,
-        log=lambda s: print(s, file=sys.stderr, flush=True), per_class=args.per_class, eval_steps=args.eval_steps)
+    try:
+        i, n = (int(x) for x in a.shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        print(f"error: --shard must be i/n with 0 <= i < n, got {a.shard!r}", file=sys.stderr)
+        return 2
+    seeds = a.seeds[:1] if a.quick else a.seeds
+    run(a.plan, a.out, a.settings, a.methods, seeds, (i, n), a.quick, a.images, a.fd_images, a.eval_steps,
+        a.device, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def read_csv(path) -> list[dict]:
-    """Rows of a bench CSV with numbers parsed back (for README tables from saved runs)."""
-    def num(v):
-        if v in ("", "None"):
-            return None
-        try:
-            f = float(v)
-        except ValueError:
-            return v
-        return int(f) if f.is_integer() and abs(f) < 1e15 and "." not in v and "e" not in v else f
-    with open(path) as f:
-        return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]

@@ -14,10 +14,12 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from diffusers import DDPMScheduler
 
 from .config import VQConfig
 from .layers import VQLinear, block_index, layer_type, quantized_layers
-from .sampling import cfg_batch, combine_cfg, make_scheduler, pick_device, random_labels_and_noise
+from .sampling import (cfg_batch, combine_cfg, has_learned_sigma, make_scheduler, pick_device,
+                       random_labels_and_noise)
 from .trace import Recorder, Trace, gradient_conflict
 
 # ----------------------------------------------------------------------------------------
@@ -42,14 +44,17 @@ def capture_blocks(model: nn.Module) -> Iterator[list]:
 
 
 def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_steps: int,
-                       guidance_scale: float, scheduler=None):
+                       guidance_scale: float, scheduler=None, generator: Optional[torch.Generator] = None):
     """Run the teacher's CFG sampler; yield (x_in, t_in, y_in, teacher_block_outputs) per step.
 
-    x_in/y_in hold the CFG batch (2N: conditional + null class) that both models see.
+    x_in/y_in hold the CFG batch (2N: conditional + null class) that both models see. A DDPM
+    `scheduler` draws its per-step noise from `generator` (CPU), so trajectories are seeded.
     """
     scheduler = scheduler or make_scheduler()
     scheduler.set_timesteps(num_steps)
     n, c = noise.shape[0], noise.shape[1]
+    stochastic = isinstance(scheduler, DDPMScheduler)
+    learned = stochastic and scheduler.config.variance_type == "learned_range"
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in, y_in = cfg_batch(teacher, scheduler.scale_model_input(x, t), labels)  # (2N, ...)
@@ -57,7 +62,11 @@ def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_s
         with torch.no_grad(), capture_blocks(teacher) as outs:
             out = teacher(x_in, timestep=t_in, class_labels=y_in, return_dict=False)[0]
         yield x_in, t_in, y_in, [o.detach() for o in outs]
-        x = scheduler.step(combine_cfg(out, c, guidance_scale), t, x).prev_sample
+        eps = combine_cfg(out, c, guidance_scale)                      # (N, C, H, W)
+        if learned:  # guide eps only; keep the conditional half's variance (DiT's sampler)
+            eps = torch.cat([eps, out[:n, c:]], 1)
+        kw = dict(generator=generator) if stochastic else {}
+        x = scheduler.step(eps, t, x, **kw).prev_sample
 
 
 def block_losses(student, x_in, t_in, y_in, targets) -> list[torch.Tensor]:
@@ -115,6 +124,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     rec.record_layers(0, {})
 
     g = torch.Generator().manual_seed(cfg.seed)
+    scheduler = make_scheduler(kind=cfg.teacher_sampler, learned_sigma=has_learned_sigma(teacher))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -123,9 +133,12 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     try:
         for it in range(cfg.iterations):
             labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
-            for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise,
-                                                                 cfg.num_sampling_steps, cfg.guidance_scale):
+            for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
+                                                                 cfg.guidance_scale, scheduler, g):
                 step += 1
+                if cfg.temperature_end is not None:  # annealed ratios: T goes 1 -> temperature_end
+                    for m in layers.values():
+                        m.temperature = cfg.temperature_end ** (step / cfg.total_steps)
                 want_stats = rec.wants_layer_stats(step)
                 for m in layers.values():
                     m.record_weight_grad = want_stats
@@ -148,13 +161,16 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                 # 3. Progressive freezing and the switch to hard assignments (spec step 7)
                 newly_hard = []
                 force = cfg.force_hard_at is not None and step >= cfg.force_hard_at * cfg.total_steps
+                commit = (None if cfg.commit_until is None
+                          else min(1.0, step / (cfg.commit_until * cfg.total_steps)))
                 if step > cfg.freeze_after or force:
                     for n, m in layers.items():
                         if m.hard:
                             continue
                         if force:
                             m.make_hard()
-                        elif not m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold):
+                        elif not (m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold)
+                                  or (commit is not None and m.commit_most_confident(commit, cfg.hard_threshold))):
                             continue
                         m.codebook.requires_grad_(True)  # hard layers train their codebook
                         newly_hard.append(n)
@@ -188,7 +204,11 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
         finalize(student)
         for m in layers.values():
             m.record_weight_grad, m.last_weight = False, None
-    # 4. Final record: everything hard, codebooks at storage precision
+    # 4. Optional discrete finishing pass (codebook fixed), then the final record
+    if cfg.finish_repick and stopped is None:
+        moments = collect_input_moments(teacher, list(layers), cfg, device)
+        changed = {n: m.repick(originals[n].to(device), moments[n]) for n, m in layers.items()}
+        trace.meta["repick_changed"] = changed
     rec.snap_steps.add(step)
     trace._layers = [r for r in trace._layers if r["step"] != step]  # final state replaces step's record
     trace._ratios = [r for r in trace._ratios if r["step"] != step]
@@ -208,3 +228,33 @@ def finalize(model: nn.Module):
         for p in m.parameters():
             p.requires_grad_(False)
 
+
+@torch.no_grad()
+def collect_input_moments(teacher: nn.Module, names: list[str], cfg, device, trajectories: int = 2,
+                          seed_offset: int = 7919) -> dict[str, torch.Tensor]:
+    """H = E[x x^T] (in, in) of each named Linear's input, over the teacher's own CFG trajectories
+    (a seed apart from calibration's). Used by the finishing pass's output-error proxy."""
+    mods = {n: teacher.get_submodule(n) for n in names}
+    sums = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in mods.items()}
+    count = {n: 0 for n in names}
+
+    def hook(name):
+        def f(_mod, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()   # (tokens, in)
+            sums[name].add_(x.T @ x)
+            count[name] += x.shape[0]
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    try:
+        g = torch.Generator().manual_seed(cfg.seed + seed_offset)
+        scheduler = make_scheduler(kind=cfg.teacher_sampler, learned_sigma=has_learned_sigma(teacher))
+        for _ in range(trajectories):
+            labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
+            for _step in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps, cfg.guidance_scale,
+                                            scheduler, g):
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / max(count[n], 1) for n in names}

@@ -19,6 +19,8 @@ from typing import Optional
 # bits -> (k codewords, d sub-vector length), from the paper (index bits per weight = log2(k)/d).
 VQ_PRESETS = {2: (256, 4), 3: (64, 2), 4: (256, 2)}
 RTN_BITS = (2, 3, 4, 8)
+MAX_LR = 10.0          # learning-rate cap (reference lrs are 5e-2 / 1e-4)
+MAX_LAMBDA_R = 1000.0  # cap of the ratio-regularizer weight (reference: 1.0)
 
 
 def index_bits(k: int) -> int:
@@ -31,8 +33,9 @@ class CalibConfig:
     """Zero-data block-wise calibration. Defaults are the reference code's recipe."""
     iterations: int = 1000            # sampler trajectories (reference: 1000)
     labels_per_iteration: int = 4     # random class labels per trajectory (reference: 4)
-    num_sampling_steps: int = 50      # teacher DDIM steps per trajectory; one optimizer step each
+    num_sampling_steps: int = 50      # teacher sampler steps per trajectory; one optimizer step each
     guidance_scale: float = 4.0       # CFG along the teacher trajectory (reference: 4.0)
+    teacher_sampler: str = "ddpm"     # reference code: stochastic DDPM; "ddim" = deterministic
     lr_logits: float = 5e-2           # RMSprop lr for assignment logits (reference)
     lr_codebook: float = 1e-4         # RMSprop lr for codebooks (reference)
     lr_bias: float = 1e-4             # RMSprop lr for biases (reference)
@@ -48,6 +51,12 @@ class CalibConfig:
                                       # mix. False = paper (soft forward)
     force_hard_at: Optional[float] = None  # fraction of the run after which every layer is made hard
                                            # (its codebook keeps training); None = reference
+    temperature_end: Optional[float] = None  # anneal the ratios' softmax temperature from 1 to this
+                                             # (geometric, AdaRound-style); None = paper (T = 1)
+    commit_until: Optional[float] = None   # commit the most confident sub-vectors on a linear schedule,
+                                           # all by this fraction of the run (ViM-VQ style); None = paper
+    finish_repick: bool = False            # after calibration, re-pick each sub-vector's codeword among
+                                           # its nearest with the codebook fixed (PV-tuning style)
     max_seconds: Optional[float] = None  # wall-clock budget; stops early and keeps the result
     trace_every: Optional[int] = None    # record layer stats every N steps (None: ~100 records)
     n_snapshots: int = 6              # codebook/sample snapshots over the run (+ start and end)
@@ -63,10 +72,28 @@ class CalibConfig:
         for name in ("lr_logits", "lr_codebook", "lr_bias"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"CalibConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.teacher_sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"teacher_sampler must be 'ddim' or 'ddpm', got {self.teacher_sampler!r}")
+        if self.temperature_end is not None and not 0.0 < self.temperature_end <= 1.0:
+            raise ValueError(f"temperature_end must be in (0, 1], got {self.temperature_end}")
+        if self.commit_until is not None and not 0.0 < self.commit_until <= 1.0:
+            raise ValueError(f"commit_until must be a fraction in (0, 1], got {self.commit_until}")
         if self.force_hard_at is not None and not 0.0 <= self.force_hard_at <= 1.0:
             raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
         if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
             raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
+        # bounded, finite numbers (a huge lr or a NaN lambda_r ends in NaN losses)
+        for name in ("lr_logits", "lr_codebook", "lr_bias"):
+            if getattr(self, name) > MAX_LR:
+                raise ValueError(f"CalibConfig.{name} must be <= {MAX_LR}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lambda_r) and 0 <= self.lambda_r <= MAX_LAMBDA_R):
+            raise ValueError(f"CalibConfig.lambda_r must be a finite number in [0, {MAX_LAMBDA_R}], got {self.lambda_r}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"CalibConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"CalibConfig.max_seconds must be a finite number > 0 (or None), got {self.max_seconds}")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise ValueError(f"CalibConfig.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha}")
 
     @property
     def total_steps(self) -> int:
@@ -83,6 +110,8 @@ class VQConfig:
     kmeans_iters: int = 100           # paper: ~100 Lloyd iterations
     seed: int = 0
     codebook_dtype: str = "float16"   # stored codebook precision (counted in bits/weight)
+    activation_aware: bool = False    # weight k-means and candidate distances by the layer input's
+                                      # E[x^2] (GPTVQ-style init); False = paper (plain distances)
     calib: Optional[CalibConfig] = None  # None = plain k-means VQ, no calibration
     method: str = "kmeans"            # name used in reports; set by `method_config`
 
@@ -141,15 +170,16 @@ RECIPES: dict[str, dict] = {
         num_sampling_steps=25,   # teacher steps per trajectory, one optimizer step each (reference: 50)
         lr_codebook=3e-4,        # 3x the reference: 200 steps instead of 50,000 (1e-3 overshoots)
         lr_logits=2e-2,          # below the reference 5e-2, which flips too many assignments per step
+        teacher_sampler="ddim",  # deterministic trajectories: what the small recipe was tuned with
     ),
 }
-RECIPE_KEYS = {"iterations", "num_sampling_steps", "labels_per_iteration", "lr_logits", "lr_codebook",
-               "lr_bias", "rmsprop_alpha", "lambda_r", "guidance_scale"}
+# k-means Lloyd iterations per recipe (a VQConfig field, so kept apart from the CalibConfig keys):
+# on the small model k-means converges (scikit-learn tolerance) well before the paper's 100.
+RECIPE_KMEANS_ITERS = {"reference": 100, "small": 50}
+SMALL_MODEL_KMEANS_ITERS = RECIPE_KMEANS_ITERS["small"]
 # Models with fewer quantizable weights than this default to the small recipe (the embedded
 # digits DiT has 7.1M; DiT-XL/2 has 669M and gets the reference budget).
 SMALL_MODEL_WEIGHTS = 50_000_000
-# k-means iterations for small models: converges (scikit-learn tolerance) well before 100.
-SMALL_MODEL_KMEANS_ITERS = 50
 
 
 def default_recipe(n_quantizable_weights: int) -> str:
@@ -163,7 +193,7 @@ def default_recipe(n_quantizable_weights: int) -> str:
 
 # CalibConfig fields that change the algorithm (not the budget).
 ALGORITHM_SWITCHES = ("train_assignments", "train_codebook_soft", "hard_forward", "force_hard_at",
-                      "freeze_after")
+                      "freeze_after", "temperature_end", "commit_until", "finish_repick")
 
 
 @dataclass(frozen=True)
@@ -184,7 +214,7 @@ class MethodSpec:
 
 
 _PAPER = dict(train_assignments=True, train_codebook_soft=True, hard_forward=False, force_hard_at=None,
-              freeze_after=0)
+              freeze_after=0, temperature_end=None, commit_until=None, finish_repick=False)
 
 # Every method is a config through the same code path (torchao style).
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
@@ -241,4 +271,6 @@ def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, reci
         c = CalibConfig(**{"recipe": recipe, **RECIPES[recipe], **spec.calib, **(calib or {})})
     elif calib:
         raise ValueError(f"method {method!r} has no calibration; got calibration settings {sorted(calib)}")
-    return VQConfig(bits=bits, calib=c, method=derived_name(method, c), **kw)
+    kw.setdefault("kmeans_iters", RECIPE_KMEANS_ITERS[recipe])
+    name = derived_name(method, c) + ("+activation_aware" if kw.get("activation_aware") else "")
+    return VQConfig(bits=bits, calib=c, method=name, **kw)

@@ -13,18 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from .config import RTNConfig, VQConfig
+from .config import RTN_BITS, RTNConfig, VQConfig
 from .layers import RTNLinear, VQLinear, quantized_layers
 from .quant_api import _replace, check_finite, size_summary
+from .safety import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
 from .sampling import make_scheduler
 
 PACKED_CONFIG = "vq4dit_config.json"
@@ -108,10 +109,29 @@ def _load_transformer(folder: Path, device, dtype):
         raise ValueError(f"{folder} holds a {cfg.get('_class_name')!r}, not a DiTTransformer2DModel")
     _check_safetensors(folder)
     try:
-        model = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype)
+        model, info = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype,
+                                                            output_loading_info=True)
     except Exception as e:  # diffusers raises many types for bad files; name the folder
         raise ValueError(f"could not load the DiT weights in {folder}: {e}") from e
+    _check_loading_info(folder, info)
     return model.to(device).eval()
+
+
+def _check_loading_info(folder, info: dict):
+    """Missing weights would be randomly initialised, unexpected ones ignored: both are errors."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with mismatched shapes (e.g. {[m[0] for m in mismatched[:3]]})")
+        raise ValueError(f"the weights in {folder} do not match its config.json: " + "; ".join(parts)
+                         + " (a missing weight would be randomly initialised)")
 
 
 def _scheduler_from(folder: Path):
@@ -126,17 +146,26 @@ def _scheduler_from(folder: Path):
     return DDIMScheduler.from_config(cfg)
 
 
+HUB_PREFIX = "hf:"  # `hf:facebook/DiT-XL-2-256` loads from the Hugging Face Hub; anything else is local
+
+
 def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBundle:
     """Load a DiT from a transformer dir, a pipeline dir (transformer/, scheduler/, vae/),
-    a packed vq4dit dir, or a Hub id (passed through to diffusers)."""
+    a packed vq4dit dir, or, only with the explicit `hf:` prefix, a Hub id (`hf:owner/name`).
+
+    A path that does not exist is an error: it never falls back to the Hub."""
     device = torch.device(device) if device else torch.device("cpu")
+    s = str(path)
+    if s.startswith(HUB_PREFIX):
+        repo = s[len(HUB_PREFIX):]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo):
+            raise ValueError(f"{s!r} is not a Hub id: use hf:owner/name")
+        return _load_from_hub(repo, device, dtype)
     p = Path(path)
     if not p.exists():
-        s = str(path)
-        looks_like_hub_id = s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
-        if not looks_like_hub_id:
-            raise FileNotFoundError(f"model directory {s} does not exist")
-        return _load_from_hub(s, device, dtype)
+        hint = (f" (to load from the Hugging Face Hub, write {HUB_PREFIX}{s})"
+                if s.count("/") == 1 and not s.startswith((".", "/", "~")) else "")
+        raise FileNotFoundError(f"model directory {s} does not exist{hint}")
     if not p.is_dir():
         raise ValueError(f"{p} is a file: pass a model directory (diffusers format)")
     if (p / PACKED_CONFIG).is_file():
@@ -148,7 +177,9 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBu
         if (p / "vae" / "config.json").is_file():
             from diffusers import AutoencoderKL
             _check_safetensors(p / "vae")
-            vae = AutoencoderKL.from_pretrained(p / "vae", use_safetensors=True).to(device).eval()
+            vae, info = AutoencoderKL.from_pretrained(p / "vae", use_safetensors=True, output_loading_info=True)
+            _check_loading_info(p / "vae", info)
+            vae = vae.to(device).eval()
         bundle = DiTBundle(_load_transformer(p / "transformer", device, dtype),
                            _scheduler_from(p / "scheduler"), vae, str(p))
     else:
@@ -158,13 +189,24 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBu
     return bundle
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _load_from_hub(repo_id: str, device, dtype) -> DiTBundle:
     from diffusers import AutoencoderKL, DiTTransformer2DModel
+    offline = hub_offline()
     try:
-        tr = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", use_safetensors=True,
-                                                   torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", use_safetensors=True)
+        tr, info = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", use_safetensors=True,
+                                                         torch_dtype=dtype, local_files_only=offline,
+                                                         output_loading_info=True)
+        _check_loading_info(f"{HUB_PREFIX}{repo_id}", info)
+        vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", use_safetensors=True,
+                                            local_files_only=offline)
     except Exception as e:
+        if offline:
+            raise ValueError(f"could not load {repo_id!r}: HF_HUB_OFFLINE is set and it is not in the local "
+                             f"Hub cache ({type(e).__name__})") from None
         raise ValueError(f"could not load {repo_id!r} from the Hub (no network or no access?): {e}. "
                          f"Download it once and pass the local directory instead.") from e
     return DiTBundle(tr.to(device).eval(), make_scheduler(), vae.to(device).eval(), repo_id)
@@ -175,26 +217,35 @@ def _load_from_hub(repo_id: str, device, dtype) -> DiTBundle:
 # ----------------------------------------------------------------------------------------
 
 
-def _atomic_dir(out: Path, overwrite: bool):
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists (use --overwrite / overwrite=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+def check_output(out, overwrite: bool, protect=()) -> Path:
+    """Before any work: OUT may be written (missing, or a previous packed output with overwrite=True,
+    never an input model or the working directory) and its parent is writable."""
+    out = Path(os.path.abspath(out))
+    recover_backup(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"output directory {out} already exists (use --overwrite / overwrite=True)")
+        check_replace_target(out, PACKED_CONFIG, protect, what="packed vq4dit output")
+    check_writable(out.parent)
+    return out
+
+
+def _atomic_dir(out: Path, overwrite: bool, protect=()):
+    out = check_output(out, overwrite, protect)
+    return temp_dir_for(out)
 
 
 def _commit_dir(tmp: Path, out: Path):
-    if out.exists():
-        old = out.with_name(f".{out.name}-old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
-def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None) -> Path:
-    """Write the packed model. Layers must be hard (calibration's `finalize` does that)."""
+def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None,
+                   protect=(), write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write the packed model. Layers must be hard (calibration's `finalize` does that).
+
+    overwrite=True replaces only a previous packed output (never a path in `protect`, the working
+    directory or a parent of it). `write_extra(tmp_dir)` may add files (e.g. the trace) before the
+    directory is renamed into place, so OUT appears complete or not at all."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     qlayers = quantized_layers(model)
@@ -232,13 +283,15 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
                 transformer_config={k: v for k, v in dict(model.config).items() if not k.startswith("_")},
                 transformer_class=type(model).__name__, layers=layout, size=size_summary(model),
                 extra=extra or {})
-    tmp = _atomic_dir(out_dir, overwrite)
+    tmp = _atomic_dir(out_dir, overwrite, protect)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
         (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
         (scheduler or make_scheduler()).save_pretrained(tmp / "scheduler")
         meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
         (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
+        if write_extra is not None:
+            write_extra(tmp)
         _commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,8 +317,11 @@ def load_quantized(path, device=None) -> DiTBundle:
         t = load_file(str(wfile))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfile} is corrupt: {e}") from e
+    _validate_packed(meta, t, wfile)
     model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     cfg_d = meta.get("config") or {}
+    if not isinstance(cfg_d, dict):
+        cfg_d = {}
     for name, lay in meta["layers"].items():
         out_f, in_f = lay["shape"]
         try:
@@ -305,3 +361,134 @@ def load_quantized(path, device=None) -> DiTBundle:
         p.requires_grad_(False)
     device = torch.device(device) if device else torch.device("cpu")
     return DiTBundle(model.to(device).eval(), _scheduler_from(path / "scheduler"), None, str(path), meta)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation of a packed model before anything is built from it
+# ----------------------------------------------------------------------------------------
+
+_INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
+               "patch_size", "num_embeds_ada_norm")
+_MAX_POS_ELEMENTS = 1 << 28  # positional-embedding table (positions x hidden) built at init
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_packed(meta: dict, t: dict, wfile: Path):
+    """Check every field, tensor shape, dtype, finiteness and index range against the actual tensors
+    (sizes in the JSON are bounded by what the file holds), so a tampered file is a clear ValueError
+    instead of a hang, a crash at the first forward, or NaN outputs."""
+    def bad(msg):
+        raise ValueError(f"{wfile.parent} is not a valid packed model: {msg}")
+
+    tc, layers = meta.get("transformer_config"), meta.get("layers")
+    if not isinstance(tc, dict):
+        bad("transformer_config is not an object")
+    if not isinstance(layers, dict) or not layers:
+        bad("layers is not a non-empty object")
+    for f in _INT_FIELDS:
+        if not _is_int(tc.get(f)) or not 1 <= tc[f] <= 1 << 16:
+            bad(f"transformer_config.{f} must be an integer in [1, 65536], got {tc.get(f)!r}")
+    if tc.get("out_channels") is not None and (not _is_int(tc["out_channels"]) or not 1 <= tc["out_channels"] <= 1 << 16):
+        bad(f"transformer_config.out_channels must be an integer, got {tc.get('out_channels')!r}")
+    # sizes implied by the tensors actually present
+    blocks = {int(m.group(1)) for k in t for m in [re.match(r"(?:fp/|vq/|rtn/)transformer_blocks\.(\d+)\.", k)] if m}
+    if blocks != set(range(len(blocks))):
+        bad(f"transformer block indices in the weights are not 0..n-1: {sorted(blocks)[:8]}")
+    if tc["num_layers"] != len(blocks):
+        bad(f"transformer_config.num_layers={tc['num_layers']} but the weights hold {len(blocks)} blocks")
+    hidden = tc["num_attention_heads"] * tc["attention_head_dim"]
+    pe = t.get("fp/pos_embed.proj.weight")
+    want = (hidden, tc["in_channels"], tc["patch_size"], tc["patch_size"])
+    if pe is None or tuple(pe.shape) != want:
+        bad(f"fp/pos_embed.proj.weight has shape {None if pe is None else tuple(pe.shape)}, config implies {want}")
+    if (tc["sample_size"] // tc["patch_size"]) ** 2 * hidden > _MAX_POS_ELEMENTS:
+        bad(f"sample_size={tc['sample_size']} is too large for this model")
+    # the module structure on the meta device (no memory): names and shapes to compare against
+    from diffusers import DiTTransformer2DModel
+    try:
+        with torch.device("meta"):
+            skeleton = DiTTransformer2DModel.from_config(tc)
+    except Exception as e:
+        bad(f"transformer_config cannot build a DiT: {type(e).__name__}: {e}")
+    modules = dict(skeleton.named_modules())
+    expected_keys = set()
+    for name, lay in layers.items():
+        where = f"layer {name!r}"
+        lin = modules.get(name) if isinstance(name, str) else None
+        if not isinstance(lin, torch.nn.Linear):
+            bad(f"{where} is not a Linear layer of this DiT")
+        if not isinstance(lay, dict):
+            bad(f"{where}: layout is not an object")
+        shape = lay.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(v) for v in shape)
+                or tuple(shape) != (lin.out_features, lin.in_features)):
+            bad(f"{where}: shape {shape!r} does not match the DiT's ({lin.out_features}, {lin.in_features})")
+        out_f, in_f = shape
+        has_bias = lay.get("bias")
+        if not isinstance(has_bias, bool) or has_bias != (lin.bias is not None):
+            bad(f"{where}: bias must be {lin.bias is not None}, got {has_bias!r}")
+        kind = lay.get("kind")
+        if kind == "vq":
+            k, d, n = lay.get("k"), lay.get("d"), lay.get("n_candidates", 2)
+            if not _is_int(k) or not 2 <= k <= 65536 or k & (k - 1):
+                bad(f"{where}: k must be a power of two in [2, 65536], got {k!r}")
+            if not _is_int(d) or not 1 <= d <= 64 or in_f % d:
+                bad(f"{where}: d must be an integer in [1, 64] dividing {in_f}, got {d!r}")
+            if not _is_int(n) or not 1 <= n <= k:
+                bad(f"{where}: n_candidates must be an integer in [1, k], got {n!r}")
+            cb = _tensor(t, f"vq/{name}/codebook", (k, d), float, bad)
+            s_count = out_f * in_f // d
+            idx = _tensor(t, f"vq/{name}/indices", (math.ceil(s_count * int(math.log2(k)) / 8),), torch.uint8, bad)
+            del cb, idx
+            keys = ["codebook", "indices"] + (["bias"] if has_bias else [])
+            prefix = "vq"
+        elif kind == "rtn":
+            bits, per_channel = lay.get("bits"), lay.get("per_channel")
+            if bits not in RTN_BITS or not _is_int(bits):
+                bad(f"{where}: bits must be one of {RTN_BITS}, got {bits!r}")
+            if not isinstance(per_channel, bool):
+                bad(f"{where}: per_channel must be true or false, got {per_channel!r}")
+            rows = out_f if per_channel else 1
+            _tensor(t, f"rtn/{name}/codes", (math.ceil(out_f * in_f * bits / 8),), torch.uint8, bad)
+            scale = _tensor(t, f"rtn/{name}/scale", (rows, 1), float, bad)
+            zero = _tensor(t, f"rtn/{name}/zero", (rows, 1), torch.uint8, bad)
+            if (scale <= 0).any():
+                bad(f"{where}: scales must be positive")
+            if zero.numel() and int(zero.max()) > 2 ** bits - 1:
+                bad(f"{where}: zero points exceed {2 ** bits - 1}")
+            keys = ["codes", "scale", "zero"] + (["bias"] if has_bias else [])
+            prefix = "rtn"
+        else:
+            bad(f"{where}: kind must be 'vq' or 'rtn', got {kind!r}")
+        if has_bias:
+            _tensor(t, f"{prefix}/{name}/bias", (out_f,), float, bad)
+        expected_keys.update(f"{prefix}/{name}/{k}" for k in keys)
+    qnames = tuple(n + "." for n in layers)
+    for key, ref in skeleton.state_dict().items():
+        if key.startswith(qnames):
+            continue
+        _tensor(t, f"fp/{key}", tuple(ref.shape), float, bad)
+        expected_keys.add(f"fp/{key}")
+    extra = sorted(set(t) - expected_keys)
+    if extra:
+        bad(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+
+
+def _tensor(t: dict, key: str, shape: tuple, dtype, bad):
+    """t[key] with exactly `shape`; dtype float (any floating type, all finite) or an exact dtype."""
+    v = t.get(key)
+    if v is None:
+        bad(f"tensor {key} is missing")
+    if tuple(v.shape) != tuple(shape):
+        bad(f"tensor {key} has shape {tuple(v.shape)}, expected {tuple(shape)}")
+    if dtype is float:
+        if not v.dtype.is_floating_point:
+            bad(f"tensor {key} has dtype {v.dtype}, expected a floating-point type")
+        if not torch.isfinite(v).all():
+            bad(f"tensor {key} has {int((~torch.isfinite(v)).sum())} NaN/Inf values")
+    elif v.dtype != dtype:
+        bad(f"tensor {key} has dtype {v.dtype}, expected {dtype}")
+    return v

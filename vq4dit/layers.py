@@ -68,19 +68,25 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
 # K-means (spec step 1)
 # ----------------------------------------------------------------------------------------
 
-def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Index of the nearest codeword for each row of x (chunked to stay in cache)."""
-    c_sq = c.pow(2).sum(1)
-    return torch.cat([torch.addmm(c_sq, x[s:s + chunk], c.T, alpha=-2).argmin(1)
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of the nearest codeword for each row of x (chunked to stay in cache). With per-row
+    coordinate weights w (S, d) the distance is sum_i w_i (x_i - c_i)^2."""
+    if w is None:
+        c_sq = c.pow(2).sum(1)
+        return torch.cat([torch.addmm(c_sq, x[s:s + chunk], c.T, alpha=-2).argmin(1)
+                          for s in range(0, x.shape[0], chunk)])
+    c_sq = c.pow(2)
+    return torch.cat([torch.addmm(w[s:s + chunk] @ c_sq.T, (w * x)[s:s + chunk], c.T, alpha=-2).argmin(1)
                       for s in range(0, x.shape[0], chunk)])
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0,
-           tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+           tol: float = 1e-4, weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ init. x: (S, d) -> codebook (k, d), assignment (S,).
 
     Stops early when the squared centroid shift falls below tol * mean feature variance
-    (scikit-learn's criterion).
+    (scikit-learn's criterion). `weights` (S, d) > 0 make it weighted k-means (GPTVQ-style
+    activation-aware init: distances and centroids weighted per coordinate).
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = x.float()
@@ -100,12 +106,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0,
         d2 = torch.minimum(d2, (pool - pool[j]).pow(2).sum(1))
     c = torch.stack(centers)  # (k, d)
     threshold = tol * x.var(0).mean()
+    w = weights.float() if weights is not None else None
     ones = torch.ones(s, device=x.device)
     for _ in range(iters):
-        assign = _nearest(x, c)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        assign = _nearest(x, c, w=w)
         counts = torch.zeros(k, device=x.device).index_add_(0, assign, ones)
-        new_c = sums / counts.clamp_min(1)[:, None]
+        if w is None:
+            new_c = torch.zeros_like(c).index_add_(0, assign, x) / counts.clamp_min(1)[:, None]
+        else:
+            wsum = torch.zeros_like(c).index_add_(0, assign, w)
+            new_c = torch.zeros_like(c).index_add_(0, assign, w * x) / wsum.clamp_min(1e-30)
         empty = counts == 0
         if empty.any():  # re-seed empty clusters at random points
             new_c[empty] = x[torch.randint(s, (int(empty.sum()),), generator=g).to(x.device)]
@@ -113,7 +123,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0,
         c = new_c
         if shift <= threshold:
             break
-    return c, _nearest(x, c)
+    return c, _nearest(x, c, w=w)
 
 
 def kmeans_cache_dir() -> Optional[Path]:
@@ -122,40 +132,80 @@ def kmeans_cache_dir() -> Optional[Path]:
     return None if v.lower() in ("", "0", "off", "none") else Path(v) / "kmeans"
 
 
-def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int,
+                  weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means keyed by the exact data and settings: re-quantizing the same model is instant."""
     root = kmeans_cache_dir()
     if root is None:
-        return kmeans(x, k, iters, seed)
-    from safetensors.torch import load_file, save_file
+        return kmeans(x, k, iters, seed, weights=weights)
+    from safetensors.torch import save_file
     h = hashlib.sha1(x.detach().cpu().numpy().tobytes())
     h.update(f"{k}/{iters}/{seed}/{x.shape}".encode())
+    if weights is not None:
+        h.update(weights.detach().float().cpu().numpy().tobytes())
     f = root / f"{h.hexdigest()}.safetensors"
     if f.is_file():
-        try:
-            t = load_file(str(f))
-            return t["codebook"].to(x.device), t["assignment"].to(x.device)
-        except Exception:
-            pass  # unreadable cache entry: recompute and overwrite
-    c, a = kmeans(x, k, iters, seed)
+        hit = _read_kmeans_entry(f, x.shape[0], k, x.shape[1])
+        if hit is not None:
+            return hit[0].to(x.device), hit[1].to(x.device)
+        # corrupt, tampered or unreadable entry: recompute and overwrite
+    c, a = kmeans(x, k, iters, seed, weights=weights)
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        save_file({"codebook": c.cpu().contiguous(), "assignment": a.cpu().contiguous()}, str(tmp))
+        c_cpu, a_cpu = c.cpu().contiguous(), a.cpu().contiguous()
+        save_file({"codebook": c_cpu, "assignment": a_cpu}, str(tmp),
+                  metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
         os.replace(tmp, f)
     except OSError:
-        pass  # a read-only cache is not an error
+        tmp.unlink(missing_ok=True)  # a read-only cache is not an error
     return c, a
 
 
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # (S, d), (k, d) -> (S, k) squared Euclidean distances
-    return torch.addmm(c.pow(2).sum(1), x, c.T, alpha=-2).add_(x.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+def _kmeans_digest(codebook: torch.Tensor, assignment: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (codebook, assignment):
+        h.update(f"{t.dtype}/{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_kmeans_entry(f: Path, s: int, k: int, d: int):
+    """(codebook, assignment) of a cache entry, or None unless shape, dtype, finiteness, index range
+    and the stored sha256 of its content all check out."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            digest = (fh.metadata() or {}).get("sha256")
+            c, a = fh.get_tensor("codebook"), fh.get_tensor("assignment")
+    except Exception:
+        return None
+    if (digest is None or tuple(c.shape) != (k, d) or c.dtype != torch.float32 or tuple(a.shape) != (s,)
+            or a.dtype != torch.long or not torch.isfinite(c).all()
+            or (s and (int(a.min()) < 0 or int(a.max()) >= k)) or _kmeans_digest(c, a) != digest):
+        return None
+    return c, a
+
+
+def _sq_dists(x: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # (S, d), (k, d) -> (S, k) squared Euclidean distances (weighted per coordinate by w (S, d))
+    if w is None:
+        return torch.addmm(c.pow(2).sum(1), x, c.T, alpha=-2).add_(x.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+    return torch.addmm(w @ c.pow(2).T, w * x, c.T, alpha=-2).add_((w * x * x).sum(1, keepdim=True)).clamp_min_(0)
 
 
 # ----------------------------------------------------------------------------------------
 # Quantized layers
 # ----------------------------------------------------------------------------------------
+
+def ratio_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) over candidates (S, n). For the paper's n = 2 it is a sigmoid of the
+    logit difference: the same values, ~10x faster on CPU than a softmax over a dim of size 2."""
+    if logits.shape[1] == 2:
+        p = torch.sigmoid((logits[:, :1] - logits[:, 1:]) / temperature)  # (S, 1)
+        return torch.cat([p, 1 - p], 1)
+    return torch.softmax(logits / temperature, dim=1)
+
 
 class VQLinear(nn.Module):
     """Linear layer whose weight is rebuilt from a codebook.
@@ -182,6 +232,8 @@ class VQLinear(nn.Module):
         self.frozen_mask: Optional[torch.Tensor] = None  # (S,) bool
         self.hard = True
         self.hard_forward = False  # straight-through soft phase (CalibConfig.hard_forward)
+        self.input_power: Optional[torch.Tensor] = None  # (in,) E[x^2], activation-aware distances
+        self.temperature = 1.0     # softmax temperature of the ratios (1 = paper; annealed by vq4dit-anneal)
         self.record_weight_grad = False
         self.last_weight: Optional[torch.Tensor] = None  # w_hat of the last forward, for conflict stats
 
@@ -193,16 +245,28 @@ class VQLinear(nn.Module):
     def index_bits(self) -> int:
         return index_bits(self.k)
 
+    def subvector_weights(self, rows: Optional[slice] = None) -> Optional[torch.Tensor]:
+        """(S, d) per-coordinate distance weights from the input power, or None (plain distances)."""
+        if self.input_power is None:
+            return None
+        w = self.input_power.view(1, -1, self.d).expand(self.out_features, -1, -1).reshape(-1, self.d)
+        return w if rows is None else w[rows]
+
     def storage_bits(self) -> dict:
         return storage_bits(self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: VQConfig, name: str = "", seed: int = 0) -> "VQLinear":
+    def from_linear(cls, linear: nn.Linear, cfg: VQConfig, name: str = "", seed: int = 0,
+                    input_power: Optional[torch.Tensor] = None) -> "VQLinear":
+        """k-means init from a Linear. `input_power` (in,) = E[x_i^2] of the layer input makes the
+        k-means and the candidate distances activation-aware (VQConfig.activation_aware)."""
         w = linear.weight.detach()
         q = cls(linear.in_features, linear.out_features, cfg.k, cfg.d, cfg.n_candidates,
                 linear.bias is not None, name, cfg.codebook_dtype).to(w.device)
         x = w.float().reshape(-1, cfg.d)  # (S, d)
-        codebook, assign = kmeans_cached(x, cfg.k, cfg.kmeans_iters, seed)
+        if input_power is not None:
+            q.input_power = (input_power / input_power.mean().clamp_min(1e-30)).float().to(w.device)
+        codebook, assign = kmeans_cached(x, cfg.k, cfg.kmeans_iters, seed, q.subvector_weights())
         with torch.no_grad():
             q.codebook.copy_(codebook)
             if linear.bias is not None:
@@ -219,7 +283,8 @@ class VQLinear(nn.Module):
         n = self.n_candidates
         cands, dists = [], []
         for s in range(0, x.shape[0], 1 << 16):
-            d2 = _sq_dists(x[s:s + (1 << 16)], self.codebook.detach())      # (chunk, k)
+            d2 = _sq_dists(x[s:s + (1 << 16)], self.codebook.detach(),
+                           self.subvector_weights(slice(s, s + (1 << 16))))  # (chunk, k)
             own = self.assignment[s:s + (1 << 16), None]
             true_own = d2.gather(1, own)
             d2.scatter_(1, own, -1.0)  # the k-means codeword is always candidate 0 (ties, fp16)
@@ -239,7 +304,7 @@ class VQLinear(nn.Module):
 
     def assignment_ratios(self) -> torch.Tensor:
         """(S, n) ratios over candidates; frozen sub-vectors are one-hot at their top candidate."""
-        r = torch.softmax(self.logits, dim=1)
+        r = ratio_softmax(self.logits, self.temperature)
         if self.frozen_mask.any():
             onehot = F.one_hot(self.logits.detach().argmax(1), self.n_candidates).to(r.dtype)
             r = torch.where(self.frozen_mask[:, None], onehot, r)
@@ -252,7 +317,7 @@ class VQLinear(nn.Module):
         soft = ~self.frozen_mask
         if not soft.any():
             return self.codebook.new_zeros(())
-        r = torch.softmax(self.logits[soft], dim=1)
+        r = ratio_softmax(self.logits[soft], self.temperature)
         return self.n_candidates * (r * (1 - r)).mean()
 
     def current_assignment(self) -> torch.Tensor:
@@ -273,12 +338,61 @@ class VQLinear(nn.Module):
         Returns True if the layer switched to hard assignments now."""
         if self.hard:
             return False
-        r = torch.softmax(self.logits, dim=1)
+        r = ratio_softmax(self.logits, self.temperature)
         self.frozen_mask |= r.max(1).values > freeze_threshold
         if self.frozen_mask.float().mean().item() > hard_threshold:
             self.make_hard()
             return True
         return False
+
+    @torch.no_grad()
+    def commit_most_confident(self, target_share: float, hard_threshold: float) -> bool:
+        """Incremental commitment (ViM-VQ style): freeze the most confident soft sub-vectors until
+        `target_share` of the layer is frozen. Returns True if the layer switched to hard now."""
+        if self.hard:
+            return False
+        need = int(round(target_share * self.num_subvectors)) - int(self.frozen_mask.sum())
+        if need > 0:
+            top = ratio_softmax(self.logits, self.temperature).max(1).values
+            top[self.frozen_mask] = -1.0
+            self.frozen_mask[top.topk(min(need, int((~self.frozen_mask).sum()))).indices] = True
+        if self.frozen_mask.float().mean().item() > hard_threshold:
+            self.make_hard()
+            return True
+        return False
+
+    @torch.no_grad()
+    def repick(self, weight: torch.Tensor, hessian: torch.Tensor, n_candidates: int = 4, sweeps: int = 2) -> float:
+        """Discrete finishing pass (PV-tuning style), codebook fixed: greedily re-pick each
+        sub-vector's codeword among its `n_candidates` nearest to lower the layer's output error
+        tr((W_hat - W) H (W_hat - W)^T), H = E[x x^T] of the layer input. Returns the share changed."""
+        assert self.hard, "repick runs on hard layers (after calibration)"
+        out_f, in_f, d = self.out_features, self.in_features, self.d
+        w = weight.detach().float().to(self.codebook.device)                 # (out, in)
+        h = hessian.float().to(self.codebook.device)                          # (in, in)
+        cb = self.codebook.detach()
+        assign = self.assignment.view(out_f, in_f // d).clone()               # (out, in/d)
+        cand = _sq_dists(w.reshape(-1, d), cb).topk(min(n_candidates, self.k), dim=1, largest=False).indices
+        cand = cand.view(out_f, in_f // d, -1)                                # (out, in/d, m)
+        w_hat = cb[assign].reshape(out_f, in_f)
+        err = w_hat - w                                                       # (out, in)
+        before = assign.clone()
+        for _ in range(sweeps):
+            for b in range(in_f // d):
+                cols = slice(b * d, (b + 1) * d)
+                g = err @ h[:, cols]                                          # (out, d)
+                delta = cb[cand[:, b]] - w_hat[:, None, cols]                 # (out, m, d)
+                gain = torch.einsum("omd,de,ome->om", delta, h[cols, cols], delta) \
+                    + 2 * torch.einsum("omd,od->om", delta, g)               # change of the error
+                best = gain.argmin(1)                                         # (out,)
+                better = gain.gather(1, best[:, None]).squeeze(1) < 0
+                new = torch.where(better, cand[:, b].gather(1, best[:, None]).squeeze(1), assign[:, b])
+                step = cb[new] - w_hat[:, cols]
+                w_hat[:, cols] += step
+                err[:, cols] += step
+                assign[:, b] = new
+        self.assignment.copy_(assign.reshape(-1))
+        return float((assign != before).float().mean())
 
     @torch.no_grad()
     def make_hard(self):

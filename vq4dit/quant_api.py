@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .calibrate import calibrate
-from .config import RTNConfig, VQConfig
+from .calibrate import calibrate, collect_input_moments
+from .config import CalibConfig, RTNConfig, VQConfig
 from .layers import (RTNLinear, VQLinear, block_index, default_filter, layer_type, quantized_layers,
                      storage_bits)
 
@@ -48,9 +48,15 @@ def _quantize_vq(model, cfg: VQConfig, targets, progress):
         if lin.out_features * lin.in_features // cfg.d < cfg.k:
             raise ValueError(f"layer {name}: only {lin.out_features * lin.in_features // cfg.d} sub-vectors "
                              f"for k={cfg.k} codewords; use a smaller k")
+    power = {}
+    if cfg.activation_aware:  # E[x^2] of every target's input, from the (still FP) model's trajectories
+        calib = cfg.calib or CalibConfig(iterations=1, num_sampling_steps=10, teacher_sampler="ddim")
+        device = next(model.parameters()).device
+        power = {n: h.diagonal().clone() for n, h in
+                 collect_input_moments(model, [n for n, _ in targets], calib, device).items()}
     originals = {}
     for i, (name, lin) in enumerate(progress(targets, desc=f"k-means k={cfg.k} d={cfg.d}")):
-        q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i)
+        q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i, input_power=power.get(name))
         originals[name] = lin.weight.detach()
         _replace(model, name, q)
     return originals

@@ -19,9 +19,7 @@ build storage keys or parse the meta layout themselves: they call
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +29,7 @@ import torch
 
 from .config import CalibConfig
 from .layers import VQLinear, block_index, layer_kind, layer_type
+from .safety import check_replace_target, replace_dir, temp_dir_for
 
 RATIO_BINS = 10      # histogram of top assignment ratio over [1/n, 1]
 COHERENCE_BINS = 10  # histogram of per-codeword gradient coherence over [0, 1]
@@ -215,17 +214,15 @@ class Trace:
         """Atomic: written to a temp dir next to `path`, then renamed into place."""
         from safetensors.torch import save_file
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
+        check_replace_target(path, "meta.json", what="calibration trace")  # only ever replace a trace
+        tmp = temp_dir_for(path)
         try:
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
             for name in ("steps", "layers", "ratios", "events"):
                 self._frame(name).to_csv(tmp / f"{name}.csv", index=False)
             save_file({k: v.contiguous().cpu() for k, v in self.snapshots.items()},
                       str(tmp / "snapshots.safetensors"))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -39,5 +39,9 @@ def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 0):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written temp file left behind
+        raise

@@ -1,0 +1,214 @@
+"""Guards for everything that writes or replaces files, picks a device, or takes numbers from users.
+
+- `check_replace_target(out, marker, protect)`: an existing OUT may only be replaced when it holds
+  a previous vq4dit output (its marker file) and is not an input model, the working directory or
+  one of its parents.
+- `replace_dir(tmp, out)`: put a fully written temp dir at OUT. At every moment OUT holds the complete
+  old or the complete new content, or the old one sits in `.OUT.vq4dit-backup`, which
+  `recover_backup(out)` (called before every write) restores.
+- `temp_dir_for(out)`: the temp dir next to OUT; stale ones of dead processes are removed.
+- `check_writable(path)`: probe a directory before hours of compute.
+- `resolve_device(name)`: one clear error for unknown or unavailable devices.
+- `bounded_int` / `bounded_float`: argparse types that refuse nan, inf and values out of range.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+BACKUP_SUFFIX = ".vq4dit-backup"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)-tmp(?P<pid>\d+)-[^/]*$")
+
+
+def _abs(p) -> Path:
+    """Absolute path without resolving links ('.' and 'a/..' get a real name)."""
+    return Path(os.path.abspath(p))
+
+
+def backup_path(out: Path) -> Path:
+    out = _abs(out)
+    return out.with_name(f".{out.name}{BACKUP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(out: Path):
+    """Remove `.OUT-tmpPID-*` dirs (and `.OUT.tmpPID` files) left by processes that no longer run."""
+    out = _abs(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and m.group("name") == out.name and not _pid_alive(int(m.group("pid"))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def recover_backup(out: Path) -> Optional[str]:
+    """Finish an interrupted replace. Returns what was done ("restored", "removed") or None."""
+    out = _abs(out)
+    bak = backup_path(out)
+    if not bak.exists():
+        return None
+    if out.exists():  # the new output was renamed into place: the backup is obsolete
+        shutil.rmtree(bak, ignore_errors=True)
+        return "removed"
+    os.replace(bak, out)
+    return "restored"
+
+
+def temp_dir_for(out: Path) -> Path:
+    """A fresh temp dir next to OUT (same filesystem, so the final rename is atomic)."""
+    out = _abs(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_backup(out)
+    clean_stale_temps(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp{os.getpid()}-", dir=out.parent))
+
+
+def replace_dir(tmp: Path, out: Path):
+    """Rename the complete dir `tmp` to `out`, replacing an old `out` without a moment of nothing.
+
+    Order: old OUT -> backup, tmp -> OUT, delete backup. If the second rename fails, the backup is
+    renamed back; if the process dies in between, `recover_backup` restores it on the next run.
+    """
+    tmp, out = Path(tmp), _abs(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    bak = backup_path(out)
+    if bak.exists():
+        shutil.rmtree(bak)
+    os.replace(out, bak)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if not out.exists():
+            os.replace(bak, out)
+        raise
+    shutil.rmtree(bak, ignore_errors=True)
+
+
+def _is_same_or_parent(a: Path, b: Path) -> bool:
+    """True when a == b or a is an ancestor of b (both resolved)."""
+    return a == b or a in b.parents
+
+
+def check_replace_target(out, marker: str, protect: Iterable = (), what: str = "vq4dit output"):
+    """Raise unless an existing `out` is a directory holding `marker` (a previous vq4dit output)
+    that is neither a protected path (e.g. the input model), nor contains one, nor is the working
+    directory or a parent of it. A missing `out` is fine."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    r = out.resolve()
+    if out.is_symlink():
+        raise FileExistsError(f"refusing to replace {out}: it is a symbolic link")
+    cwd = Path.cwd().resolve()
+    if _is_same_or_parent(r, cwd):
+        raise FileExistsError(f"refusing to replace {out}: it is the working directory or one of its parents")
+    for p in protect:
+        if p is None:
+            continue
+        pr = Path(p).resolve()
+        if _is_same_or_parent(r, pr):
+            raise FileExistsError(f"refusing to replace {out}: it is (or contains) the input model {p}")
+    if not out.is_dir():
+        raise FileExistsError(f"refusing to replace {out}: it is a file, not a previous {what}")
+    if not (out / marker).is_file():
+        raise FileExistsError(f"refusing to replace {out}: it is not a previous {what} (no {marker} in it)")
+
+
+def check_writable(directory) -> None:
+    """Create `directory` if needed and prove a file can be written there (clear error otherwise)."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".write-probe-tmp{os.getpid()}-", dir=d)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise PermissionError(f"cannot write to {d}: {e.strerror or e}") from None
+
+
+def resolve_device(name: Optional[str] = None):
+    """torch.device for `name` (None: CUDA when available). ValueError for unknown/unavailable ones."""
+    import torch
+    if name is None or str(name).strip() == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(name))
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r} requested but MPS is not available on this machine")
+        return dev
+    raise ValueError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+
+
+def _number(kind, lo, hi, text):
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text!r}")
+    return v
+
+
+def bounded_int(lo: Optional[int] = None, hi: Optional[int] = None):
+    def parse(text):
+        return _number(int, lo, hi, text)
+    parse.__name__ = "int"
+    return parse
+
+
+def bounded_float(lo: Optional[float] = None, hi: Optional[float] = None):
+    def parse(text):
+        return _number(float, lo, hi, text)
+    parse.__name__ = "float"
+    return parse
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    h = (host or "").strip().strip("[]")
+    if h in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
