@@ -4,8 +4,10 @@
     demo = create_app(AppConfig(runs_dir="runs"))
     demo.launch()
 
-Modules: runs.py (runs dir, worker + stop flag, caches), plots.py (pure trace -> plotly figures),
-views.py (what each view shows for the shared selection), layout.py (gr.Blocks and events).
+Modules: runs.py (runs dir, worker + stop flag, caches, pre-run estimate), plots.py (pure trace ->
+plotly figures), views.py (what each view shows for the shared selection, read through the Trace
+API), handlers.py (one named handler per event, taking a form object), layout.py (components and
+the wiring of events to handlers).
 """
 import os
 

@@ -1,4 +1,5 @@
-"""The Gradio page: components and event wiring. All model work shares one queue slot.
+"""The Gradio page: `build_layout` makes the components, `wire` connects their events to the
+named handlers in handlers.py. All model work shares one queue slot.
 
 Shared selection (LIT style): the `sel` State {run, block, layer, snap}, edited by the selection
 bar (Run / Block / Layer / Snapshot), the per-block table and the Runs table; every view
@@ -6,15 +7,15 @@ re-renders from it on `sel.change`.
 """
 from __future__ import annotations
 
-import math
-import time
+from types import SimpleNamespace
 
 import gradio as gr
 
-from vq4dit.config import METHODS, VQ_PRESETS
+from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from . import plots
-from .runs import Engine, RunSettings
+from .handlers import (AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
+                       method_description, methods_table)
+from .runs import Engine
 from .views import Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
@@ -53,13 +54,15 @@ CAPTIONS = {
     "changes": (
         "**How to read this.** Each cell is one layer (q, k, v attention projections shown separately, out "
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
-        "final codeword differs from the k-means one. Click a cell in the table below to make that layer the "
-        "current layer in every view (plots here are not clickable). Right: block-output MSE against the FP "
-        "model on held-out noise (bars) and at the last calibration step (diamonds)."),
+        "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
+        "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
+        "Click a cell in the table below to make that layer the current layer in every view (plots here are not "
+        "clickable). Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
+        "run) and at the last calibration step (diamonds)."),
     "images": (
         "**How to read this.** Rows: the full-precision model (FP, the reference), the selected run and the "
-        "newest saved run of every other method at the same bits, all sampled from the same noise, labels and "
-        "sampler. Under each image, the digit classifier's prediction (green = the requested class, red with "
+        "run picked in *Compare with* (or, when none is picked, the newest finished run of every other method at "
+        "the same bits), all sampled from the same noise, labels and sampler. Under each image, the digit classifier's prediction (green = the requested class, red with "
         "'!' = wrong). Below each quantized row, the per-pixel absolute difference to FP (white = identical, "
         "red = off by half the intensity range or more). Table: class accuracy, FD-digits (Fréchet distance of "
         "classifier features to real digits; noisy with few images), PSNR vs FP (higher = closer to FP)."),
@@ -72,232 +75,35 @@ CAPTIONS = {
 }
 
 
-def build_app(engine: Engine) -> gr.Blocks:
-    views = Views(engine)
+def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
+    """The page's components, no behaviour. Returns them by name: `ui.demo`, `ui.setup` (the
+    SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat."""
     store = engine.store
     cd = engine.calib_defaults
-
-    # -------------------------------------------------------------------------------------
-    # Handlers
-    # -------------------------------------------------------------------------------------
-    def settings_from(method, bits, k, d, n, iters, steps, km, lr_l, lr_c, lam, seed) -> RunSettings:
-        def i(v, name):
-            if v is None or v == "":
-                raise ValueError(f"{name} is empty")
-            if not math.isfinite(float(v)):
-                raise ValueError(f"{name} must be a finite whole number, got {v}")
-            if float(v) != int(float(v)):
-                raise ValueError(f"{name} must be a whole number, got {v}")
-            return int(float(v))
-        calib = dict(cd, iterations=i(iters, "iterations"), num_sampling_steps=i(steps, "sampling steps"),
-                     lr_logits=float(lr_l), lr_codebook=float(lr_c), lambda_r=float(lam), seed=i(seed, "seed"))
-        return RunSettings(method=method, bits=i(bits, "bits"), k=i(k, "k"), d=i(d, "d"),
-                           n_candidates=i(n, "candidates n"), kmeans_iters=i(km, "k-means iterations"),
-                           seed=i(seed, "seed"), calib=calib)
-
-    def runs_outputs(current=None):
-        ids = store.readable_ids()
-        table = store.table()
-        fp_fd = None
-        if current:
-            try:
-                fp_fd = (store.meta(current).get("fp_metrics") or {}).get("fd_digits")
-            except ValueError:
-                pass
-        if fp_fd is None:
-            for rid in reversed(ids):
-                fp_fd = (store.meta(rid).get("fp_metrics") or {}).get("fd_digits")
-                if fp_fd is not None:
-                    break
-        return table, ids, plots.rd_figure(table, fp_fd, current)
-
-    def status_text(a) -> str:
-        s = a.settings
-        el = time.time() - a.t0
-        done = len(a.rows)
-        head = f"**{s.method} W{s.bits}** — "
-        if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
-            return head + f"calibration done ({done} steps), measuring block MSE vs FP… ({el:.0f} s)"
-        if a.phase == "calibrating" and a.total_steps:
-            r = a.rows[-1]
-            eta = el / max(done, 1) * (a.total_steps - done)
-            return (head + f"step {done}/{a.total_steps}, loss {r['loss']:.4g}, frozen {100 * r['frozen_frac']:.1f}%, "
-                           f"{el:.0f} s elapsed, ~{eta:.0f} s of calibration left"
-                           + (" — **cancelling…**" if a.stop.is_set() else ""))
-        return head + f"{a.phase}… ({el:.0f} s)" + (" — **cancelling…**" if a.stop.is_set() else "")
-
-    def stream_run(s: RunSettings):
-        try:
-            a = engine.start_run(s)
-        except (ValueError, RuntimeError) as e:
-            raise gr.Error(str(e), print_exception=False)
-        live_rev = f"live-{a.t0}"
-        yield status_text(a), plots.calibration_figure(None), gr.skip(), gr.skip(), gr.skip()
-        last = time.time()
-        while not a.done.wait(timeout=0.2):
-            if time.time() - last >= 1.0:  # throttle: ~1 figure per second
-                last = time.time()
-                fig = plots.calibration_figure(a.steps_frame(), title="Live calibration", uirevision=live_rev,
-                                               total_steps=a.total_steps)
-                yield status_text(a), fig, gr.skip(), gr.skip(), gr.skip()
-        if a.error is not None:
-            raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
-        table, ids, rd = runs_outputs(a.run_id)
-        m = store.meta(a.run_id)
-        met = m.get("metrics") or {}
-        extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "fd_digits", "psnr") if met.get(k) is not None)
-        msg = (f"**Saved `{a.run_id}`** — {m['status']} after {m.get('steps_done') or 0}/{m.get('total_steps') or 0} "
-               f"steps in {m['seconds']:.0f} s; {m['bits_per_weight']:.3f} bits/weight, block MSE {m['block_mse']:.4g}"
-               + (f"; {extra}" if extra else "") + ". Loaded into every view.")
-        fig = plots.calibration_figure(a.steps_frame(), title=f"Calibration of {a.run_id}", uirevision=live_rev,
-                                       total_steps=a.total_steps)
-        yield msg, fig, table, gr.update(choices=ids, value=a.run_id), rd
-
-    def run(method, bits, k, d, n, iters, steps, km, lr_l, lr_c, lam, seed):
-        try:
-            s = settings_from(method, bits, k, d, n, iters, steps, km, lr_l, lr_c, lam, seed)
-            s.config()
-        except (ValueError, TypeError) as e:
-            raise gr.Error(f"Invalid settings: {e}", print_exception=False)
-        yield from stream_run(s)
-
-    def run_missing(sel, method, bits, k, d, n, iters, steps, km, lr_l, lr_c, lam, seed):
-        """Run the method missing from the conflict comparison, at the selected run's bits."""
-        if not sel or not sel.get("run"):
-            raise gr.Error("Select a run first.", print_exception=False)
-        _, missing = views.conflict_pair(sel["run"])
-        if not missing:
-            raise gr.Error("Both sides of the comparison already exist.", print_exception=False)
-        rb = int(store.meta(sel["run"])["bits"])
-        kk, dd = VQ_PRESETS[rb] if rb in VQ_PRESETS else (k, d)
-        yield from run(missing, rb, kk, dd, n, iters, steps, km, lr_l, lr_c, lam, seed)
-
-    def cancel():
-        a = engine.active
-        if a is None or a.done.is_set():
-            return "No run in progress."
-        a.stop.set()
-        return (f"**Cancelling {a.settings.method} W{a.settings.bits}** — calibration stops after the current "
-                f"optimizer step; the partial trace and model are saved.")
-
-    def load_run(run_id, sel):
-        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads."""
-        if not run_id:
-            new = views.initial_selection(None)
-            m = plots.message_figure("No run selected.")
-            return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
-                    gr.update(maximum=1, value=0), new, m, None, None)
-        try:
-            views.trace(run_id)
-            new = views.initial_selection(run_id, (sel or {}).get("block"), (sel or {}).get("layer"))
-        except ValueError as e:
-            raise gr.Error(str(e), print_exception=False)
-        n_blocks = int(store.meta(run_id).get("n_blocks") or engine.n_blocks)
-        steps = views.steps_of(run_id)
-        return (gr.update(choices=[(f"block {b}", b) for b in range(n_blocks)], value=new["block"]),
-                gr.update(choices=views.layer_choices(run_id, new["block"]), value=new["layer"]),
-                gr.update(minimum=0, maximum=max(len(steps) - 1, 1), value=new["snap"], interactive=len(steps) > 1,
-                          label=f"Snapshot (0 = k-means init … {len(steps) - 1} = final)"),
-                new, views.calibration(run_id),
-                store.export_zip(run_id, "trace"), store.export_zip(run_id, "model"))
-
-    def on_block(sel, block):
-        if not sel or not sel.get("run") or block is None:
-            return gr.skip(), gr.skip()
-        new = views.initial_selection(sel["run"], int(block), sel.get("layer"))
-        new["snap"] = sel.get("snap", new["snap"])
-        return gr.update(choices=views.layer_choices(sel["run"], new["block"]), value=new["layer"]), new
-
-    def on_layer(sel, layer):
-        if not sel or not layer:
-            return gr.skip()
-        return dict(sel, layer=layer)
-
-    def on_snap(sel, snap):
-        if not sel:
-            return gr.skip()
-        return dict(sel, snap=int(snap))
-
-    def on_cell(sel, evt: gr.SelectData):
-        """A cell of the per-block table: that block + layer kind becomes the current layer."""
-        if not sel or not sel.get("run"):
-            return gr.skip(), gr.skip(), gr.skip()
-        row, col = evt.index if isinstance(evt.index, (list, tuple)) else (evt.index, 0)
-        cols = ["block"] + plots.LAYER_COLUMNS
-        kind = cols[col] if 0 < col < len(cols) else plots.short_layer(sel.get("layer") or "")
-        choices = views.layer_choices(sel["run"], int(row))
-        layer = next((v for _, v in choices if plots.short_layer(v) == kind), None)
-        if layer is None:
-            return gr.skip(), gr.skip(), gr.skip()
-        new = dict(sel, block=int(row), layer=layer)
-        return gr.update(value=int(row)), gr.update(choices=choices, value=layer), new
-
-    def on_run_row(evt: gr.SelectData):
-        table = store.table()
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        if row is None or row >= len(table):
-            return gr.skip()
-        if str(table.iloc[row]["status"]).startswith("unreadable"):
-            gr.Warning(f"Run {table.iloc[row]['run']} is unreadable ({table.iloc[row]['status']}): skipped.")
-            return gr.skip()
-        return gr.update(value=table.iloc[row]["run"])
-
-    def render_layer_views(sel, color_by, projection):
-        try:
-            cfig, cnote = views.cluster(sel, color_by, projection)
-            efig = views.evolution(sel)
-            note, missing, kfig, wfig = views.conflicts(sel)
-            heat, table, mse = views.changes(sel)
-            desc = views.describe(sel)
-        except ValueError as e:
-            raise gr.Error(str(e), print_exception=False)
-        btn = gr.update(visible=missing is not None, value=f"Run {missing} at these bits" if missing else "Run")
-        return desc, cfig, cnote, efig, note, btn, kfig, wfig, heat, table, mse
-
-    def render_cluster(sel, color_by, projection):
-        try:
-            return views.cluster(sel, color_by, projection)
-        except ValueError as e:
-            raise gr.Error(str(e), print_exception=False)
-
-    def make_images(run_id, labels, seed, guidance, steps):
-        try:
-            return views.images(run_id, labels, seed, guidance, steps)
-        except ValueError as e:
-            raise gr.Error(str(e), print_exception=False)
-
-    def refresh_runs(sel):
-        table, ids, rd = runs_outputs((sel or {}).get("run"))
-        cur = (sel or {}).get("run")
-        value = cur if cur in ids else (ids[-1] if ids else None)
-        return table, gr.update(choices=ids, value=value), rd
-
-    def preset(bits):
-        k, d = VQ_PRESETS.get(int(bits), (None, None))
-        return gr.update(value=k), gr.update(value=d)
-
-    # -------------------------------------------------------------------------------------
-    # Layout
-    # -------------------------------------------------------------------------------------
-    ids = store.readable_ids()
     with gr.Blocks(title="VQ4DiT explorer") as demo:
         gr.Markdown(f"## VQ4DiT explorer — vector-quantized Diffusion Transformer\n"
                     f"Model: `{engine.cfg.model}` ({engine.n_blocks} transformer blocks, {engine.n_classes} classes, "
                     f"device {engine.device}) · runs dir: `{store.root}`")
         sel = gr.State(views.initial_selection(None))
         with gr.Row(equal_height=True):
-            run_dd = gr.Dropdown(label="Run", choices=ids, value=None, scale=3, interactive=True,
+            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=None, scale=3, interactive=True,
                                  allow_custom_value=True)  # load_run validates the id itself
             block_dd = gr.Dropdown(label="Block", choices=[], scale=1, interactive=True)
             layer_dd = gr.Dropdown(label="Layer", choices=[], scale=2, interactive=True)
             snap_sl = gr.Slider(label="Snapshot", minimum=0, maximum=1, step=1, value=0, scale=3)
+            compare_dd = gr.Dropdown(label="Compare with", choices=[AUTO_COMPARE] + views.run_choices(), value="",
+                                     scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
+                                     info="any run, any bits; cancelled runs are used only when picked here")
         sel_md = gr.Markdown(views.describe(None))
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate"):
                 with gr.Row():
                     bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
-                    method = gr.Dropdown(label="Method", choices=list(METHODS), value="vq4dit")
+                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=DEFAULT_METHOD)
+                method_md = gr.Markdown(method_description(DEFAULT_METHOD))
+                with gr.Accordion("What the methods are", open=False):
+                    gr.Markdown(methods_table())
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         k_nb = gr.Number(label="k (codewords, power of 2)", value=VQ_PRESETS[2][0], precision=0)
@@ -318,6 +124,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary")
                     cancel_btn = gr.Button("Cancel", variant="stop")
+                estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
                 live_plot = gr.Plot(label="Calibration curves", value=views.calibration(None))
                 gr.Markdown(CAPTIONS["setup"])
@@ -331,11 +138,14 @@ def build_app(engine: Engine) -> gr.Blocks:
                 gr.Markdown(CAPTIONS["clusters"])
             with gr.Tab("Assignment evolution"):
                 evol_plot = gr.Plot(label="Assignment ratios over calibration")
+                evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
             with gr.Tab("Gradient conflicts"):
                 conflict_note = gr.Markdown()
                 other_btn = gr.Button("Run", visible=False, variant="secondary")
                 conflict_plot = gr.Plot(label="Gradient coherence per codeword")
+                summary_md = gr.Markdown()
+                summary_plot = gr.Plot(label="Model-wide conflict summary")
                 worst_plot = gr.Plot(label="Worst codeword's gradients")
                 gr.Markdown(CAPTIONS["conflicts"])
             with gr.Tab("Per-block changes"):
@@ -368,36 +178,83 @@ def build_app(engine: Engine) -> gr.Blocks:
                 rd_plot = gr.Plot(label="Rate-distortion across runs")
                 gr.Markdown(CAPTIONS["runs"])
 
-        # ---------------------------------------------------------------------------------
-        # Events
-        # ---------------------------------------------------------------------------------
-        setup_inputs = [method, bits, k_nb, d_nb, n_nb, it_nb, st_nb, km_nb, lrl_nb, lrc_nb, lam_nb, seed_nb]
-        run_outputs = [status_md, live_plot, runs_df, run_dd, rd_plot]
-        image_inputs = [run_dd, labels_tb, img_seed, guidance, img_steps]
-        image_outputs = [image_out, image_metrics, image_note]
-        layer_outputs = [sel_md, cluster_plot, cluster_note, evol_plot, conflict_note, other_btn, conflict_plot,
-                         worst_plot, heat_plot, changes_df, mse_plot]
+    return SimpleNamespace(
+        demo=demo, sel=sel, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
+        cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
+        other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
+        mse_plot=mse_plot, changes_df=changes_df, gen_btn=gen_btn, image_out=image_out, image_note=image_note,
+        image_metrics=image_metrics, runs_df=runs_df, refresh_btn=refresh_btn, dl_trace=dl_trace,
+        dl_model=dl_model, rd_plot=rd_plot, estimate_md=estimate_md, tabs=tabs,
+        summary_plot=summary_plot, summary_md=summary_md,
+        setup=SimpleNamespace(method=method, bits=bits, k=k_nb, d=d_nb, n_candidates=n_nb, iterations=it_nb,
+                              sampling_steps=st_nb, kmeans_iters=km_nb, lr_logits=lrl_nb, lr_codebook=lrc_nb,
+                              lambda_r=lam_nb, seed=seed_nb),
+        images=SimpleNamespace(run=run_dd, labels=labels_tb, seed=img_seed, guidance=guidance, steps=img_steps,
+                               compare=compare_dd),
+        view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection),
+    )
 
-        bits.change(preset, bits, [k_nb, d_nb], queue=False)
-        run_btn.click(run, setup_inputs, run_outputs, api_name="run", **MODEL_QUEUE).success(
-            make_images, image_inputs, image_outputs, **MODEL_QUEUE)
-        other_btn.click(run_missing, [sel] + setup_inputs, run_outputs, api_name="run_missing", **MODEL_QUEUE).success(
-            make_images, image_inputs, image_outputs, **MODEL_QUEUE)
-        cancel_btn.click(cancel, None, status_md, api_name="cancel", concurrency_limit=None)
-        gen_btn.click(make_images, image_inputs, image_outputs, api_name="images", **MODEL_QUEUE)
 
-        run_dd.change(load_run, [run_dd, sel], [block_dd, layer_dd, snap_sl, sel, live_plot, dl_trace, dl_model],
-                      api_name="load_run")
-        block_dd.input(on_block, [sel, block_dd], [layer_dd, sel])
-        layer_dd.input(on_layer, [sel, layer_dd], sel)
-        snap_sl.release(on_snap, [sel, snap_sl], sel)
-        changes_df.select(on_cell, sel, [block_dd, layer_dd, sel])
-        runs_df.select(on_run_row, None, run_dd)
-        sel.change(render_layer_views, [sel, color_by, projection], layer_outputs, concurrency_limit=4)
-        color_by.change(render_cluster, [sel, color_by, projection], [cluster_plot, cluster_note])
-        projection.change(render_cluster, [sel, color_by, projection], [cluster_plot, cluster_note])
-        refresh_btn.click(refresh_runs, sel, [runs_df, run_dd, rd_plot], api_name="list_runs")
-        demo.load(refresh_runs, sel, [runs_df, run_dd, rd_plot])
-    demo.views = views  # for tests and scripting
-    demo.engine = engine
-    return demo
+def wire(ui: SimpleNamespace, h: Handlers):
+    """Connect every event to its handler (inside the Blocks context)."""
+    setup = form_inputs(SetupForm, ui.setup)
+    images = form_inputs(ImageForm, ui.images)
+    view = form_inputs(ViewForm, ui.view)
+    run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
+    image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
+    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot,
+                     ui.conflict_note, ui.other_btn, ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md,
+                     ui.heat_plot, ui.changes_df, ui.mse_plot]
+    make_images = form_event(h.make_images, ImageForm)
+    render_cluster = form_event(h.render_cluster, ViewForm)
+
+    run_buttons = [ui.run_btn, ui.other_btn]
+    ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method], [ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
+                        queue=False, api_name="bits")  # user moves only (load_run sets bits too)
+    ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
+    estimate = form_event(h.estimate, SetupForm)
+    gr.on([c.change for c in setup], estimate, setup, ui.estimate_md, queue=False,
+          trigger_mode="always_last", api_name="estimate")
+    for btn, fn, inputs, name in ((ui.run_btn, form_event(h.run, SetupForm), setup, "run"),
+                                  (ui.other_btn, form_event(h.run_missing, SetupForm, lead=1), [ui.sel] + setup,
+                                   "run_missing")):
+        ran = btn.click(h.lock_run, None, run_buttons, queue=False).then(
+            fn, inputs, run_outputs, api_name=name, **MODEL_QUEUE)
+        ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
+        ran.then(h.unlock_run, None, run_buttons, queue=False)
+        ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
+    ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
+    ui.gen_btn.click(form_event(h.check_images, ImageForm), images, None, concurrency_limit=None).success(
+        make_images, images, image_outputs, api_name="images", **MODEL_QUEUE)
+
+    ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
+                     [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
+                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup,
+                                                  api_name="run_context")
+    ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
+    ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)
+    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last")  # drag or type
+    ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel])
+    ui.runs_df.select(h.on_run_row, None, ui.run_dd)
+    ui.sel.change(form_event(h.render_layer_views, ViewForm), view, layer_outputs, concurrency_limit=4)
+    ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
+    ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
+    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare")
+    for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
+               ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
+        ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
+    ui.demo.load(estimate, setup, ui.estimate_md, queue=False, api_name=False)
+    # plotly sizes a plot drawn in a hidden tab to half width: re-layout on every tab switch
+    ui.tabs.select(None, None, None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    views = Views(engine)
+    ui = build_layout(engine, views)
+    with ui.demo:
+        wire(ui, Handlers(engine, views))
+    ui.demo.views = views  # for tests and scripting
+    ui.demo.engine = engine
+    ui.demo.ui = ui
+    return ui.demo

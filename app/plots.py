@@ -13,38 +13,31 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-METHOD_COLORS = {
-    "fp": "#444444",
-    "vq4dit": "#d62728",         # the paper's method: red everywhere
-    "vq4dit-ref": "#ff7f0e",
-    "codebook-only": "#1f77b4",
-    "kmeans": "#2ca02c",
-    "rtn": "#9467bd",
-    "rtn-tensor": "#8c564b",
-}
-LAYER_COLUMNS = ["q", "k", "v", "out", "fc1", "fc2", "adaLN"]  # one heatmap column per layer kind
-_SUFFIX = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "out",
-           "ff.net.0.proj": "fc1", "ff.net.2": "fc2", "norm1.linear": "adaLN"}
+from vq4dit.config import METHODS
+from vq4dit.layers import LAYER_KINDS, block_index, layer_kind
+
+LAYER_COLUMNS = list(LAYER_KINDS)  # one heatmap column per layer kind (q, k, v, out, fc1, fc2, adaLN)
+FP_COLOR = "#444444"
+_METHOD_PALETTE = ["#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf",
+                   "#bcbd22", "#393b79", "#ad494a", "#8ca252"]
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf", "#393b79", "#ad494a", "#8ca252", "#bd9e39", "#843c39", "#7b4173"]
 BASE = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
 
 
 def color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#7f7f7f")
-
-
-def short_layer(name: str) -> str:
-    """'transformer_blocks.3.attn1.to_q' -> 'q'."""
-    for suf, s in _SUFFIX.items():
-        if name.endswith(suf):
-            return s
-    return name.rsplit(".", 1)[-1]
+    """One colour per method, by its place in the registry (derived names 'm+switch=..' share m's)."""
+    if method == "fp":
+        return FP_COLOR
+    names = list(METHODS)
+    base = (method or "").split("+", 1)[0]
+    return _METHOD_PALETTE[names.index(base) % len(_METHOD_PALETTE)] if base in names else "#7f7f7f"
 
 
 def layer_label(name: str) -> str:
-    parts = name.split(".")
-    return f"block {parts[1]} · {short_layer(name)}" if len(parts) > 2 and parts[1].isdigit() else name
+    """'transformer_blocks.3.attn1.to_q' -> 'block 3 · q'."""
+    b = block_index(name)
+    return f"block {b} · {layer_kind(name)}" if b >= 0 else name
 
 
 def message_figure(text: str, height: int = 260) -> go.Figure:
@@ -102,32 +95,34 @@ def calibration_figure(steps: pd.DataFrame, title: str = "", uirevision: str = "
 def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
                    assign: np.ndarray, top_ratio: np.ndarray, assign0: np.ndarray, color_by: str,
                    title: str, axis: str, n_candidates: int = 2, uirevision: str = "") -> go.Figure:
-    """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings."""
+    """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings.
+    SVG scatter, not WebGL: ~800 points draw fast, and every re-render of a Scattergl plot leaks a
+    WebGL context in the browser ("Too many active WebGL contexts")."""
     fig = go.Figure()
     hover = [f"codeword {a}<br>top ratio {r:.3f}<br>k-means codeword {a0}"
              for a, r, a0 in zip(assign, top_ratio, assign0)]
     if color_by == "top ratio":
         marker = dict(size=6, color=top_ratio, colorscale="Viridis", cmin=1.0 / max(n_candidates, 1), cmax=1.0,
                       colorbar=dict(title="top ratio", len=0.8))
-        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
                                    name="sub-vectors", text=hover, hoverinfo="text"))
     elif color_by == "assignment changed":
         changed = assign != assign0
         for mask, name, col in ((~changed, f"same codeword as k-means ({(~changed).sum()})", "#9ecae1"),
                                 (changed, f"changed vs k-means ({changed.sum()})", "#d62728")):
-            fig.add_trace(go.Scattergl(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
+            fig.add_trace(go.Scatter(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
                                        marker=dict(size=6 if name.startswith("changed") else 5, color=col),
                                        name=name, text=[h for h, m in zip(hover, mask) if m], hoverinfo="text"))
     else:  # by codeword: a cyclic palette, so neighbouring clusters differ
         cols = [_PALETTE[int(a) % len(_PALETTE)] for a in assign]
-        fig.add_trace(go.Scattergl(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
                                    marker=dict(size=5, color=cols, opacity=0.8), name="sub-vectors (colour = codeword)",
                                    text=hover, hoverinfo="text"))
     if xy_codebook0 is not None:
-        fig.add_trace(go.Scattergl(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
+        fig.add_trace(go.Scatter(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
                                    marker=dict(size=7, symbol="circle-open", color="#999999"),
                                    name="codewords at k-means init", hoverinfo="skip"))
-    fig.add_trace(go.Scattergl(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
+    fig.add_trace(go.Scatter(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
                                marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
                                name="codewords (this step)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
                                hoverinfo="text"))
@@ -143,43 +138,58 @@ def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0
 # ----------------------------------------------------------------------------------------
 
 
-def evolution_figure(layer_rows: pd.DataFrame, ratio_rows: pd.DataFrame, hard_step: Optional[int],
-                     n_candidates: int, title: str, current_step: Optional[int] = None) -> go.Figure:
-    """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories."""
-    if layer_rows is None or len(layer_rows) == 0:
+def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, hard_step: Optional[int],
+                     title: str, current_step: Optional[int] = None, end_step: Optional[int] = None,
+                     switched: Optional[pd.DataFrame] = None) -> go.Figure:
+    """Top-ratio histogram vs step (heatmap), frozen fraction, and sample ratio trajectories.
+
+    hist: `Trace.ratio_histogram` (steps, shares (T, bins), edges); frozen: rows with step, frozen_frac;
+    paths: `Trace.ratio_paths`. `end_step` marks the end-of-calibration finalize when no hard switch
+    happened during the run. `switched`: the same ratio at snapshot steps for sampled sub-vectors
+    that ended on another codeword (dashed)."""
+    steps, shares, edges = hist
+    if len(steps) == 0:
         return message_figure("This run has no per-layer trace.")
+    n_paths = paths["sample"].nunique() if paths is not None and len(paths) else 0
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=[0.45, 0.25, 0.30],
                         subplot_titles=("Share of sub-vectors by their largest assignment ratio",
                                         "Frozen sub-vectors (%)",
-                                        "Ratio of the k-means codeword for 8 sample sub-vectors"))
-    bins = sorted([c for c in layer_rows.columns if c.startswith("ratio_hist_")], key=lambda c: int(c.rsplit("_", 1)[1]))
-    lo = 1.0 / max(n_candidates, 1)
-    edges = np.linspace(lo, 1.0, len(bins) + 1)
+                                        f"Ratio of the k-means codeword: {n_paths} sample sub-vectors"
+                                        + (f" + {switched['sample'].nunique()} that switched (dashed, at snapshots)"
+                                           if switched is not None and len(switched) else "")))
     centers = (edges[:-1] + edges[1:]) / 2
-    z = 100 * layer_rows[bins].to_numpy().T  # (bins, steps)
-    fig.add_trace(go.Heatmap(x=layer_rows["step"], y=centers, z=z, colorscale="Blues", zmin=0,
+    fig.add_trace(go.Heatmap(x=steps, y=centers, z=100 * shares.T, colorscale="Blues", zmin=0,
                              colorbar=dict(title="% of<br>sub-vectors", len=0.42, y=0.8),
                              hovertemplate="step %{x}<br>top ratio ≈ %{y:.2f}<br>%{z:.1f}% of sub-vectors<extra></extra>"),
                   1, 1)
-    fig.add_trace(go.Scatter(x=layer_rows["step"], y=100 * layer_rows["frozen_frac"], mode="lines+markers",
+    fig.add_trace(go.Scatter(x=frozen["step"], y=100 * frozen["frozen_frac"], mode="lines+markers",
                              line=dict(color="#2ca02c"), marker=dict(size=4), name="frozen %", showlegend=False), 2, 1)
-    if ratio_rows is not None and len(ratio_rows):
-        for j, g in ratio_rows.groupby("sample"):
+    if n_paths:
+        for j, g in paths.groupby("sample"):
             fig.add_trace(go.Scatter(x=g["step"], y=g["ratio_nearest"], mode="lines", name=f"sample {j}",
                                      line=dict(width=1.2, color=_PALETTE[int(j) % len(_PALETTE)]),
                                      showlegend=False,
                                      hovertemplate=f"sample {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
                           3, 1)
-    if hard_step is not None:
+    if switched is not None and len(switched):
+        for j, g in switched.groupby("sample"):
+            fig.add_trace(go.Scatter(x=g["step"], y=g["ratio_nearest"], mode="lines+markers", name=f"switched {j}",
+                                     line=dict(width=1.2, dash="dash", color="#d62728"), marker=dict(size=4),
+                                     opacity=0.7, showlegend=False,
+                                     hovertemplate=f"switched sub-vector {j}<br>step %{{x}}<br>ratio %{{y:.3f}}<extra></extra>"),
+                          3, 1)
+    mark, text = (hard_step, f" layer switched to hard at step {hard_step}") if hard_step is not None else \
+        (end_step, f" no hard switch during the run: made hard by the final step ({end_step})")
+    if mark is not None:
         for r in (1, 2, 3):
-            fig.add_vline(x=hard_step, line=dict(color="#d62728", dash="dash", width=1.5), row=r, col=1)
-        fig.add_annotation(x=hard_step, y=50, xref="x2", yref="y2", text=f" layer switched to hard at step {hard_step}",
-                           showarrow=False, xanchor="left", font=dict(color="#d62728", size=11),
+            fig.add_vline(x=mark, line=dict(color="#d62728", dash="dash", width=1.5), row=r, col=1)
+        fig.add_annotation(x=mark, y=50, xref="x2", yref="y2", text=text, showarrow=False,
+                           xanchor="left" if hard_step is not None else "right", font=dict(color="#d62728", size=11),
                            bgcolor="rgba(255,255,255,0.8)")
     if current_step is not None:
         for r in (1, 2, 3):
             fig.add_vline(x=current_step, line=dict(color="#555", dash="dot", width=1), row=r, col=1)
-    fig.update_yaxes(title_text="top ratio", range=[lo, 1.0], row=1, col=1)
+    fig.update_yaxes(title_text="top ratio", range=[edges[0], 1.0], row=1, col=1)
     fig.update_yaxes(title_text="%", range=[0, 101], row=2, col=1)
     fig.update_yaxes(title_text="ratio", range=[0, 1.02], row=3, col=1)
     fig.update_xaxes(title_text="optimizer step", row=3, col=1)
@@ -192,36 +202,60 @@ def evolution_figure(layer_rows: pd.DataFrame, ratio_rows: pd.DataFrame, hard_st
 # ----------------------------------------------------------------------------------------
 
 
-def conflict_figure(per_method: dict, title: str) -> go.Figure:
-    """per_method: {method: layer_rows}. Coherence histogram vs step per method + conflict share."""
-    per_method = {m: r for m, r in per_method.items() if r is not None and len(r)}
-    if not per_method:
+def conflict_figure(per_run: dict, title: str) -> go.Figure:
+    """per_run: {label: (method, `Trace.conflicts(layer)` frame)}. Coherence histogram vs step per run
+    (bins from the frame's `coherence_hist`) + conflict share of every run on one axis."""
+    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
+    if not per_run:
         return message_figure("No gradient statistics for this layer.")
-    n = len(per_method)
-    titles = [f"{m}: per-codeword coherence" for m in per_method] + ["Conflicting gradients (%)"]
+    n = len(per_run)
+    titles = [f"{k}: per-codeword coherence" for k in per_run] + ["Conflicting gradients (%)"]
     fig = make_subplots(rows=1, cols=n + 1, horizontal_spacing=0.08, subplot_titles=titles)
-    centers = (np.arange(10) + 0.5) / 10
-    for i, (m, rows) in enumerate(per_method.items()):
-        rows = rows.dropna(subset=["conflict_share"]) if "conflict_share" in rows else rows.iloc[0:0]
-        hcols = [f"coherence_hist_{b}" for b in range(10)]
-        if len(rows) and all(c in rows for c in hcols):
-            fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * rows[hcols].to_numpy().T, colorscale="Magma_r",
-                                     zmin=0, zmax=100, showscale=i == 0,
-                                     colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
-                                                   thickness=12),
-                                     hovertemplate=f"{m}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
-                          1, i + 1)
-            fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
-                                     line=dict(color=color(m), width=2), name=f"{m}: mean coherence",
-                                     showlegend=False), 1, i + 1)
-            fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
-                                     marker=dict(size=4), line=dict(color=color(m)), name=m), 1, n + 1)
+    for i, (label, (method, rows)) in enumerate(per_run.items()):
+        hist = rows.attrs["coherence_hist"]                        # (T, bins) over [0, 1]
+        centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
+        fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * hist.T, colorscale="Magma_r",
+                                 zmin=0, zmax=100, showscale=i == 0,
+                                 colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
+                                               thickness=12),
+                                 hovertemplate=f"{label}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
+                      1, i + 1)
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
+                                 line=dict(color=color(method), width=2), name=f"{label}: mean coherence",
+                                 showlegend=False), 1, i + 1)
+        fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
+                                 marker=dict(size=4), line=dict(color=color(method), dash="solid" if i == 0 else "dot"),
+                                 name=label), 1, n + 1)
         fig.update_yaxes(title_text="coherence |Σg| / Σ|g|" if i == 0 else None, range=[0, 1], row=1, col=i + 1)
         fig.update_xaxes(title_text="optimizer step", row=1, col=i + 1)
     fig.update_yaxes(title_text="% opposing their codeword's sum", row=1, col=n + 1)
     fig.update_xaxes(title_text="optimizer step", row=1, col=n + 1)
     fig.update_layout(**{**BASE, "margin": dict(l=60, r=20, t=90, b=40)}, height=460, title=title,
                       legend=dict(orientation="h", y=-0.3, x=0.7))
+    return fig
+
+
+def conflict_summary_figure(per_run: dict, title: str) -> go.Figure:
+    """per_run: {label: (method, `Trace.conflict_summary()` frame)}. Conflict share of every layer
+    (blocks x layer kinds, in model order), one bar series per run, the model-wide mean as a line."""
+    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
+    if not per_run:
+        return message_figure("No gradient statistics in these runs (methods without calibration record none).")
+    order = {c: i for i, c in enumerate(LAYER_COLUMNS)}
+    fig = go.Figure()
+    for i, (label, (method, df)) in enumerate(per_run.items()):
+        df = df.assign(_o=df["kind"].map(lambda k: order.get(k, 99))).sort_values(["block", "_o"])
+        x = [f"{b}·{k}" for b, k in zip(df["block"], df["kind"])]
+        mean = 100 * float(df["conflict_share"].mean())
+        fig.add_trace(go.Bar(x=x, y=100 * df["conflict_share"], name=f"{label} (mean {mean:.1f}%)",
+                             marker_color=color(method), opacity=0.85 if i == 0 else 0.6,
+                             marker_pattern_shape="" if i == 0 else "/",
+                             hovertemplate=f"{label}<br>block·layer %{{x}}<br>%{{y:.1f}}% conflicting<extra></extra>"))
+        fig.add_hline(y=mean, line=dict(color=color(method), dash="dash" if i == 0 else "dot", width=1.5))
+    fig.update_layout(**BASE, height=360, title=title, barmode="group", bargap=0.15,
+                      xaxis=dict(title="block · layer", tickangle=-60, tickfont=dict(size=9)),
+                      yaxis=dict(title="% conflicting gradients"),
+                      legend=dict(orientation="h", y=1.12, x=0))
     return fig
 
 
@@ -278,40 +312,69 @@ def changes_table(final_rows: pd.DataFrame, n_blocks: int, value: str = "changed
     """Blocks x layer kinds (q, k, v, out, fc1, fc2, adaLN) of `value` in %, for the table and heatmap."""
     t = pd.DataFrame(index=range(n_blocks), columns=LAYER_COLUMNS, dtype=float)
     for _, r in final_rows.iterrows():
-        t.loc[int(r["block"]), short_layer(r["layer"])] = 100 * float(r[value])
+        t.loc[int(r["block"]), layer_kind(r["layer"])] = 100 * float(r[value])
     t = t.round(2)
     t.insert(0, "block", range(n_blocks))
     return t
 
 
-def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title: str = "") -> go.Figure:
+CHANGE_SCALE = [[0.0, "#ffffff"], [0.25, "#fcbba1"], [0.6, "#ef3b2c"], [1.0, "#67000d"]]  # 0 % = white
+
+
+def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title: str = "",
+                    diff: Optional[pd.DataFrame] = None, diff_title: str = "") -> go.Figure:
+    """Blocks x layer kinds heatmap (0 = white); with `diff` (another run's table) a second panel
+    shows this run minus that one on a diverging scale centred on white."""
     z = table[LAYER_COLUMNS].to_numpy(dtype=float)
-    fig = go.Figure(go.Heatmap(x=LAYER_COLUMNS, y=[f"block {b}" for b in table["block"]], z=z, colorscale="Reds",
-                               zmin=0, colorbar=dict(title="% changed"),
-                               text=np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(z))),
-                               texttemplate="%{text}",
-                               hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"))
+    ylab = [f"block {b}" for b in table["block"]]
+    text = lambda a: np.where(np.isnan(a), "", np.vectorize(lambda v: f"{v:.1f}")(np.nan_to_num(a)))
+    cols = 2 if diff is not None else 1
+    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14,
+                        subplot_titles=("this run", diff_title) if cols == 2 else None)
+    bar = dict(title="%", x=0.44, xanchor="left", thickness=12) if cols == 2 else dict(title="% changed")
+    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, colorbar=bar,
+                             text=text(z), texttemplate="%{text}",
+                             hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"),
+                  1, 1)
+    if diff is not None:
+        dz = z - diff[LAYER_COLUMNS].to_numpy(dtype=float)
+        m = float(np.nanmax(np.abs(dz))) if np.isfinite(dz).any() else 1.0
+        fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=dz, colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m,
+                                 colorbar=dict(title="Δ points", thickness=12), text=text(dz), texttemplate="%{text}",
+                                 hovertemplate="%{y} · %{x}<br>%{z:+.2f} points vs the compared run<extra></extra>"),
+                      1, 2)
     if selected is not None:
         b, col = selected
         if col in LAYER_COLUMNS:
             xi = LAYER_COLUMNS.index(col)
-            fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=b - 0.5, y1=b + 0.5,
-                          line=dict(color="#1f77b4", width=3))
-    fig.update_layout(**BASE, height=80 + 40 * len(table), title=title,
-                      xaxis_title="layer in the block", yaxis=dict(title="transformer block", autorange="reversed"))
+            for c in range(1, cols + 1):
+                fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=b - 0.5, y1=b + 0.5,
+                              line=dict(color="#1f77b4", width=3), row=1, col=c)
+    fig.update_layout(**BASE, height=80 + 40 * len(table), title=title)
+    fig.update_xaxes(title_text="layer in the block")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="transformer block", row=1, col=1)
+    if cols == 2:
+        fig.update_yaxes(showticklabels=False, row=1, col=2)   # same rows as the left panel
     return fig
 
 
-def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], method: str) -> go.Figure:
+def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], method: str,
+                     compare: Optional[tuple] = None) -> go.Figure:
+    """Held-out block MSE per block (bars); `compare` = (per_block_mse, method, label) of another run."""
     if not per_block_mse:
         return message_figure("No per-block MSE recorded for this run.")
     b = [f"block {i}" for i in range(len(per_block_mse))]
     fig = go.Figure(go.Bar(x=per_block_mse, y=b, orientation="h", marker_color=color(method),
-                           name="held-out trajectories", hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+                           name="held-out trajectories" if not compare else "this run (held-out)",
+                           hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+    if compare and compare[0]:
+        fig.add_trace(go.Bar(x=compare[0], y=b[:len(compare[0])], orientation="h", marker_color=color(compare[1]),
+                             marker_pattern_shape="/", name=compare[2], hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
     if final_block_loss:
         fig.add_trace(go.Scatter(x=final_block_loss, y=b, mode="markers", marker=dict(symbol="diamond", size=9,
                                  color="black"), name="last calibration step"))
-    fig.update_layout(**BASE, height=80 + 40 * len(b), title="Block-output MSE vs FP",
+    fig.update_layout(**BASE, height=80 + 40 * len(b), title="Block-output MSE vs FP", barmode="group",
                       xaxis=dict(title="MSE (block output units², log)", type="log"),
                       yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.3))
     return fig
@@ -323,7 +386,8 @@ def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], meth
 
 
 def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Optional[str] = None) -> go.Figure:
-    """bits/weight vs FD-digits and vs block MSE, one colour per method."""
+    """bits/weight vs FD-digits and vs block MSE, one colour per method; the current run is the
+    large marker, cancelled / partial runs are open circles."""
     ok = runs.dropna(subset=["bits/weight"]) if len(runs) else runs
     if len(ok) == 0:
         return message_figure("No saved runs yet: start one in the Set-up panel.", 320)
@@ -333,10 +397,14 @@ def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Option
     for m, g in ok.groupby("method"):
         for col, ycol in ((1, "FD-digits"), (2, "block MSE")):
             sizes = [14 if r == current else 9 for r in g["run"]]
+            partial = [str(st) != "finished" for st in g["status"]] if "status" in g else [False] * len(g)
             fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
-                                     showlegend=col == 1, marker=dict(color=color(m), size=sizes,
-                                                                      line=dict(width=1, color="white")),
-                                     text=g["run"], hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
+                                     showlegend=col == 1,
+                                     marker=dict(color=color(m), size=sizes, line=dict(width=1.5, color=color(m)),
+                                                 symbol=["circle-open" if p else "circle" for p in partial]),
+                                     text=[f"{r} ({st})" if p else r for r, st, p in
+                                           zip(g["run"], g.get("status", g["run"]), partial)],
+                                     hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
                                      + ycol + " %{y:.4g}<extra></extra>"), 1, col)
     if fp_fd is not None and math.isfinite(fp_fd):
         fig.add_hline(y=fp_fd, line=dict(color=color("fp"), dash="dash"), row=1, col=1,

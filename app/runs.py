@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vq4dit.config import CalibConfig, METHODS, method_config, method_names
+from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
 from vq4dit.experiment import EvalSpec, generate, run_method
 from vq4dit.io import load_dit, save_quantized
@@ -36,7 +36,6 @@ from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATED = tuple(method_names(calibrated=True))  # methods that record a Trace
 RUN_FILE = "run.json"
 
 # Documented limits of what the app accepts (README "Safety"); checked before any work is done.
@@ -135,7 +134,7 @@ class AppConfig:
 @dataclass
 class RunSettings:
     """One run as the Set-up panel describes it."""
-    method: str = "vq4dit"
+    method: str = DEFAULT_METHOD
     bits: int = 2
     k: Optional[int] = None
     d: Optional[int] = None
@@ -167,7 +166,7 @@ class RunSettings:
         st = _whole(c.get("num_sampling_steps", 1), "sampling steps", 1, L["sampling_steps"])
         if "labels_per_iteration" in c:
             _whole(c["labels_per_iteration"], "labels per iteration", 1, 256)
-        if self.method in CALIBRATED and it * st > L["total_steps"]:
+        if _calibrated(self.method) and it * st > L["total_steps"]:
             raise ValueError(f"iterations x sampling steps = {it * st} optimizer steps is over the app's limit of "
                              f"{L['total_steps']}: use the library or the CLI for longer runs")
         for key in ("lr_logits", "lr_codebook", "lambda_r", "guidance_scale"):
@@ -366,7 +365,7 @@ class RunStore:
         meta = self.meta(run_id)
         tdir = self.run_dir(run_id) / "trace"
         if not tdir.exists():
-            if meta["method"] in CALIBRATED:
+            if _calibrated(meta["method"]):
                 self.bad[run_id] = "trace missing"
                 raise ValueError(f"run {run_id!r} is unreadable: its trace/ directory is missing")
             tr = None
@@ -466,6 +465,12 @@ class RunStore:
         return str(out)
 
 
+def _calibrated(method: str) -> bool:
+    """Does a run of `method` record a Trace? ('m+switch=..' derived names map to m.)"""
+    spec = METHODS.get(str(method).split("+", 1)[0])
+    return spec is not None and spec.calibrated
+
+
 def _round(v, n):
     try:
         return None if v is None or not math.isfinite(float(v)) else round(float(v), n)
@@ -476,6 +481,10 @@ def _round(v, n):
 # ----------------------------------------------------------------------------------------
 # The calibration worker (one at a time) and image generation
 # ----------------------------------------------------------------------------------------
+
+
+class RunCancelled(Exception):
+    """Cancel pressed before there was a model worth saving (during k-means)."""
 
 
 @dataclass
@@ -489,6 +498,10 @@ class ActiveRun:
     run_id: Optional[str] = None
     error: Optional[BaseException] = None
     t0: float = field(default_factory=time.time)
+    layers_done: int = 0                        # k-means / RTN progress over the target layers
+    layers_total: int = 0
+    quantize_seconds: Optional[float] = None    # time of the per-layer quantization (k-means) stage
+    cancelled_in: Optional[str] = None          # phase in which Cancel took effect (None: not cancelled)
 
     def steps_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.rows))
@@ -553,23 +566,16 @@ class Engine:
         return self.images(run_id, b.transformer, labels, seed, guidance, steps, vae=self.bundle.vae)
 
     def image_metrics(self, images, labels, reference) -> dict:
-        from vq4dit.metrics import image_mse, psnr
-        out = {}
+        """The library's metrics (DigitsEvaluator on the digits model, vq4dit.metrics otherwise)
+        plus the predicted class of each image ("pred") for the image labels."""
         if self.evaluator is not None:
-            pred = self.evaluator.predict(images)
-            out["accuracy"] = float((pred == torch.as_tensor(labels)).float().mean())
-            out["pred"] = pred.tolist()
-            if len(images) >= 2:
-                from vq4dit.metrics import frechet_distance
-                try:
-                    out["fd_digits"] = frechet_distance(self.evaluator.features(images),
-                                                        self.evaluator.real_features)
-                except ValueError:
-                    pass
-        if reference is not None:
-            out["psnr"] = float(psnr(images, reference).clamp_max(99.0).mean())
-            out["image_mse"] = float(image_mse(images, reference).mean())
-        return out
+            out = self.evaluator.evaluate(images, labels, reference)
+            out["pred"] = self.evaluator.predict(images).tolist()
+            return out
+        from vq4dit.metrics import image_mse, psnr
+        if reference is None:
+            return {}
+        return dict(psnr=float(psnr(images, reference).mean()), image_mse=float(image_mse(images, reference).mean()))
 
     def evaluate_run_model(self, model) -> tuple[dict, dict]:
         """(metrics of the quantized model, metrics of FP) on the fixed eval spec."""
@@ -582,6 +588,39 @@ class Engine:
         f = self.image_metrics(fp, labels, None)
         m.pop("pred", None), f.pop("pred", None)
         return m, f
+
+    # -- estimates ------------------------------------------------------------------------
+    def estimate(self, cfg) -> dict:
+        """Before a run: storage from the library's bit accounting (`vq_storage_bits` /
+        `rtn_storage_bits`, the numbers the packed model will have) over the layers `quantize`
+        targets, and time from earlier runs of the same method and k x d (median per stage)."""
+        from vq4dit.config import VQConfig
+        from vq4dit.layers import default_filter, rtn_storage_bits, vq_storage_bits
+        n = total = 0
+        for name, lin in self.teacher.named_modules():
+            if not default_filter(lin, name):
+                continue
+            bias = lin.bias is not None
+            if isinstance(cfg, VQConfig):
+                if lin.in_features % cfg.d:
+                    return dict(error=f"d={cfg.d} does not divide {name}'s in_features={lin.in_features}")
+                b = vq_storage_bits(lin.out_features, lin.in_features, cfg.k, cfg.d, cfg.codebook_dtype, bias)
+            else:
+                b = rtn_storage_bits(lin.out_features, lin.in_features, cfg.bits, cfg.per_channel, bias)
+            n += b["n_weights"]
+            total += b["index_bits"] + b["side_bits"] + b["bias_bits"]
+        calib = getattr(cfg, "calib", None)
+        steps = calib.total_steps if calib is not None else 0
+        out = dict(n_weights=n, bits_per_weight=total / max(n, 1), bytes=total / 8, steps=steps, seconds=None)
+        same = [r.meta for r in self.store.list() if r.error is None and r.meta.get("quantize_seconds") is not None
+                and r.meta.get("method") == cfg.method and r.meta.get("k") == getattr(cfg, "k", None)
+                and r.meta.get("d") == getattr(cfg, "d", None)]
+        if same:
+            q = float(np.median([m["quantize_seconds"] for m in same]))
+            per = [(m["seconds"] - m["quantize_seconds"]) / m["steps_done"] for m in same if m.get("steps_done")]
+            out["seconds"] = q + (float(np.median(per)) * steps if per else 0.0)
+            out["basis"] = f"median of {len(same)} earlier {cfg.method} run(s) at this k×d, excluding evaluation"
+        return out
 
     # -- runs -----------------------------------------------------------------------------
     def busy(self) -> bool:
@@ -604,17 +643,36 @@ class Engine:
     def _work(self, a: ActiveRun):
         s = a.settings
         try:
-            def on_step(info):
-                a.phase = "calibrating"
-                a.rows.append({k: v for k, v in info.items() if k != "trace"})
-                return not a.stop.is_set()
+            def layer_progress(items, desc=None):
+                """Wraps the library's per-layer quantization loop: progress and Cancel."""
+                items = list(items)
+                a.layers_total, t = len(items), time.time()
+                for i, item in enumerate(items):
+                    if a.stop.is_set():
+                        a.cancelled_in = a.phase
+                        raise RunCancelled(f"cancelled during {a.phase} (layer {i}/{len(items)}): nothing saved")
+                    a.layers_done = i
+                    yield item
+                a.layers_done, a.quantize_seconds = len(items), time.time() - t
+                a.phase = "calibrating" if METHODS[s.method].calibrated else "measuring block MSE vs FP"
 
-            calib = dict(s.calib, device=str(self.device)) if s.method in CALIBRATED else None
+            def on_step(info):
+                a.rows.append({k: v for k, v in info.items() if k != "trace"})
+                if a.stop.is_set():
+                    a.cancelled_in = a.cancelled_in or "calibrating"
+                    return False
+                return True
+
+            calib = dict(s.calib, device=str(self.device)) if METHODS[s.method].calibrated else None
             with self.model_lock:
                 res = run_method(self.teacher, s.method, s.bits, calib=calib, vq=s.vq_kwargs(),
-                                 on_step=on_step, progress=False)
-            a.phase = "evaluating images"
-            metrics, fp_metrics = self.evaluate_run_model(res.model)
+                                 on_step=on_step, progress=layer_progress)
+            if a.stop.is_set():  # Cancel after calibration: skip the image evaluation, save as cancelled
+                a.cancelled_in = a.cancelled_in or "measuring block MSE vs FP"
+                metrics, fp_metrics = {}, {}
+            else:
+                a.phase = "evaluating images"
+                metrics, fp_metrics = self.evaluate_run_model(res.model)
             a.phase = "saving"
             run_id = self.store.new_id(s.method, s.bits)
             tr = res.trace
@@ -625,16 +683,18 @@ class Engine:
                 bits_per_weight=res.size["bits_per_weight"], size=res.size, block_mse=res.block_mse,
                 per_block_mse=res.per_block_mse, seconds=res.seconds, metrics=metrics, fp_metrics=fp_metrics,
                 eval_spec=asdict(self.eval_spec()), n_blocks=self.n_blocks, created=time.time(),
-                total_steps=tr.meta.get("total_steps") if tr is not None else None,
-                steps_done=tr.meta.get("steps_done") if tr is not None else None,
-                stopped=tr.meta.get("stopped") if tr is not None else None,
-                status=("cancelled" if tr is not None and tr.meta.get("stopped") == "cancelled"
-                        else (f"stopped ({tr.meta['stopped']})" if tr is not None and tr.meta.get("stopped")
-                              else "finished")),
+                total_steps=tr.total_steps if tr is not None else None,
+                steps_done=tr.steps_done if tr is not None else None,
+                stopped=tr.stopped if tr is not None else None,
+                status=("cancelled" if a.cancelled_in or (tr is not None and tr.stopped == "cancelled")
+                        else (f"stopped ({tr.stopped})" if tr is not None and tr.stopped else "finished")),
+                cancelled_in=a.cancelled_in, quantize_seconds=a.quantize_seconds,
             )
             self.store.save(run_id, res, meta, scheduler=self.bundle.scheduler)
             a.run_id = run_id
             a.phase = "saved"
+        except RunCancelled as e:
+            a.error, a.phase = e, "cancelled"
         except BaseException as e:  # reported to the UI by the streaming generator
             a.error = e
             a.phase = "failed"

@@ -12,9 +12,18 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import torch
+
+from vq4dit.config import DEFAULT_METHOD, METHODS, MethodSpec, method_names
+from vq4dit.layers import block_index, layer_kind
 
 from . import plots
 from .runs import APP_LIMITS, Engine, image_params
+
+
+def method_spec(method: Optional[str]) -> Optional[MethodSpec]:
+    """Registry entry of a run's method ('m+switch=..' derived names map to m); None if unknown."""
+    return METHODS.get((method or "").split("+", 1)[0])
 
 
 class Views:
@@ -22,7 +31,7 @@ class Views:
         self.engine = engine
         self.store = engine.store
         self._proj: OrderedDict = OrderedDict()
-        self._frames: dict = {}
+        self._metrics: dict = {}   # (run, labels, seed, guidance, steps) -> image metrics
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------
@@ -30,25 +39,6 @@ class Views:
     # ------------------------------------------------------------------------------------
     def trace(self, run_id):
         return self.store.trace(run_id) if run_id else None
-
-    def layer_frames(self, run_id) -> dict:
-        """{layer: rows of trace.layers}, {layer: rows of trace.ratios}, hard-switch steps (cached)."""
-        if run_id in self._frames:
-            return self._frames[run_id]
-        tr = self.trace(run_id)
-        if tr is None:
-            out = dict(layers={}, ratios={}, hard={})
-        else:
-            lay, rat, ev = tr.layers, tr.ratios, tr.events
-            hard = {r["layer"]: int(r["step"]) for _, r in ev.iterrows()} if len(ev) else {}
-            out = dict(layers={n: g.sort_values("step", kind="stable") for n, g in lay.groupby("layer")} if len(lay) else {},
-                       ratios={n: _fix_hard_ratios(g, hard.get(n)) for n, g in rat.groupby("layer")} if len(rat) else {},
-                       hard=hard)
-        with self._lock:
-            self._frames[run_id] = out
-            if len(self._frames) > 8:
-                self._frames.pop(next(iter(self._frames)))
-        return out
 
     def layers_of(self, run_id) -> list[str]:
         tr = self.trace(run_id)
@@ -59,10 +49,23 @@ class Views:
         return list(quantized_layers(self.store.model(run_id).transformer)) if meta else []
 
     def layer_choices(self, run_id, block: int) -> list[tuple[str, str]]:
-        names = [n for n in self.layers_of(run_id) if f"transformer_blocks.{block}." in n]
+        names = [n for n in self.layers_of(run_id) if block_index(n) == int(block)]
         order = {c: i for i, c in enumerate(plots.LAYER_COLUMNS)}
-        names.sort(key=lambda n: order.get(plots.short_layer(n), 99))
-        return [(f"{plots.short_layer(n)} ({n.split('.', 2)[-1]})", n) for n in names]
+        names.sort(key=lambda n: order.get(layer_kind(n), 99))
+        return [(f"{layer_kind(n)} ({n.split('.', 2)[-1]})", n) for n in names]
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        """(label, run id) for the run pickers, oldest first; partial runs say so in the label."""
+        out = []
+        for r in self.store.list():
+            if r.error is not None:
+                continue
+            m = r.meta
+            st = m.get("status", "?")
+            tag = "" if st == "finished" else f" — {st}" + (
+                f" {m.get('steps_done')}/{m.get('total_steps')}" if m.get("total_steps") else "")
+            out.append((f"{r.id}{tag}", r.id))
+        return out
 
     def steps_of(self, run_id) -> list[int]:
         tr = self.trace(run_id)
@@ -75,8 +78,8 @@ class Views:
         n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
         block = block if block is not None and 0 <= int(block) < n_blocks else 0
         choices = [v for _, v in self.layer_choices(run_id, int(block))]
-        kind = plots.short_layer(layer) if layer else None
-        pick = next((v for v in choices if plots.short_layer(v) == kind), choices[0] if choices else None)
+        kind = layer_kind(layer) if layer else None
+        pick = next((v for v in choices if layer_kind(v) == kind), choices[0] if choices else None)
         return dict(run=run_id, block=int(block), layer=pick, snap=max(len(self.steps_of(run_id)) - 1, 0))
 
     def describe(self, sel: dict) -> str:
@@ -90,14 +93,20 @@ class Views:
         lay = sel.get("layer")
         shape = ""
         tr = self.trace(sel["run"])
-        if tr is not None and lay in tr.meta.get("layers", {}):
-            shape = " · weight " + "×".join(str(s) for s in tr.meta["layers"][lay]["shape"])
+        if tr is not None and lay in tr.layer_names:
+            shape = " · weight " + "×".join(str(s) for s in tr.layer_info(lay).shape)
         fd = met.get("fd_digits")
+        other = sel.get("other")
+        cmp = ""
+        if other and other != sel["run"]:
+            om = self.store.meta(other)
+            cmp = f" · **Compared with** `{other}` ({om['method']}, W{om['bits']}, {om.get('status', '?')})"
         return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
                 + (f", FD-digits {fd:.2f}" if fd is not None else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")
-                + (f" · **Snapshot** step {step} of {m.get('steps_done') or steps[-1]}" if tr is not None else ""))
+                + (f" · **Snapshot** step {step} of {m.get('steps_done') or steps[-1]}" if tr is not None else "")
+                + cmp)
 
     # ------------------------------------------------------------------------------------
     # Calibration curves and per-block heatmaps (depend on the run only)
@@ -108,24 +117,43 @@ class Views:
             m = self.store.meta(run_id)["method"] if run_id else None
             return plots.message_figure(f"{m} has no calibration: nothing to plot." if m else "No run selected.", 300)
         return plots.calibration_figure(tr.steps, title=f"Calibration of {run_id}", uirevision=run_id,
-                                        total_steps=tr.meta.get("total_steps"))
+                                        total_steps=tr.total_steps)
+
+    def change_table(self, run_id, step: Optional[int] = None) -> Optional[pd.DataFrame]:
+        """Blocks x layer kinds: % of sub-vectors whose codeword differs from k-means at `step`
+        (the last record at or before it; None = final). None when the run has no trace."""
+        tr = self.trace(run_id)
+        stats = tr.layer_stats() if tr is not None else pd.DataFrame()
+        if not len(stats):
+            return None
+        if step is not None:
+            stats = stats[stats["step"] <= step]
+        final = stats.groupby("layer", sort=False).tail(1)   # rows are sorted by step
+        n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
+        return plots.changes_table(final, n_blocks)
 
     def changes(self, sel: dict):
-        """(heatmap figure, table, per-block MSE figure) for the selected run."""
+        """(heatmap figure, table, per-block MSE figure) for the selected run at the selected
+        snapshot; with a picked comparison run, also the difference heatmap and its MSE bars."""
         run_id = sel.get("run") if sel else None
         if not run_id:
             msg = plots.message_figure("No run selected.")
             return msg, pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS), msg
         meta = self.store.meta(run_id)
-        frames = self.layer_frames(run_id)
         n_blocks = int(meta.get("n_blocks") or self.engine.n_blocks)
         tr = self.trace(run_id)
-        if frames["layers"]:
-            final = pd.concat([g.iloc[[-1]] for g in frames["layers"].values()])
-            table = plots.changes_table(final, n_blocks)
-            cell = (sel["block"], plots.short_layer(sel["layer"])) if sel.get("layer") else None
-            heat = plots.changes_heatmap(table, cell, title=f"Sub-vectors whose codeword differs from k-means, "
-                                                            f"final step — {meta['method']} W{meta['bits']}")
+        steps = self.steps_of(run_id)
+        step = steps[min(sel.get("snap", 0), len(steps) - 1)] if tr is not None and steps else None
+        table = self.change_table(run_id, step)
+        other = sel.get("other")
+        om = self.store.meta(other) if other and other != run_id else None
+        if table is not None:
+            cell = (sel["block"], layer_kind(sel["layer"])) if sel.get("layer") else None
+            diff = self.change_table(other) if om else None
+            heat = plots.changes_heatmap(
+                table, cell, title=f"Sub-vectors whose codeword differs from k-means at step {step} — "
+                                   f"{meta['method']} W{meta['bits']}",
+                diff=diff, diff_title=f"minus {om['method']} W{om['bits']} (final)" if om else "")
         else:
             table = pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS)
             heat = plots.message_figure(f"{meta['method']} keeps no assignment trace (no calibration).")
@@ -133,7 +161,8 @@ class Views:
         if tr is not None and len(tr.steps):
             row = tr.steps.iloc[-1]
             last = [float(row[f"block_{b}"]) for b in range(n_blocks) if f"block_{b}" in row]
-        mse = plots.block_mse_figure(meta.get("per_block_mse") or [], last, meta["method"])
+        cmp = (om.get("per_block_mse") or [], om["method"], f"{om['method']} W{om['bits']} ({other})") if om else None
+        mse = plots.block_mse_figure(meta.get("per_block_mse") or [], last, meta["method"], compare=cmp)
         return heat, table, mse
 
     # ------------------------------------------------------------------------------------
@@ -147,10 +176,9 @@ class Views:
                 self._proj.move_to_end(key)
                 return self._proj[key]
         tr = self.trace(run_id)
-        snaps = tr.snapshots
-        fp = snaps[f"{layer}|sample_fp"].numpy().astype(np.float64)       # (n, d)
-        steps = [s for s in tr.snapshot_steps() if f"{layer}|{s}|codebook" in snaps]
-        books = [snaps[f"{layer}|{s}|codebook"].numpy().astype(np.float64) for s in steps]  # each (k, d)
+        fp = tr.samples(layer)[0].astype(np.float64)                      # (n, d)
+        steps = tr.snapshot_steps(layer)
+        books = [tr.snapshot(layer, s).codebook.astype(np.float64) for s in steps]  # each (k, d)
         d = fp.shape[1]
         if d <= 2 and method != "UMAP":
             f = (lambda x: np.concatenate([x, np.zeros_like(x)], 1)) if d == 1 else (lambda x: x)
@@ -182,26 +210,22 @@ class Views:
     def cluster(self, sel: dict, color_by: str, method: str):
         run_id, layer = (sel or {}).get("run"), (sel or {}).get("layer")
         tr = self.trace(run_id) if run_id else None
-        if tr is None or not layer or f"{layer}|sample_fp" not in tr.snapshots:
+        if tr is None or not layer or not tr.has_samples(layer):
             why = "No run selected." if not run_id else "This run has no codebook trace (no calibration)."
             return plots.message_figure(why, 480), why
-        steps = self.steps_of(run_id)
+        steps = tr.snapshot_steps(layer)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
         pr = self.projection(run_id, layer, method)
-        s = tr.snapshots
-        assign = s[f"{layer}|{step}|assign"].numpy()
-        assign0 = s[f"{layer}|{steps[0]}|assign"].numpy()
-        top = s[f"{layer}|{step}|top_ratio"].numpy()
-        info = tr.meta["layers"][layer]
-        n_total = info["shape"][0] * info["shape"][1] // info["d"]
-        n_cand = (tr.meta.get("config") or {}).get("n_candidates", 2)
+        snap, snap0 = tr.snapshot(layer, step), tr.snapshot(layer, steps[0])
+        assign, assign0, top = snap.assign, snap0.assign, snap.top_ratio
+        info = tr.layer_info(layer)
         fig = plots.cluster_figure(pr["samples"], pr["books"][step], pr["books"][steps[0]] if step != steps[0] else None,
                                    assign, top, assign0, color_by,
                                    title=f"{plots.layer_label(layer)} — step {step}: sub-vectors and codewords",
-                                   axis=pr["axis"], n_candidates=n_cand, uirevision=f"{run_id}|{layer}|{method}")
+                                   axis=pr["axis"], n_candidates=tr.n_candidates, uirevision=f"{run_id}|{layer}|{method}")
         changed = float((assign != assign0).mean()) * 100
-        note = (f"Sampled **{len(assign):,} of {n_total:,}** sub-vectors (the same fixed random sample at every step) "
-                f"and all **{info['k']}** codewords (d={info['d']}). {pr['note']}. At step {step}, "
+        note = (f"Sampled **{len(assign):,} of {info.n_subvectors:,}** sub-vectors (the same fixed random sample at "
+                f"every step) and all **{info.k}** codewords (d={info.d}). {pr['note']}. At step {step}, "
                 f"{changed:.1f}% of the sampled sub-vectors use a different codeword than after k-means.")
         return fig, note
 
@@ -213,31 +237,67 @@ class Views:
         tr = self.trace(run_id) if run_id else None
         if tr is None or not layer:
             return plots.message_figure("No calibration trace for this run." if run_id else "No run selected.")
-        fr = self.layer_frames(run_id)
+        spec = method_spec(tr.method)
+        if spec is not None and not spec.trains_assignments:
+            return plots.message_figure(f"{tr.method} keeps the k-means assignments fixed: it has no assignment "
+                                        f"ratios to show (only its codebooks and biases train).")
         steps = self.steps_of(run_id)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
-        n_cand = (tr.meta.get("config") or {}).get("n_candidates", 2)
-        rows = fr["layers"].get(layer)
-        rows = rows.drop_duplicates("step", keep="last") if rows is not None else None
-        return plots.evolution_figure(rows, fr["ratios"].get(layer), fr["hard"].get(layer),
-                                      n_cand, title=f"{plots.layer_label(layer)} — {tr.meta.get('method')}: "
-                                                    f"how sure each sub-vector is of its codeword", current_step=step)
+        hard = tr.hard_steps().get(layer)
+        return plots.evolution_figure(tr.ratio_histogram(layer), tr.layer_stats(layer), tr.ratio_paths(layer), hard,
+                                      title=f"{plots.layer_label(layer)} — {tr.method}: "
+                                            f"how sure each sub-vector is of its codeword", current_step=step,
+                                      end_step=tr.steps_done if hard is None else None,
+                                      switched=switched_paths(tr, layer))
 
     # ------------------------------------------------------------------------------------
     # Gradient-direction conflicts
     # ------------------------------------------------------------------------------------
-    def conflict_pair(self, run_id) -> tuple[dict, Optional[str]]:
-        """{method: run id} to compare (vq4dit vs codebook-only at the same bits), and the missing method."""
+    def newest(self, bits: int, want, exclude: Optional[str] = None) -> Optional[str]:
+        """Newest *finished* readable run at `bits` whose method spec satisfies `want(spec)`.
+        Cancelled or partial runs are never picked as a baseline automatically."""
+        for r in reversed(self.store.list()):
+            m = r.meta or {}
+            if (r.error is None and r.id != exclude and m.get("status") == "finished"
+                    and int(m.get("bits", -1)) == int(bits) and want(method_spec(m.get("method")))):
+                return r.id
+        return None
+
+    def baselines(self, bits: int, exclude: Optional[str] = None, limit: int = 4) -> list[str]:
+        """Newest finished run of every other method at `bits` (partial runs only when picked)."""
+        ex = (self.store.meta(exclude).get("method") if exclude else None)
+        seen, out = {ex}, []
+        for r in reversed(self.store.list()):
+            m = r.meta or {}
+            if (r.error is None and m.get("status") == "finished" and int(m.get("bits", -1)) == int(bits)
+                    and m.get("method") not in seen):
+                seen.add(m["method"])
+                out.append(r.id)
+        return out[:limit]
+
+    def conflict_pair(self, run_id, compare: Optional[str] = None) -> tuple[dict, Optional[str]]:
+        """{side: run id or None} for the paper's comparison at the run's bits: a method that trains
+        assignments vs one that keeps the k-means assignments (both from the registry), and the
+        registry name of the method to run for a missing side (None when both exist). A picked
+        `compare` run replaces the automatic choice: any two runs, any bits."""
+        if compare and compare != run_id:
+            return {"selected": run_id, "compare": compare}, None
         meta = self.store.meta(run_id)
-        bits, method = int(meta["bits"]), meta["method"]
-        if method in ("vq4dit", "vq4dit-ref"):
-            pair = {method: run_id, "codebook-only": self.store.latest("codebook-only", bits)}
-        elif method == "codebook-only":
-            pair = {"vq4dit": self.store.latest("vq4dit", bits), method: run_id}
+        bits, spec = int(meta["bits"]), method_spec(meta["method"])
+        trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments
+        fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments
+        if trains(spec):
+            pair = {"assignments": run_id, "fixed": self.newest(bits, fixed, exclude=run_id)}
+        elif fixed(spec):
+            pair = {"assignments": self.newest(bits, trains, exclude=run_id), "fixed": run_id}
         else:
-            pair = {"vq4dit": self.store.latest("vq4dit", bits),
-                    "codebook-only": self.store.latest("codebook-only", bits)}
-        missing = next((m for m, r in pair.items() if r is None), None)
+            pair = {"assignments": self.newest(bits, trains), "fixed": self.newest(bits, fixed)}
+        missing = None
+        if pair["fixed"] is None:
+            missing = next((n for n in method_names(calibrated=True) if fixed(METHODS[n])), None)
+        elif pair["assignments"] is None:
+            missing = DEFAULT_METHOD if trains(METHODS[DEFAULT_METHOD]) else \
+                next((n for n in method_names(calibrated=True) if trains(METHODS[n])), None)
         return pair, missing
 
     def conflicts(self, sel: dict):
@@ -247,40 +307,67 @@ class Views:
             m = plots.message_figure("No run selected.")
             return "No run selected.", None, m, m
         meta = self.store.meta(run_id)
-        pair, missing = self.conflict_pair(run_id)
-        per_method, used = {}, []
-        for m, rid in pair.items():
+        pair, missing = self.conflict_pair(run_id, sel.get("other"))
+        per_run, used = {}, []
+        for rid in pair.values():
             if rid is None:
                 continue
             try:
-                rows = self.layer_frames(rid)["layers"].get(layer)
+                tr = self.trace(rid)
             except ValueError:
                 continue
-            per_method[m] = rows
-            used.append(f"`{rid}` ({m})")
-        note = f"Comparing {' and '.join(used) if used else 'nothing'} at W{meta['bits']}, layer {plots.layer_label(layer)}."
+            if tr is None or layer not in tr.layer_names:
+                continue
+            label = tr.method if tr.method not in per_run else f"{tr.method} ({rid})"
+            per_run[label] = (tr.method, tr.conflicts(layer))
+            used.append(f"`{rid}` ({tr.method}, W{self.store.meta(rid)['bits']})")
+        how = "picked in *Compare with*" if "compare" in pair else f"newest finished at W{meta['bits']}"
+        note = f"Comparing {' and '.join(used) if used else 'nothing'} ({how}), layer {plots.layer_label(layer)}."
         if missing:
-            note += (f" **No saved {missing} run at W{meta['bits']} yet**, so its side is missing: press the button "
-                     f"to run it with the Set-up settings.")
-        fig = plots.conflict_figure(per_method, title=f"Gradient agreement inside codewords — {plots.layer_label(layer)}")
-        # worst codeword of the selected run (or the vq4dit run when the selection has no trace)
+            note += (f" **No saved {missing} run at W{meta['bits']} yet** (only finished runs are picked "
+                     f"automatically), so its side is missing: press the button to run it with the Set-up settings.")
+        fig = plots.conflict_figure(per_run, title=f"Gradient agreement inside codewords — {plots.layer_label(layer)}")
+        # worst codeword of the selected run (or of the assignment-training side when the selection has no trace)
         tr = self.trace(run_id)
-        src_method = meta["method"]
-        if tr is None and pair.get("vq4dit"):
-            tr, src_method = self.trace(pair["vq4dit"]), "vq4dit"
-        wfig = plots.worst_codeword_figure(None, None, None, src_method)
-        if tr is not None:
-            steps = tr.snapshot_steps()
+        if tr is None and pair.get("assignments") or tr is None and pair.get("compare"):
+            tr = self.trace(pair.get("assignments") or pair.get("compare"))
+        wfig = plots.worst_codeword_figure(None, None, None, meta["method"])
+        if tr is not None and layer in tr.layer_names:
+            steps = tr.snapshot_steps(layer)
             want = steps[min(sel.get("snap", 0), len(steps) - 1)]
-            have = [s for s in steps if f"{layer}|{s}|worst_grads" in tr.snapshots]
+            have = tr.gradient_steps(layer)
             if have:
                 s = min(have, key=lambda x: (abs(x - want), x))
-                g = tr.snapshots[f"{layer}|{s}|worst_grads"].numpy()
-                cw = int(tr.snapshots[f"{layer}|{s}|worst_codeword"][0])
-                wfig = plots.worst_codeword_figure(g, cw, s, src_method)
+                snap = tr.snapshot(layer, s)
+                wfig = plots.worst_codeword_figure(snap.worst_grads, snap.worst_codeword, s, tr.method)
                 if s != want:
                     note += f" Worst-codeword arrows: nearest snapshot with gradients is step {s} (selected: {want})."
         return note, missing, fig, wfig
+
+    def conflict_summary(self, sel: dict):
+        """(figure, markdown) of the model-wide conflict share per layer for the comparison pair:
+        the number that tests the paper's claim (lower with trainable assignments)."""
+        run_id = (sel or {}).get("run")
+        if not run_id:
+            return plots.message_figure("No run selected."), ""
+        pair, _ = self.conflict_pair(run_id, sel.get("other"))
+        per_run = {}
+        for rid in pair.values():
+            tr = self.trace(rid) if rid else None
+            if tr is not None:
+                per_run[f"{tr.method} ({rid})" if rid != run_id else f"{tr.method} (selected)"] = (
+                    tr.method, tr.conflict_summary())
+        fig = plots.conflict_summary_figure(per_run, "Conflict share per layer over the whole run")
+        have = {k: v for k, (m, v) in per_run.items() if len(v)}
+        if len(have) < 2:
+            return fig, "Model-wide summary needs both sides of the comparison."
+        (la, a), (lb, b) = list(have.items())[:2]
+        j = a.merge(b, on="layer", suffixes=("_a", "_b"))
+        lower = int((j["conflict_share_a"] < j["conflict_share_b"]).sum())
+        md = (f"**Model-wide conflict share:** {la} **{100 * a['conflict_share'].mean():.1f}%** vs {lb} "
+              f"**{100 * b['conflict_share'].mean():.1f}%**; lower for {la.split(' ')[0]} in {lower} of {len(j)} layers "
+              f"(mean over each run's logged steps with gradients).")
+        return fig, md
 
     # ------------------------------------------------------------------------------------
     # Images side by side
@@ -318,8 +405,10 @@ class Views:
             raise ValueError(f"at most 32 images at a time, got {len(out)} labels")
         return out
 
-    def images(self, run_id, labels_text, seed, guidance, steps):
-        """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model."""
+    def images(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None):
+        """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model.
+        Rows: FP, the selected run, then the picked comparison run or (none picked) the newest
+        finished run of every other method at the same bits."""
         labels = self.parse_labels(labels_text)
         seed, guidance, steps = image_params(seed, guidance, steps)
         eng = self.engine
@@ -329,16 +418,27 @@ class Views:
             meta = self.store.meta(run_id)
             rows.append((f"{meta['method']} W{meta['bits']} (selected)", run_id, meta["method"],
                          eng.run_images(run_id, labels, seed, guidance, steps)))
-            for b in self.store.baselines(int(meta["bits"]), exclude=run_id):
+            others = [compare] if compare and compare != run_id else self.baselines(int(meta["bits"]), exclude=run_id)
+            for b in others:
                 bm = self.store.meta(b)
+                tag = " (compare)" if compare else ""
+                if bm.get("status") != "finished":
+                    tag += f" [{bm.get('status')}]"
                 try:
-                    rows.append((f"{bm['method']} W{bm['bits']}", b, bm["method"],
+                    rows.append((f"{bm['method']} W{bm['bits']}{tag}", b, bm["method"],
                                  eng.run_images(b, labels, seed, guidance, steps)))
                 except ValueError:
+                    if compare:
+                        raise
                     continue
         table, preds = [], {}
         for label, rid, method, x in rows:
-            m = eng.image_metrics(x, labels, None if rid == "fp" else fp)
+            key = (rid, tuple(labels), seed, guidance, steps)   # same key as the image cache
+            m = self._metrics.get(key)
+            if m is None:
+                m = self._metrics[key] = eng.image_metrics(x, labels, None if rid == "fp" else fp)
+                while len(self._metrics) > 64:
+                    self._metrics.pop(next(iter(self._metrics)))
             preds[rid] = m.get("pred")
             table.append({"model": label, "run": rid if rid != "fp" else "-",
                           "accuracy": _r(m.get("accuracy"), 3),
@@ -346,71 +446,77 @@ class Views:
                           "PSNR vs FP (dB)": _r(m.get("psnr"), 2), "MSE vs FP": _r(m.get("image_mse"), 5)})
         img = composite(rows, labels, preds, fp)
         note = (f"{len(labels)} images per model, seed {seed}, guidance {guidance:g}, {steps} DDIM steps; "
-                f"every model starts from the same noise. Baselines: newest saved run of each other method at the "
-                f"same bits ({len(rows) - 2 if run_id else 0} found).")
+                f"every model starts from the same noise. "
+                + (f"Compared with `{compare}` (picked in *Compare with*)." if compare else
+                   f"Baselines: newest finished run of each other method at the same bits "
+                   f"({len(rows) - 2 if run_id else 0} found; pick any run in *Compare with*)."))
         return img, pd.DataFrame(table), note
 
 
-def _fix_hard_ratios(rows: pd.DataFrame, hard_step: Optional[int]) -> pd.DataFrame:
-    """Workaround: once a layer is hard, the trace logs ratio_nearest = 1.0 for every sample, even
-    one whose codeword is no longer the k-means one. Rewrite those rows as 1 (still the k-means
-    codeword) or 0 (moved), from the logged codeword; the final (finalized, hard) record too."""
-    rows = rows.sort_values("step", kind="stable").drop_duplicates(["step", "sample"], keep="last").copy()
-    if not len(rows):
-        return rows
-    first = rows[rows["step"] == rows["step"].min()].set_index("sample")["codeword"]
-    start = hard_step if hard_step is not None else int(rows["step"].max())
-    m = rows["step"] >= start
-    rows.loc[m, "ratio_nearest"] = (rows.loc[m, "codeword"].to_numpy()
-                                    == first.reindex(rows.loc[m, "sample"]).to_numpy()).astype(float)
-    return rows
+def switched_paths(tr, layer: str, limit: int = 8) -> Optional[pd.DataFrame]:
+    """(step, sample, ratio_nearest) at the snapshot steps for up to `limit` sampled sub-vectors whose
+    final codeword differs from the k-means one. The trace's own ratio paths follow a fixed few
+    sub-vectors that rarely switch; the snapshots hold every sampled one. With n = 2 candidates the
+    k-means codeword's ratio is the top ratio while it is still chosen and 1 - top ratio after the
+    switch (1 / 0 once hard); other n: None."""
+    if tr.n_candidates != 2 or not tr.has_samples(layer):
+        return None
+    steps = tr.snapshot_steps(layer)
+    snaps = [tr.snapshot(layer, t) for t in steps]
+    moved = np.flatnonzero(snaps[-1].assign != snaps[0].assign)[:limit]
+    if not len(moved):
+        return None
+    rows = [dict(step=t, sample=int(j), ratio_nearest=float(sn.top_ratio[j] if sn.assign[j] == snaps[0].assign[j]
+                                                               else 1.0 - sn.top_ratio[j]))
+            for t, sn in zip(steps, snaps) for j in moved]
+    return pd.DataFrame(rows)
 
 
 def _r(v, n):
-    return None if v is None else round(float(v), n)
+    """Rounded for a table; None for missing or non-finite values (NaN FD of one image, inf PSNR)."""
+    return None if v is None or not np.isfinite(float(v)) else round(float(v), n)
 
 
 def composite(rows, labels, preds, fp) -> np.ndarray:
-    """One picture: per model a row of images (with predicted class) and a row of |image - FP|."""
+    """One picture: per model a row of images (with predicted class) and a row of |image - FP|.
+    Each row of tiles is a `vq4dit.viz.make_grid` strip."""
     from PIL import Image, ImageDraw
-    from vq4dit.viz import to_uint8
+
+    from vq4dit.viz import make_grid
     h = fp.shape[-1]
-    scale = max(1, 64 // h) if h < 64 else 1
-    cell = h * scale if h * scale <= 128 else 128
-    label_w, pad, text_h = 190, 4, 14
+    scale = max(1, 64 // h)
+    pad, label_w, text_h = 4, 190, 14
+    cell = h * scale
     n = len(labels)
     lines = []
     for label, rid, method, x in rows:
         lines.append(("img", label, rid, method, x))
         if rid != "fp":
-            lines.append(("diff", "|difference| vs FP", rid, method, x))
+            # |x - FP| averaged over channels, 1 = half the range -> white (same) .. red (off by >= 1),
+            # written as an RGB image in [-1, 1] so the one grid helper draws it
+            dif = (x.float() - fp.float()).abs().mean(1, keepdim=True).clamp(0, 1)       # (N, 1, H, W)
+            red = torch.cat([torch.ones_like(dif), 1 - 2 * dif, 1 - 2 * dif], 1)
+            lines.append(("diff", "|difference| vs FP", rid, method, red))
     W = label_w + n * (cell + pad) + pad
-    H = sum(cell + pad + (text_h if kind == "img" else 0) for kind, *_ in lines) + pad
+    H = sum(cell + 2 * pad + (text_h if kind == "img" else 0) for kind, *_ in lines) + pad
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     y = pad
     for kind, label, rid, method, x in lines:
-        colr = plots.color(method)
-        draw.rectangle([0, y, 5, y + cell], fill=colr)
+        draw.rectangle([0, y, 5, y + cell], fill=plots.color(method))
         draw.text((10, y + cell // 2 - 12), label, fill="black")
         if kind == "diff":
-            dif = (x.float() - fp.float()).abs().mean(1).clamp(0, 1).numpy()  # (N, H, W), 1 = half the range
-            tiles = np.stack([255 * np.ones_like(dif), 255 * (1 - dif), 255 * (1 - dif)], -1).astype(np.uint8)
             draw.text((10, y + cell // 2 + 2), "white = same, red = off by >= 1", fill="#777")
-        else:
-            tiles = to_uint8(x)
-            if tiles.shape[-1] == 1:
-                tiles = np.repeat(tiles, 3, -1)
-        for i in range(n):
-            t = Image.fromarray(tiles[i]).resize((cell, cell), Image.NEAREST)
-            x0 = label_w + pad + i * (cell + pad)
-            canvas.paste(t, (x0, y))
-            if kind == "img" and preds.get(rid) is not None:
-                p = preds[rid][i]
-                ok = p == labels[i]
-                draw.text((x0 + 2, y + cell + 1), f"pred {p}" if ok else f"pred {p} !",
-                          fill="#2ca02c" if ok else "#d62728")
-            elif kind == "img":
-                draw.text((x0 + 2, y + cell + 1), f"class {labels[i]}", fill="#555")
-        y += cell + pad + (text_h if kind == "img" else 0)
+        canvas.paste(Image.fromarray(make_grid(x, nrow=n, pad=pad, scale=scale)), (label_w, y))
+        if kind == "img":
+            for i in range(n):
+                x0 = label_w + pad + i * (cell + pad)
+                if preds.get(rid) is not None:
+                    p = preds[rid][i]
+                    ok = p == labels[i]
+                    draw.text((x0 + 2, y + cell + pad + 1), f"pred {p}" if ok else f"pred {p} !",
+                              fill="#2ca02c" if ok else "#d62728")
+                else:
+                    draw.text((x0 + 2, y + cell + pad + 1), f"class {labels[i]}", fill="#555")
+        y += cell + 2 * pad + (text_h if kind == "img" else 0)
     return np.asarray(canvas)

@@ -117,3 +117,54 @@ def test_tiny_run_in_browser(server, tmp_path):
         page.screenshot(path=str(out), full_page=True)
         browser.close()
     assert out.stat().st_size > 20_000
+
+
+def test_views_follow_selection_in_browser(server, tmp_path):
+    """After a reload: the saved run is loaded, its settings are back in the Set-up panel; typing a
+    snapshot number updates the views; plots drawn in a hidden tab get the full width; no WebGL
+    context leak on re-renders."""
+    url, runs = server
+    if not any((d / "run.json").is_file() for d in runs.iterdir()):
+        pytest.skip("no saved run (the first browser test failed)")
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        console = []
+        page.on("console", lambda m: console.append(m.text))
+        page.goto(url)
+        expect(page.get_by_text("Loaded", exact=False).or_(page.get_by_text("Snapshot step"))).to_be_visible(timeout=60_000)
+        page.get_by_text("Advanced").click()
+        expect(page.get_by_label("iterations (trajectories)")).to_have_value("1", timeout=30_000)
+        expect(page.get_by_text("Estimate before running")).to_be_visible()
+
+        page.get_by_role("tab", name="Codebook clusters").click()
+        expect(page.get_by_text("— step 3: sub-vectors and codewords")).to_be_visible(timeout=60_000)
+        snap = page.get_by_label("Snapshot", exact=False).first
+        for v in ("0", "3", "0"):  # typed, not dragged; several re-renders of the cluster plot
+            snap.fill(v)
+            snap.press("Enter")
+            expect(page.get_by_text(f"— step {v}: sub-vectors and codewords")).to_be_visible(timeout=60_000)
+
+        page.get_by_role("tab", name="Per-block changes").click()
+        page.wait_for_timeout(1500)
+        widths = page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent)
+            .map(e => [e.getBoundingClientRect().width, e.querySelector('.main-svg').getBoundingClientRect().width])""")
+        assert widths and all(svg >= 0.9 * box for box, svg in widths), widths
+        out = tmp_path / "per-block.png"
+        page.screenshot(path=str(out), full_page=True)
+
+        # invalid image input: the error is shown, the images on screen stay
+        page.get_by_role("tab", name="Images").click()
+        labels = page.get_by_label("Class labels")
+        labels.fill("1,2")
+        page.get_by_role("button", name="Generate images").click()
+        expect(page.locator("#samples img")).to_be_visible(timeout=180_000)
+        labels.fill("0,12")
+        page.get_by_role("button", name="Generate images").click()
+        expect(page.get_by_text("class labels must be in [0, 9]").first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)
+        expect(page.locator("#samples img")).to_be_visible()
+        page.screenshot(path=str(tmp_path / "images-invalid.png"), full_page=True)
+        browser.close()
+    assert not [m for m in console if "WebGL" in m], console

@@ -42,7 +42,7 @@ class RunResult:
 
 def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None, vq: Optional[dict] = None,
                recipe: str = "reference", on_step: Optional[Callable[[dict], Optional[bool]]] = None,
-               progress: bool = True, measure_block_mse: bool = True) -> RunResult:
+               progress=True, measure_block_mse: bool = True) -> RunResult:
     """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched.
     `calib` and `vq` are ignored for methods without calibration / codebooks (RTN)."""
     spec = METHODS[method]

@@ -78,6 +78,8 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
     Returns the calibration `Trace` (None for methods without calibration). `teacher` defaults to
     a full-precision copy of `model` taken before quantizing. `on_step(info)` is called after each
     calibration step; returning False (or raising KeyboardInterrupt) stops calibration cleanly.
+    `progress`: True = tqdm bars, False = silent, or a callable `progress(iterable, desc)` that wraps
+    the per-layer quantization loop (k-means) and yields its items (the app uses it for its status).
     """
     if type(config) not in _QUANTIZERS:
         raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...)")
@@ -89,12 +91,12 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
     needs_teacher = isinstance(config, VQConfig) and config.calib is not None
     if needs_teacher and teacher is None:
         teacher = copy.deepcopy(model).eval()
-    bar = _progress if progress else (lambda it, desc=None: it)
+    bar = progress if callable(progress) else _progress if progress else (lambda it, desc=None: it)
     originals = _QUANTIZERS[type(config)](model, config, targets, bar)
     model._vq4dit_config = config
     if not needs_teacher:
         return None
-    return calibrate(model, teacher, config, originals, on_step=on_step, progress=progress)
+    return calibrate(model, teacher, config, originals, on_step=on_step, progress=progress is True)
 
 
 def _progress(it, desc=None):

@@ -159,10 +159,11 @@ class DigitsEvaluator:
                           for i in range(0, len(images), 512)])
 
     def evaluate(self, images: torch.Tensor, labels, reference: Optional[torch.Tensor] = None) -> dict:
+        """accuracy, fd_digits (NaN for fewer than 2 images) and, with a reference, psnr / image_mse."""
         labels = torch.as_tensor(labels)
         pred = self.predict(images)
-        out = dict(accuracy=float((pred == labels).float().mean()),
-                   fd_digits=frechet_distance(self.features(images), self.real_features))
+        fd = frechet_distance(self.features(images), self.real_features) if len(images) >= 2 else float("nan")
+        out = dict(accuracy=float((pred == labels).float().mean()), fd_digits=fd)
         if reference is not None:
             out.update(psnr=float(psnr(images, reference).mean()), image_mse=float(image_mse(images, reference).mean()))
         return out

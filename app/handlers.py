@@ -1,0 +1,436 @@
+"""Behaviour of the page: one named function per event, each taking one form object.
+
+Gradio passes component values positionally; `form_event` turns them into the form dataclass
+(`SetupForm`, `ImageForm`, `ViewForm`) so a handler reads `form.bits`, not its 7th argument.
+layout.py builds the components and wires events to these handlers; nothing here creates a
+component.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import gradio as gr
+
+from vq4dit.config import METHODS, VQ_PRESETS
+from vq4dit.layers import layer_kind
+
+from . import plots
+from .runs import Engine, RunSettings, image_params
+from .views import Views
+
+# ----------------------------------------------------------------------------------------
+# Forms: the values of a group of components, by name
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetupForm:
+    """The Set-up panel (field order = the /run endpoint's parameter order)."""
+    method: str
+    bits: Any
+    k: Any
+    d: Any
+    n_candidates: Any
+    iterations: Any
+    sampling_steps: Any
+    kmeans_iters: Any
+    lr_logits: Any
+    lr_codebook: Any
+    lambda_r: Any
+    seed: Any
+
+    def settings(self, calib_defaults: dict) -> RunSettings:
+        """RunSettings for the library; ValueError naming the field when a value is not usable."""
+        def i(v, name):
+            if v is None or v == "":
+                raise ValueError(f"{name} is empty")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite whole number, got {v}")
+            if float(v) != int(float(v)):
+                raise ValueError(f"{name} must be a whole number, got {v}")
+            return int(float(v))
+        calib = dict(calib_defaults, iterations=i(self.iterations, "iterations"),
+                     num_sampling_steps=i(self.sampling_steps, "sampling steps"),
+                     lr_logits=float(self.lr_logits), lr_codebook=float(self.lr_codebook),
+                     lambda_r=float(self.lambda_r), seed=i(self.seed, "seed"))
+        return RunSettings(method=self.method, bits=i(self.bits, "bits"), k=i(self.k, "k"), d=i(self.d, "d"),
+                           n_candidates=i(self.n_candidates, "candidates n"),
+                           kmeans_iters=i(self.kmeans_iters, "k-means iterations"), seed=i(self.seed, "seed"),
+                           calib=calib)
+
+
+@dataclass
+class ImageForm:
+    """The Images tab's controls plus the run they sample (and the picked comparison run)."""
+    run: Optional[str]
+    labels: str
+    seed: Any
+    guidance: Any
+    steps: Any
+    compare: Optional[str] = None   # "" / None = automatic baselines
+
+
+@dataclass
+class ViewForm:
+    """What the layer views read: the shared selection and the cluster-view options."""
+    sel: Optional[dict]
+    color_by: str
+    projection: str
+
+
+def form_inputs(form_cls, ui) -> list:
+    """The components of `form_cls`, in field order (attribute names of `ui` = field names)."""
+    return [getattr(ui, f.name) for f in fields(form_cls)]
+
+
+def form_event(fn, form_cls, lead: int = 0):
+    """Adapter for Gradio: the first `lead` values are passed as they are, the rest become one
+    `form_cls`. Keeps generator functions generators (Gradio streams them) and the name (api_name)."""
+    if inspect.isgeneratorfunction(fn):
+        def event(*values):
+            yield from fn(*values[:lead], form_cls(*values[lead:]))
+    else:
+        def event(*values):
+            return fn(*values[:lead], form_cls(*values[lead:]))
+    event.__name__ = event.__qualname__ = fn.__name__
+    event.__doc__ = fn.__doc__
+    return event
+
+
+AUTO_COMPARE = ("automatic: newest finished baseline", "")
+
+
+def _error(e: Exception) -> gr.Error:
+    return gr.Error(str(e), print_exception=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------
+
+
+class Handlers:
+    """Every event of the page. Reads runs through `Views` (and so through the Trace API)."""
+
+    def __init__(self, engine: Engine, views: Views):
+        self.engine, self.views, self.store = engine, views, engine.store
+
+    # -- set-up panel ----------------------------------------------------------------------
+    def preset(self, bits, method):
+        """Bit-width slider moved: k and d follow the paper's preset, and the newest finished run of
+        this method at these bits (if any) becomes the selected run in every view; otherwise the
+        status line offers to calibrate it."""
+        k, d = VQ_PRESETS.get(int(bits), (None, None))
+        rid = self.views.newest(int(bits), lambda sp: sp is not None and sp.name == method)
+        if rid is None:
+            msg = f"No finished **{method} W{int(bits)}** run yet: press **Run** to calibrate it."
+            return gr.update(value=k), gr.update(value=d), gr.skip(), msg
+        msg = (f"Showing the newest finished **{method} W{int(bits)}** run, `{rid}`, in every view. "
+               f"Press **Run** for a new one.")
+        return gr.update(value=k), gr.update(value=d), gr.update(value=rid), msg
+
+    def describe_method(self, method):
+        return method_description(method)
+
+    def estimate(self, form: SetupForm):
+        return estimate_text(self.engine, form)
+
+    def lock_run(self):
+        """While a run streams, Run buttons are disabled (a second click would only queue silently)."""
+        return gr.update(interactive=False), gr.update(interactive=False)
+
+    def unlock_run(self):
+        return gr.update(interactive=True), gr.update(interactive=True)
+
+    def run(self, form: SetupForm):
+        """Validate the Set-up form, then stream the run (status, live curves, runs list)."""
+        try:
+            s = form.settings(self.engine.calib_defaults)
+            s.config()
+        except (ValueError, TypeError) as e:
+            raise gr.Error(f"Invalid settings: {e}", print_exception=False)
+        yield from self._stream_run(s)
+
+    def run_missing(self, sel, form: SetupForm):
+        """Run the method missing from the conflict comparison, at the selected run's bits."""
+        if not sel or not sel.get("run"):
+            raise gr.Error("Select a run first.", print_exception=False)
+        _, missing = self.views.conflict_pair(sel["run"])
+        if not missing:
+            raise gr.Error("Both sides of the comparison already exist.", print_exception=False)
+        rb = int(self.store.meta(sel["run"])["bits"])
+        k, d = VQ_PRESETS.get(rb, (form.k, form.d))
+        yield from self.run(SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}))
+
+    def cancel(self):
+        a = self.engine.active
+        if a is None or a.done.is_set():
+            return "No run in progress."
+        a.stop.set()
+        return (f"**Cancelling {a.settings.method} W{a.settings.bits}** — calibration stops after the current "
+                f"optimizer step; the partial trace and model are saved.")
+
+    def _stream_run(self, s: RunSettings):
+        engine, store = self.engine, self.store
+        try:
+            a = engine.start_run(s)
+        except (ValueError, RuntimeError) as e:
+            raise _error(e)
+        live_rev = f"live-{a.t0}"
+        yield status_text(a), plots.calibration_figure(None), gr.skip(), gr.skip(), gr.skip()
+        last = time.time()
+        while not a.done.wait(timeout=0.2):
+            if time.time() - last >= 1.0:  # throttle: ~1 figure per second
+                last = time.time()
+                fig = plots.calibration_figure(a.steps_frame(), title="Live calibration", uirevision=live_rev,
+                                               total_steps=a.total_steps)
+                yield status_text(a), fig, gr.skip(), gr.skip(), gr.skip()
+        if a.phase == "cancelled":
+            yield f"**{s.method} W{s.bits} {a.error}.**", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        if a.error is not None:
+            raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
+        table, _, rd = self._runs_outputs(a.run_id)
+        m = store.meta(a.run_id)
+        met = m.get("metrics") or {}
+        extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "fd_digits", "psnr") if met.get(k) is not None)
+        how = f" during {m['cancelled_in']}, image evaluation skipped" if m.get("cancelled_in") else ""
+        msg = (f"**Saved `{a.run_id}`** — {m['status']}{how} after {m.get('steps_done') or 0}/{m.get('total_steps') or 0} "
+               f"steps in {m['seconds']:.0f} s; {m['bits_per_weight']:.3f} bits/weight, block MSE {m['block_mse']:.4g}"
+               + (f"; {extra}" if extra else "") + ". Loaded into every view.")
+        fig = plots.calibration_figure(a.steps_frame(), title=f"Calibration of {a.run_id}", uirevision=live_rev,
+                                       total_steps=a.total_steps)
+        yield msg, fig, table, gr.update(choices=self.views.run_choices(), value=a.run_id), rd
+
+    # -- runs list -------------------------------------------------------------------------
+    def _runs_outputs(self, current=None):
+        store = self.store
+        ids = store.readable_ids()
+        table = store.table()
+        fp_fd = None
+        if current:
+            try:
+                fp_fd = (store.meta(current).get("fp_metrics") or {}).get("fd_digits")
+            except ValueError:
+                pass
+        if fp_fd is None:
+            for rid in reversed(ids):
+                fp_fd = (store.meta(rid).get("fp_metrics") or {}).get("fd_digits")
+                if fp_fd is not None:
+                    break
+        return table, ids, plots.rd_figure(table, fp_fd, current)
+
+    def list_runs(self, sel):
+        """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
+        table, ids, rd = self._runs_outputs((sel or {}).get("run"))
+        cur = (sel or {}).get("run")
+        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
+        value = cur if cur in ids else (finished or ids or [None])[-1]  # a partial run only when picked
+        return table, gr.update(choices=self.views.run_choices(), value=value), rd
+
+    def compare_choices(self, sel):
+        other = (sel or {}).get("other") or ""
+        choices = self.views.run_choices()
+        return gr.update(choices=[AUTO_COMPARE] + choices, value=other if other in {c[1] for c in choices} else "")
+
+    def on_run_row(self, evt: gr.SelectData):
+        """A row of the Runs table: load that run."""
+        table = self.store.table()
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if row is None or row >= len(table):
+            return gr.skip()
+        if str(table.iloc[row]["status"]).startswith("unreadable"):
+            gr.Warning(f"Run {table.iloc[row]['run']} is unreadable ({table.iloc[row]['status']}): skipped.")
+            return gr.skip()
+        return gr.update(value=table.iloc[row]["run"])
+
+    # -- selection -------------------------------------------------------------------------
+    def load_run(self, run_id, sel):
+        """Run dropdown changed: new choices for block/layer/snapshot, run-level plots, downloads.
+        (`run_context` follows: RD highlight, cleared images, the run's settings.)"""
+        views = self.views
+        if not run_id:
+            new = views.initial_selection(None)
+            m = plots.message_figure("No run selected.")
+            return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
+                    gr.update(maximum=1, value=0), new, m, None, None)
+        try:
+            views.trace(run_id)
+            new = views.initial_selection(run_id, (sel or {}).get("block"), (sel or {}).get("layer"))
+            if (sel or {}).get("other") and sel["other"] != run_id:
+                new["other"] = sel["other"]
+        except ValueError as e:
+            raise _error(e)
+        n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
+        steps = views.steps_of(run_id)
+        return (gr.update(choices=[(f"block {b}", b) for b in range(n_blocks)], value=new["block"]),
+                gr.update(choices=views.layer_choices(run_id, new["block"]), value=new["layer"]),
+                gr.update(minimum=0, maximum=max(len(steps) - 1, 1), value=new["snap"], interactive=len(steps) > 1,
+                          label=f"Snapshot (0 = k-means init … {len(steps) - 1} = final)"),
+                new, views.calibration(run_id),
+                self.store.export_zip(run_id, "trace"), self.store.export_zip(run_id, "model"))
+
+    def run_context(self, run_id):
+        """After a run loads: the rate-distortion highlight moves to it, the previous run's images are
+        cleared (never shown as this run's), and the Set-up panel shows the run's settings."""
+        rd = self._runs_outputs(run_id)[2]
+        if not run_id:
+            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm))
+        note = f"Images cleared: press **Generate images** to sample `{run_id}`."
+        return rd, None, None, note, *self._setup_of(run_id)
+
+    def _setup_of(self, run_id) -> list:
+        """Updates for the SetupForm components from a saved run's settings (skip what it lacks)."""
+        st = self.store.meta(run_id).get("settings") or {}
+        c = st.get("calib") or {}
+        vals = dict(method=st.get("method") if st.get("method") in METHODS else None, bits=st.get("bits"),
+                    k=st.get("k"), d=st.get("d"), n_candidates=st.get("n_candidates"), iterations=c.get("iterations"),
+                    sampling_steps=c.get("num_sampling_steps"), kmeans_iters=st.get("kmeans_iters"),
+                    lr_logits=c.get("lr_logits"), lr_codebook=c.get("lr_codebook"), lambda_r=c.get("lambda_r"),
+                    seed=st.get("seed"))
+        return [gr.skip() if vals[f.name] is None else gr.update(value=vals[f.name]) for f in fields(SetupForm)]
+
+    def on_block(self, sel, block):
+        if not sel or not sel.get("run") or block is None:
+            return gr.skip(), gr.skip()
+        new = self.views.initial_selection(sel["run"], int(block), sel.get("layer"))
+        new["snap"] = sel.get("snap", new["snap"])
+        return gr.update(choices=self.views.layer_choices(sel["run"], new["block"]), value=new["layer"]), new
+
+    def on_compare(self, sel, other):
+        """'Compare with' picked: every view compares the selected run with that run ('' = automatic);
+        images of the previous comparison are cleared, never shown under the new one."""
+        if not sel:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if other and other not in self.store.readable_ids():
+            raise gr.Error(f"run {other!r} is not a readable saved run", print_exception=False)
+        if other and other == sel.get("run"):
+            gr.Warning("That is the selected run itself: comparing with the automatic baselines instead.")
+            other = ""
+        what = f"`{other}`" if other else "the automatic baselines"
+        return dict(sel, other=other or None), None, None, f"Images cleared: press **Generate images** to compare with {what}."
+
+    def on_layer(self, sel, layer):
+        if not sel or not layer:
+            return gr.skip()
+        return dict(sel, layer=layer)
+
+    def on_snap(self, sel, snap):
+        """Snapshot slider changed (dragged or typed); a programmatic set to the same value is a no-op."""
+        if not sel or snap is None or int(snap) == sel.get("snap"):
+            return gr.skip()
+        return dict(sel, snap=int(snap))
+
+    def on_cell(self, sel, evt: gr.SelectData):
+        """A cell of the per-block table: that block + layer kind becomes the current layer."""
+        if not sel or not sel.get("run"):
+            return gr.skip(), gr.skip(), gr.skip()
+        row, col = evt.index if isinstance(evt.index, (list, tuple)) else (evt.index, 0)
+        cols = ["block"] + plots.LAYER_COLUMNS
+        kind = cols[col] if 0 < col < len(cols) else layer_kind(sel.get("layer") or "")
+        choices = self.views.layer_choices(sel["run"], int(row))
+        layer = next((v for _, v in choices if layer_kind(v) == kind), None)
+        if layer is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        new = dict(sel, block=int(row), layer=layer)
+        return gr.update(value=int(row)), gr.update(choices=choices, value=layer), new
+
+    # -- views -----------------------------------------------------------------------------
+    def render_layer_views(self, form: ViewForm):
+        views, sel = self.views, form.sel
+        try:
+            cfig, cnote = views.cluster(sel, form.color_by, form.projection)
+            efig = views.evolution(sel)
+            other = (sel or {}).get("other")
+            ofig = views.evolution(dict(sel, run=other, snap=10**6)) if other else None
+            note, missing, kfig, wfig = views.conflicts(sel)
+            heat, table, mse = views.changes(sel)
+            sfig, smd = views.conflict_summary(sel)
+            desc = views.describe(sel)
+        except ValueError as e:
+            raise _error(e)
+        btn = gr.update(visible=missing is not None, value=f"Run {missing} at these bits" if missing else "Run")
+        ocmp = gr.update(value=ofig, visible=True) if ofig is not None else gr.update(value=None, visible=False)
+        return desc, cfig, cnote, efig, ocmp, note, btn, kfig, wfig, sfig, smd, heat, table, mse
+
+    def render_cluster(self, form: ViewForm):
+        try:
+            return self.views.cluster(form.sel, form.color_by, form.projection)
+        except ValueError as e:
+            raise _error(e)
+
+    def check_images(self, form: ImageForm):
+        """Validate the Images form in a step with no outputs: invalid input raises here, before
+        `make_images`, so the images on screen are kept (an error in `make_images` would blank them)."""
+        try:
+            self.views.parse_labels(form.labels)
+            image_params(form.seed, form.guidance, form.steps)
+        except ValueError as e:
+            raise _error(e)
+
+    def make_images(self, form: ImageForm):
+        try:
+            return self.views.images(form.run, form.labels, form.seed, form.guidance, form.steps,
+                                     compare=form.compare or None)
+        except ValueError as e:
+            raise _error(e)
+
+
+# ----------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------
+
+
+def method_description(method: Optional[str]) -> str:
+    spec = METHODS.get(method or "")
+    return f"**{method}** — {spec.description}" if spec else ""
+
+
+def methods_table() -> str:
+    """Markdown list of every registered method with its one-line description."""
+    return "\n".join(f"- **{n}** — {m.description}" for n, m in METHODS.items())
+
+
+def status_text(a) -> str:
+    """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
+    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
+    k-means time does not inflate the calibration ETA)."""
+    s = a.settings
+    el = time.time() - a.t0
+    head = f"**{s.method} W{s.bits}** — "
+    tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
+    done = len(a.rows)
+    if a.phase == "k-means init" and a.layers_total:
+        i, n = a.layers_done, a.layers_total
+        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
+        return head + f"k-means: layer {i}/{n}{eta}" + tail
+    if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
+        return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
+    if a.phase == "calibrating" and a.total_steps and done:
+        r = a.rows[-1]
+        eta = r["seconds"] / done * (a.total_steps - done)
+        return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
+                       f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
+                + tail)
+    return head + f"{a.phase}…" + tail
+
+
+def estimate_text(engine: Engine, form: SetupForm) -> str:
+    """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
+    try:
+        s = form.settings(engine.calib_defaults)
+        cfg = s.config()
+    except (ValueError, TypeError, KeyError) as e:
+        return f"**Estimate:** invalid settings ({e})"
+    est = engine.estimate(cfg)
+    if est.get("error"):
+        return f"**Estimate:** {est['error']}"
+    t = est.get("seconds")
+    when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
+    return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "
+            f"({est['n_weights'] / 1e6:.2f} M quantized weights → {est['bytes'] / 2**20:.2f} MiB packed, "
+            f"vs {est['n_weights'] * 4 / 2**20:.1f} MiB fp32); {est['steps']} calibration steps; time {when}.")
