@@ -197,7 +197,8 @@ class Handlers:
         table, _, rd = self._runs_outputs(a.run_id)
         m = store.meta(a.run_id)
         met = m.get("metrics") or {}
-        extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "fd_digits", "psnr") if met.get(k) is not None)
+        extra = ", ".join(f"{k} {met[k]:.3g}" for k in ("accuracy", "image_mse", "psnr")
+                          if met.get(k) is not None and math.isfinite(met[k]))
         how = f" during {m['cancelled_in']}, image evaluation skipped" if m.get("cancelled_in") else ""
         msg = (f"**Saved `{a.run_id}`** — {m['status']}{how} after {m.get('steps_done') or 0}/{m.get('total_steps') or 0} "
                f"steps in {m['seconds']:.0f} s; {m['bits_per_weight']:.3f} bits/weight, block MSE {m['block_mse']:.4g}"
@@ -209,20 +210,8 @@ class Handlers:
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
         store = self.store
-        ids = store.readable_ids()
         table = store.table()
-        fp_fd = None
-        if current:
-            try:
-                fp_fd = (store.meta(current).get("fp_metrics") or {}).get("fd_digits")
-            except ValueError:
-                pass
-        if fp_fd is None:
-            for rid in reversed(ids):
-                fp_fd = (store.meta(rid).get("fp_metrics") or {}).get("fd_digits")
-                if fp_fd is not None:
-                    break
-        return table, ids, plots.rd_figure(table, fp_fd, current)
+        return table, store.readable_ids(), plots.rd_figure(table, current)
 
     def list_runs(self, sel):
         """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""

@@ -64,14 +64,15 @@ CAPTIONS = {
         "run picked in *Compare with* (or, when none is picked, the newest finished run of every other method at "
         "the same bits), all sampled from the same noise, labels and sampler. Under each image, the digit classifier's prediction (green = the requested class, red with "
         "'!' = wrong). Below each quantized row, the per-pixel absolute difference to FP (white = identical, "
-        "red = off by half the intensity range or more). Table: class accuracy, FD-digits (Fréchet distance of "
-        "classifier features to real digits; noisy with few images), PSNR vs FP (higher = closer to FP)."),
+        "red = off by half the intensity range or more). Table: class accuracy, PSNR and MSE vs FP (the same "
+        "noise, so any difference is the quantization's). FD-digits is not shown here: it needs >= 1,000 images "
+        "to mean anything (see the README's benchmark)."),
     "runs": (
         "**How to read this.** Every finished or cancelled run is saved in the runs directory (trace, packed "
         "model, metrics) and listed here, newest first; unreadable directories are listed as such. Click a row "
-        "to load that run into every view. Plots: bits per weight (storage incl. codebooks) against image "
-        "quality (FD-digits on the fixed evaluation set) and against block-output MSE — points further down "
-        "and left are better."),
+        "to load that run into every view. Plots: bits per weight (storage as packed: indices, codebooks, "
+        "biases) against image MSE vs FP on the fixed evaluation set and against block-output MSE — points "
+        "further down and left are better. FD-digits is listed only for evaluations of >= 1,000 images."),
 }
 
 

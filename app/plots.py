@@ -5,7 +5,6 @@ images) draws a method in the same colour.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -385,17 +384,18 @@ def block_mse_figure(per_block_mse: list, final_block_loss: Optional[list], meth
 # ----------------------------------------------------------------------------------------
 
 
-def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Optional[str] = None) -> go.Figure:
-    """bits/weight vs FD-digits and vs block MSE, one colour per method; the current run is the
-    large marker, cancelled / partial runs are open circles."""
+def rd_figure(runs: pd.DataFrame, current: Optional[str] = None) -> go.Figure:
+    """bits/weight vs image MSE against FP (same noise and labels) and vs block MSE, one colour per
+    method; the current run is the large marker, cancelled / partial runs are open circles.
+    (FD-digits needs >= 1,000 images to mean anything: a run's evaluation set is far smaller.)"""
     ok = runs.dropna(subset=["bits/weight"]) if len(runs) else runs
     if len(ok) == 0:
         return message_figure("No saved runs yet: start one in the Set-up panel.", 320)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("Image quality: FD-digits (lower is better)",
+                        subplot_titles=("Image MSE vs FP, same noise (lower is better)",
                                         "Block-output MSE vs FP (lower is better)"))
     for m, g in ok.groupby("method"):
-        for col, ycol in ((1, "FD-digits"), (2, "block MSE")):
+        for col, ycol in ((1, "image MSE vs FP"), (2, "block MSE")):
             sizes = [14 if r == current else 9 for r in g["run"]]
             partial = [str(st) != "finished" for st in g["status"]] if "status" in g else [False] * len(g)
             fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
@@ -406,11 +406,8 @@ def rd_figure(runs: pd.DataFrame, fp_fd: Optional[float] = None, current: Option
                                            zip(g["run"], g.get("status", g["run"]), partial)],
                                      hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>"
                                      + ycol + " %{y:.4g}<extra></extra>"), 1, col)
-    if fp_fd is not None and math.isfinite(fp_fd):
-        fig.add_hline(y=fp_fd, line=dict(color=color("fp"), dash="dash"), row=1, col=1,
-                      annotation_text="FP model", annotation_position="top left")
-    fig.update_xaxes(title_text="bits per weight (indices + fp16 codebooks)")
-    fig.update_yaxes(title_text="FD-digits", row=1, col=1)
+    fig.update_xaxes(title_text="bits per weight (indices + codebooks + biases, as packed)")
+    fig.update_yaxes(title_text="image MSE (log)", type="log", row=1, col=1)
     fig.update_yaxes(title_text="MSE (log)", type="log", row=1, col=2)
     fig.update_layout(**BASE, height=360, legend=dict(orientation="h", y=-0.25))
     return fig

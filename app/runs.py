@@ -319,14 +319,15 @@ class RunStore:
                 "k x d": f"{m.get('k')}x{m.get('d')}" if m.get("k") else "-",
                 "bits/weight": _round(m.get("bits_per_weight"), 3),
                 "block MSE": _round(m.get("block_mse"), 5),
-                "FD-digits": _round(met.get("fd_digits"), 2),
+                "image MSE vs FP": _round(met.get("image_mse"), 5),
+                "FD-digits": _round(met.get("fd_digits"), 2),  # None below MIN_FD_IMAGES images
                 "accuracy": _round(met.get("accuracy"), 3),
                 "PSNR vs FP (dB)": _round(met.get("psnr"), 2),
                 "steps": f"{m.get('steps_done', '-')}/{m.get('total_steps', '-')}" if m.get("total_steps") else "-",
                 "status": r.error and f"unreadable: {r.error}" or m.get("status", "?"),
             })
-        cols = ["run", "method", "bits", "k x d", "bits/weight", "block MSE", "FD-digits", "accuracy",
-                "PSNR vs FP (dB)", "steps", "status"]
+        cols = ["run", "method", "bits", "k x d", "bits/weight", "block MSE", "image MSE vs FP", "FD-digits",
+                "accuracy", "PSNR vs FP (dB)", "steps", "status"]
         return pd.DataFrame(rows, columns=cols)
 
     def latest(self, method: str, bits: int, exclude: Optional[str] = None) -> Optional[str]:

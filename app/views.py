@@ -6,6 +6,7 @@ the step slider only re-draws. Nothing here trains or quantizes: it reads saved 
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from typing import Optional
@@ -103,7 +104,7 @@ class Views:
             cmp = f" · **Compared with** `{other}` ({om['method']}, W{om['bits']}, {om.get('status', '?')})"
         return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
-                + (f", FD-digits {fd:.2f}" if fd is not None else "")
+                + (f", FD-digits {fd:.2f}" if fd is not None and math.isfinite(fd) else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")
                 + (f" · **Snapshot** step {step} of {m.get('steps_done') or steps[-1]}" if tr is not None else "")
                 + cmp)
@@ -442,7 +443,6 @@ class Views:
             preds[rid] = m.get("pred")
             table.append({"model": label, "run": rid if rid != "fp" else "-",
                           "accuracy": _r(m.get("accuracy"), 3),
-                          f"FD-digits ({len(labels)} images)": _r(m.get("fd_digits"), 1),
                           "PSNR vs FP (dB)": _r(m.get("psnr"), 2), "MSE vs FP": _r(m.get("image_mse"), 5)})
         img = composite(rows, labels, preds, fp)
         note = (f"{len(labels)} images per model, seed {seed}, guidance {guidance:g}, {steps} DDIM steps; "

@@ -155,7 +155,7 @@ class Evaluator:
     def fd(self, model) -> dict:
         row = {}
         for c, spec in self.fd_specs.items():
-            row[f"fd_cfg{c}"] = self.digits.evaluate(generate(model, spec), spec.labels())["fd_digits"]
+            row[f"fd_cfg{c}"] = self.digits.evaluate(generate(model, spec), spec.labels(), min_fd_images=0)["fd_digits"]
         row["n_fd_images"] = len(self.fd_specs[4].labels())
         return row
 
