@@ -93,7 +93,7 @@ class Job:
         return (self.plan, self.setting, self.label, str(self.seed))
 
 
-def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True) -> list[Job]:
+def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None) -> list[Job]:
     jobs = []
     if plan in ("main", "quick"):
         for s in settings:
@@ -106,7 +106,7 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True) -> list
     elif plan == "ablations":
         for s in settings:
             for label, m, calib, vq in ABLATIONS:
-                if methods and m not in methods:
+                if (methods and m not in methods) or (labels and label not in labels):
                     continue
                 for seed in seeds:
                     jobs.append(Job(plan, s, label, m, seed, dict(calib), dict(vq), images=False))
@@ -217,7 +217,7 @@ def write_csv(rows, path, columns=COLUMNS):
 
 
 def run(plan: str, out_csv, settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
-        n_images=200, n_fd=1000, steps=25, device=None, log=print) -> list[dict]:
+        n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None) -> list[dict]:
     from .io import load_dit
     from .sampling import pick_device
     from .testbed import DIGITS_DIT_DIR
@@ -228,7 +228,7 @@ def run(plan: str, out_csv, settings=None, methods=None, seeds=(0,), shard=(0, 1
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
     device = pick_device(device)
     teacher = load_dit(DIGITS_DIT_DIR, device=device).transformer
-    jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0)
+    jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0, labels=labels)
     i, n = shard
     jobs = jobs[i::n]
     rows = read_rows(out_csv)
@@ -379,6 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
     p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)}")
     p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
+    p.add_argument("--labels", nargs="*", help="ablations: only these row labels (see ABLATIONS)")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
     p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG")
     p.add_argument("--fd-images", type=int, default=1000, help="images for FD-digits (main plan, W2 + XL-sharing)")
@@ -400,7 +401,7 @@ def main(argv=None) -> int:
         return 2
     seeds = a.seeds[:1] if a.quick else a.seeds
     run(a.plan, a.out, a.settings, a.methods, seeds, (i, n), a.quick, a.images, a.fd_images, a.eval_steps,
-        a.device, log=lambda s: print(s, file=sys.stderr, flush=True))
+        a.device, log=lambda s: print(s, file=sys.stderr, flush=True), labels=a.labels)
     return 0
 
 
