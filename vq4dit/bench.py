@@ -301,9 +301,17 @@ def mean_sd(rows, metric, label):
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
 
 
-def report(csv_path) -> str:
-    rows = read_rows(csv_path)
-    out = [f"Source: `{csv_path}` ({len(rows)} rows; machine: {rows[-1]['machine'] if rows else '?'})", ""]
+def report(*csv_paths) -> str:
+    """Markdown tables from one or more bench CSVs (rows of the same setting/label/seed: first wins)."""
+    rows, seen = [], set()
+    for path in csv_paths:
+        for r in read_rows(path):
+            key = (r["setting"], r["label"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    out = [f"Sources: {', '.join(f'`{p}`' for p in csv_paths)} ({len(rows)} rows; machines: {'; '.join(machines)})", ""]
     metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in rows)]:
         rs = [r for r in rows if r["setting"] == setting]
@@ -363,10 +371,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         p = argparse.ArgumentParser(prog="python -m vq4dit.bench report")
-        p.add_argument("csv")
+        p.add_argument("csv", nargs="+")
         p.add_argument("--out", help="markdown file (default: print)")
         a = p.parse_args(argv[1:])
-        text = report(a.csv)
+        text = report(*a.csv)
         if a.out:
             Path(a.out).write_text(text + "\n")
         print(text)
