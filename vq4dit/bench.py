@@ -216,7 +216,7 @@ def write_csv(rows, path, columns=COLUMNS):
     os.replace(tmp, path)
 
 
-def run(plan: str, out_csv, settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
+def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
         n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None) -> list[dict]:
     from .io import load_dit
     from .sampling import pick_device
