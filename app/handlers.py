@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from vq4dit.config import METHODS, VQ_PRESETS
+from vq4dit.config import METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
 from vq4dit.layers import layer_kind
 
 from . import plots
@@ -121,17 +121,24 @@ class Handlers:
 
     # -- set-up panel ----------------------------------------------------------------------
     def preset(self, bits, method):
-        """Bit-width slider moved: k and d follow the paper's preset, and the newest finished run of
-        this method at these bits (if any) becomes the selected run in every view; otherwise the
-        status line offers to calibrate it."""
-        k, d = VQ_PRESETS.get(int(bits), (None, None))
-        rid = self.views.newest(int(bits), lambda sp: sp is not None and sp.name == method)
+        """Bit-width slider moved: the setting becomes the bit-width's first (the paper's preset),
+        and `choose_setting` does the rest."""
+        name = settings_for_bits(int(bits))[0]
+        return (gr.update(value=name), *self.choose_setting(name, method)[1:])
+
+    def choose_setting(self, setting, method):
+        """Setting picked (W2, W2-budget, XL-sharing, ...): k and d follow it, and the newest finished
+        run of this method with the same k x d (if any) becomes the selected run in every view;
+        otherwise the status line offers to calibrate it."""
+        k, d = setting_kd(setting)
+        bits = SETTINGS[setting]["bits"]
+        rid = self.views.newest(bits, lambda sp: sp is not None and sp.name == method, kd=(k, d))
         if rid is None:
-            msg = f"No finished **{method} W{int(bits)}** run yet: press **Run** to calibrate it."
-            return gr.update(value=k), gr.update(value=d), gr.skip(), msg
-        msg = (f"Showing the newest finished **{method} W{int(bits)}** run, `{rid}`, in every view. "
+            msg = f"No finished **{method} {setting}** run yet ({k}×{d}): press **Run** to calibrate it."
+            return gr.update(value=bits), gr.update(value=k), gr.update(value=d), gr.skip(), msg
+        msg = (f"Showing the newest finished **{method} {setting}** run, `{rid}`, in every view. "
                f"Press **Run** for a new one.")
-        return gr.update(value=k), gr.update(value=d), gr.update(value=rid), msg
+        return gr.update(value=bits), gr.update(value=k), gr.update(value=d), gr.update(value=rid), msg
 
     def describe_method(self, method):
         return method_description(method)
@@ -162,8 +169,9 @@ class Handlers:
         _, missing = self.views.conflict_pair(sel["run"])
         if not missing:
             raise gr.Error("Both sides of the comparison already exist.", print_exception=False)
-        rb = int(self.store.meta(sel["run"])["bits"])
-        k, d = VQ_PRESETS.get(rb, (form.k, form.d))
+        meta = self.store.meta(sel["run"])
+        rb = int(meta["bits"])
+        k, d = meta.get("k") or VQ_PRESETS.get(rb, (form.k, form.d))[0], meta.get("d") or VQ_PRESETS.get(rb, (form.k, form.d))[1]
         yield from self.run(SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}))
 
     def cancel(self):
@@ -268,9 +276,18 @@ class Handlers:
         cleared (never shown as this run's), and the Set-up panel shows the run's settings."""
         rd = self._runs_outputs(run_id)[2]
         if not run_id:
-            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm))
+            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm)), gr.skip()
         note = f"Images cleared: press **Generate images** to sample `{run_id}`."
-        return rd, None, None, note, *self._setup_of(run_id)
+        return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id)
+
+    def _setting_of(self, run_id):
+        """The Setting dropdown for a saved run: the named setting with its bits and k x d, if any."""
+        m = self.store.meta(run_id)
+        bits, kd = m.get("bits"), (m.get("k"), m.get("d"))
+        if bits is None:
+            return gr.skip()
+        names = [n for n in settings_for_bits(int(bits)) if setting_kd(n) == kd]
+        return gr.update(value=names[0]) if names else gr.skip()
 
     def _setup_of(self, run_id) -> list:
         """Updates for the SetupForm components from a saved run's settings (skip what it lacks)."""
@@ -372,6 +389,11 @@ class Handlers:
 # ----------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------
+
+
+def setting_choices() -> list[tuple[str, str]]:
+    """Dropdown choices: (label with bits and k×d, setting name), every named setting."""
+    return [(f"{n} ({SETTINGS[n]['bits']}-bit, {setting_kd(n)[0]}×{setting_kd(n)[1]})", n) for n in SETTINGS]
 
 
 def method_description(method: Optional[str]) -> str:

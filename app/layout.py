@@ -14,7 +14,7 @@ import gradio as gr
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
 from .handlers import (AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
-                       method_description, methods_table)
+                       method_description, methods_table, setting_choices)
 from .runs import Engine
 from .views import Views
 
@@ -101,6 +101,8 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
             with gr.Tab("Set up & calibrate"):
                 with gr.Row():
                     bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
+                    setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value="W2",
+                                          info="XL-sharing: as many sub-vectors per codeword as DiT-XL/2 at W2")
                     method = gr.Dropdown(label="Method", choices=list(METHODS), value=DEFAULT_METHOD)
                 method_md = gr.Markdown(method_description(DEFAULT_METHOD))
                 with gr.Accordion("What the methods are", open=False):
@@ -121,7 +123,8 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                         lam_nb = gr.Number(label="lambda_r (ratio regularizer weight)", value=cd["lambda_r"])
                     gr.Markdown("Defaults: the library's calibration recipe for this model; one optimizer step per "
                                 "sampling step, so a run takes iterations × sampling steps steps. Changing the "
-                                "bit-width resets k and d to the paper's preset (2: 256×4, 3: 64×2, 4: 256×2).")
+                                "bit-width or the setting resets k and d (W2: 256×4, W2-budget: 64×4, XL-sharing: 16×4, "
+                                "W3: 64×2, W4: 256×2).")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary")
                     cancel_btn = gr.Button("Cancel", variant="stop")
@@ -180,7 +183,7 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
@@ -211,8 +214,11 @@ def wire(ui: SimpleNamespace, h: Handlers):
     render_cluster = form_event(h.render_cluster, ViewForm)
 
     run_buttons = [ui.run_btn, ui.other_btn]
-    ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method], [ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
+    ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method],
+                        [ui.setting, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
                         queue=False, api_name="bits")  # user moves only (load_run sets bits too)
+    ui.setting.input(h.choose_setting, [ui.setting, ui.setup.method],
+                     [ui.setup.bits, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md], queue=False, api_name="setting")
     ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
     estimate = form_event(h.estimate, SetupForm)
     gr.on([c.change for c in setup], estimate, setup, ui.estimate_md, queue=False,
@@ -231,7 +237,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
 
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
                      [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
-                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup,
+                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
                                                   api_name="run_context")
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
     ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)

@@ -254,13 +254,14 @@ class Views:
     # ------------------------------------------------------------------------------------
     # Gradient-direction conflicts
     # ------------------------------------------------------------------------------------
-    def newest(self, bits: int, want, exclude: Optional[str] = None) -> Optional[str]:
-        """Newest *finished* readable run at `bits` whose method spec satisfies `want(spec)`.
-        Cancelled or partial runs are never picked as a baseline automatically."""
+    def newest(self, bits: int, want, exclude: Optional[str] = None, kd: Optional[tuple] = None) -> Optional[str]:
+        """Newest *finished* readable run at `bits` (and codebook shape `kd` = (k, d) when given) whose
+        method spec satisfies `want(spec)`. Cancelled or partial runs are never picked automatically."""
         for r in reversed(self.store.list()):
             m = r.meta or {}
             if (r.error is None and r.id != exclude and m.get("status") == "finished"
-                    and int(m.get("bits", -1)) == int(bits) and want(method_spec(m.get("method")))):
+                    and int(m.get("bits", -1)) == int(bits) and want(method_spec(m.get("method")))
+                    and (kd is None or (m.get("k"), m.get("d")) == tuple(kd))):
                 return r.id
         return None
 

@@ -580,10 +580,25 @@ def test_bit_width_slider_shows_matching_run_or_offers_to_calibrate(app):
     views = demo.views
     want = views.newest(2, lambda sp: sp is not None and sp.name == "vq4dit")
     assert want is not None
-    k, d, run, msg = client.predict(2, "vq4dit", api_name="/bits")
-    assert (val(k), val(d)) == (256, 4) and val(run) == want and want in msg
-    k, d, run, msg = client.predict(4, "vq4dit", api_name="/bits")
-    assert (val(k), val(d)) == (256, 2) and "No finished **vq4dit W4** run" in msg
+    setting, k, d, run, msg = client.predict(2, "vq4dit", api_name="/bits")
+    assert val(setting) == "W2" and (val(k), val(d)) == (256, 4) and val(run) == want and want in msg
+    setting, k, d, run, msg = client.predict(4, "vq4dit", api_name="/bits")
+    assert val(setting) == "W4" and (val(k), val(d)) == (256, 2) and "No finished **vq4dit W4** run" in msg
+
+
+def test_named_settings_next_to_the_slider(app):
+    """W2-budget and XL-sharing share the 2-bit slider position; the setting sets k x d and picks
+    only runs of that codebook shape (a W2 run is never shown as XL-sharing)."""
+    demo, client, runs = app
+    client.predict(4, "vq4dit", api_name="/bits")  # the setting list does not depend on the slider
+    bits, k, d, run, msg = client.predict("XL-sharing", "vq4dit", api_name="/setting")
+    assert (val(bits), val(k), val(d)) == (2, 16, 4)
+    assert "No finished **vq4dit XL-sharing** run yet (16×4)" in msg
+    bits, k, d, run, msg = client.predict("W2-budget", "codebook-only", api_name="/setting")
+    assert (val(k), val(d)) == (64, 4)
+    bits, k, d, run, msg = client.predict("W2", "vq4dit", api_name="/setting")
+    assert (val(k), val(d)) == (256, 4) and val(run) == demo.views.newest(
+        2, lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
 
 
 def test_evolution_shows_switched_subvectors(app):

@@ -26,26 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS
+from .config import METHODS, SETTINGS
 from .experiment import EvalSpec, generate, run_method
 
-# ----------------------------------------------------------------------------------------
-# Settings: (k, d) per name. bits/weight of indices = log2(k) / d.
-# ----------------------------------------------------------------------------------------
-
-SETTINGS = {
-    "W2": dict(bits=2),            # paper preset k=256, d=4
-    "W3": dict(bits=3),            # k=64, d=2
-    "W4": dict(bits=4),            # k=256, d=2
-    # Budget-matched 2-bit: with hidden 256 the W2 preset spends 0.25-0.4 extra bits/weight on fp16
-    # codebooks; k=64, d=4 totals ~1.6 bits/weight, under per-channel RTN W2.
-    "W2-budget": dict(bits=2, k=64, d=4),
-    # Sharing-matched to DiT-XL/2 at W2: there each codeword is shared by out*in/(d*k) sub-vectors,
-    # 1152*1152/(4*256) = 1,296 (attention) to 1152*4608/(4*256) = 5,184 (MLP). On our hidden-256
-    # model k=16, d=4 gives 256*256/(4*16) = 1,024 to 256*1024/(4*16) = 4,096 (1.01 bits/weight
-    # of indices): the regime where shared codewords' gradients conflict, the paper's mechanism.
-    "XL-sharing": dict(bits=2, k=16, d=4),
-}
+# Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
 CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste"]
 BASELINES = ["rtn-tensor", "rtn", "kmeans"]   # deterministic given the seed: one run each
 

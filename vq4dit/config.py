@@ -23,6 +23,32 @@ MAX_LR = 10.0          # learning-rate cap (reference lrs are 5e-2 / 1e-4)
 MAX_LAMBDA_R = 1000.0  # cap of the ratio-regularizer weight (reference: 1.0)
 
 
+# Named settings of a bit-width: the paper's presets, and two 2-bit variants for small models.
+# Sub-vectors per codeword = out*in / (d*k). DiT-XL/2 at W2 shares each codeword among
+# 1152*1152/(4*256) = 1,296 (attention) to 1152*4608/(4*256) = 5,184 (MLP) sub-vectors; on a
+# hidden-256 model the W2 preset shares only 64-256, while k=16, d=4 shares 1,024-4,096: the
+# regime where shared codewords' gradients conflict (the paper's mechanism). See README.
+SETTINGS = {
+    "W2": dict(bits=2),                    # k=256, d=4
+    "W3": dict(bits=3),                    # k=64, d=2
+    "W4": dict(bits=4),                    # k=256, d=2
+    # budget-matched 2-bit: fp16 codebooks of the W2 preset cost 0.25-0.4 bits/weight at hidden
+    # 256; k=64, d=4 totals ~1.6 bits/weight, under per-channel RTN W2
+    "W2-budget": dict(bits=2, k=64, d=4),
+    "XL-sharing": dict(bits=2, k=16, d=4),  # sharing-matched to DiT-XL/2 W2 (1.0 index bits/weight)
+}
+
+
+def setting_kd(name: str) -> tuple[int, int]:
+    """(k, d) of a named setting."""
+    s = SETTINGS[name]
+    return s.get("k", VQ_PRESETS[s["bits"]][0]), s.get("d", VQ_PRESETS[s["bits"]][1])
+
+
+def settings_for_bits(bits: int) -> list[str]:
+    return [n for n, s in SETTINGS.items() if s["bits"] == int(bits)]
+
+
 def index_bits(k: int) -> int:
     """Bits of one codeword index (k is validated to be a power of two)."""
     return int(math.log2(k))
