@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .config import RTN_BITS, RTNConfig, VQConfig
+from .config import RTN_BITS, RTNConfig, VQConfig, index_bits
 from .layers import RTNLinear, VQLinear, quantized_layers
 from .quant_api import _replace, check_finite, size_summary
 from .safety import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
@@ -441,7 +441,7 @@ def _validate_packed(meta: dict, t: dict, wfile: Path):
                 bad(f"{where}: n_candidates must be an integer in [1, k], got {n!r}")
             cb = _tensor(t, f"vq/{name}/codebook", (k, d), float, bad)
             s_count = out_f * in_f // d
-            idx = _tensor(t, f"vq/{name}/indices", (math.ceil(s_count * int(math.log2(k)) / 8),), torch.uint8, bad)
+            idx = _tensor(t, f"vq/{name}/indices", (math.ceil(s_count * index_bits(k) / 8),), torch.uint8, bad)
             del cb, idx
             keys = ["codebook", "indices"] + (["bias"] if has_bias else [])
             prefix = "vq"
