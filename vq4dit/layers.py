@@ -317,6 +317,9 @@ class VQLinear(nn.Module):
         soft = ~self.frozen_mask
         if not soft.any():
             return self.codebook.new_zeros(())
+        if self.n_candidates == 2:  # r = (p, 1-p): both entries of r(1-r) equal p(1-p); masked mean, no gather
+            p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
+            return 2 * (p * (1 - p) * soft).sum() / soft.sum()
         r = ratio_softmax(self.logits[soft], self.temperature)
         return self.n_candidates * (r * (1 - r)).mean()
 
@@ -324,6 +327,9 @@ class VQLinear(nn.Module):
         """(S,) codeword each sub-vector uses now (top candidate while soft)."""
         if self.hard:
             return self.assignment
+        if self.n_candidates == 2:  # argmax of two logits (ties -> candidate 0, like argmax)
+            second = self.logits.detach()[:, 1] > self.logits.detach()[:, 0]
+            return torch.where(second, self.candidates[:, 1], self.candidates[:, 0])
         return self.candidates.gather(1, self.logits.detach().argmax(1, keepdim=True)).squeeze(1)
 
     def top_ratio(self) -> torch.Tensor:
@@ -414,6 +420,17 @@ class VQLinear(nn.Module):
     def weight_hat(self) -> torch.Tensor:
         if self.hard:
             sub = self.codebook[self.assignment]  # (S, d)
+        elif self.n_candidates == 2:
+            # Same values and gradients as the general mix below, without the (S, n, d) gather:
+            # r = (p, 1-p), so sum_i r_i C[c_i] = C[c_1] + p (C[c_0] - C[c_1]).
+            p = self.assignment_ratios()[:, :1]                                   # (S, 1)
+            c0, c1 = self.candidates[:, 0], self.candidates[:, 1]
+            if self.hard_forward:  # value: the codeword in use; d/dp through the soft mix (STE)
+                cb = self.codebook.detach()
+                sub = self.codebook[self.current_assignment()] + (p - p.detach()) * (cb[c0] - cb[c1])
+            else:  # one gather: its backward (an index-add into the codebook) is the costly part
+                g = self.codebook[self.candidates]                                 # (S, 2, d)
+                sub = torch.lerp(g[:, 1], g[:, 0], p)  # exact at p = 0 and 1 (frozen rows)
         elif self.hard_forward:
             # value = top candidate's codeword; gradient to logits through the soft mix (STE)
             r = self.assignment_ratios()                                              # (S, n)
