@@ -85,3 +85,16 @@ def test_bench_quick_orderings(quick_bench):
     assert w2["rtn"]["block_mse"] < w2["rtn-tensor"]["block_mse"]
     assert xl[DEFAULT_METHOD]["block_mse"] < 0.7 * xl["codebook-only"]["block_mse"]
     assert w2[DEFAULT_METHOD]["acc_cfg4"] > w2["rtn-tensor"]["acc_cfg4"]
+
+
+def test_bench_plan_is_seed_major_so_a_stopped_run_leaves_complete_pairs():
+    """Every method of seed 3 comes before any row of seed 4: stopping after the first pair still
+    gives a paired comparison. Baselines run once, at the first seed."""
+    from vq4dit import bench
+    jobs = bench.plan_jobs("main", ["W2-budget"], ["codebook-only", "vq4dit-ste", "kmeans"], [3, 4, 5])
+    assert [(j.label, j.seed) for j in jobs] == [("codebook-only", 3), ("vq4dit-ste", 3), ("kmeans", 3),
+                                               ("codebook-only", 4), ("vq4dit-ste", 4),
+                                               ("codebook-only", 5), ("vq4dit-ste", 5)]
+    abl = bench.plan_jobs("ablations", ["XL-sharing"], None, [0, 1], labels=["vq4dit-ste", "vq4dit-ste n=1"])
+    assert [(j.label, j.seed) for j in abl] == [("vq4dit-ste", 0), ("vq4dit-ste n=1", 0),
+                                              ("vq4dit-ste", 1), ("vq4dit-ste n=1", 1)]

@@ -47,6 +47,7 @@ ABLATIONS = [
     ("vq4dit +commit by 80%", "vq4dit", dict(commit_until=0.8), {}),
     ("vq4dit +repick", "vq4dit", dict(finish_repick=True), {}),
     ("vq4dit-ste +repick", "vq4dit-ste", dict(finish_repick=True), {}),
+    ("vq4dit-ste +anneal T->0.05", "vq4dit-ste", dict(temperature_end=0.05), {}),
     # init and candidates
     ("vq4dit-ste +act-aware init", "vq4dit-ste", {}, dict(activation_aware=True)),
     ("codebook-only +act-aware init", "codebook-only", {}, dict(activation_aware=True)),
@@ -80,19 +81,23 @@ class Job:
 def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None) -> list[Job]:
     jobs = []
     if plan in ("main", "quick"):
+        # Seed-major: every method of one seed before the next seed, so a run stopped part-way
+        # leaves complete pairs for the paired comparison (baselines run once, at the first seed).
         for s in settings:
-            for m in methods or (BASELINES + CALIBRATED):
-                if METHODS[m].kind == "rtn" and "k" in SETTINGS[s]:
-                    continue  # RTN has no k/d: its rows live under the preset settings
-                for seed in (seeds[:1] if m in BASELINES else seeds):
+            for seed in seeds:
+                for m in methods or (BASELINES + CALIBRATED):
+                    if METHODS[m].kind == "rtn" and "k" in SETTINGS[s]:
+                        continue  # RTN has no k/d: its rows live under the preset settings
+                    if m in BASELINES and seed != seeds[0]:
+                        continue
                     fd = plan == "main" and with_fd and s in ("W2", "XL-sharing") and m in CALIBRATED
                     jobs.append(Job(plan, s, m, m, seed, fd=fd))
     elif plan == "ablations":
         for s in settings:
-            for label, m, calib, vq in ABLATIONS:
-                if (methods and m not in methods) or (labels and label not in labels):
-                    continue
-                for seed in seeds:
+            for seed in seeds:
+                for label, m, calib, vq in ABLATIONS:
+                    if (methods and m not in methods) or (labels and label not in labels):
+                        continue
                     jobs.append(Job(plan, s, label, m, seed, dict(calib), dict(vq), images=False))
     else:
         raise ValueError(f"unknown plan {plan!r}")
