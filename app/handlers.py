@@ -215,6 +215,21 @@ class Handlers:
                                        total_steps=a.total_steps)
         yield msg, fig, table, gr.update(choices=self.views.run_choices(), value=a.run_id), rd
 
+    def first_open(self) -> dict:
+        """What the page shows before any event: the default run (`Views.default_run`, a demo run
+        when the runs dir has no finished run) loaded into every view, so the first paint has data.
+        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views."""
+        rid = self.views.default_run()
+        if not rid:
+            return {}
+        try:
+            block, layer, snap, sel, live, dl_trace, dl_model = self.load_run(rid, None)
+            layer_views = self.render_layer_views(ViewForm(sel, "codeword", "PCA"))
+        except gr.Error:
+            return {}
+        return dict(run=rid, block=block, layer=layer, snap=snap, sel=sel, live=live, dl_trace=dl_trace,
+                    dl_model=dl_model, rd=plots.rd_figure(self.store.table(), rid), layer_views=layer_views)
+
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
         store = self.store
@@ -225,8 +240,7 @@ class Handlers:
         """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
         table, ids, rd = self._runs_outputs((sel or {}).get("run"))
         cur = (sel or {}).get("run")
-        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
-        value = cur if cur in ids else (finished or ids or [None])[-1]  # a partial run only when picked
+        value = cur if cur in ids else (self.views.default_run() or (ids or [None])[-1])
         return table, gr.update(choices=self.views.run_choices(), value=value), rd
 
     def compare_choices(self, sel):

@@ -8,6 +8,7 @@ re-renders from it on `sel.change`.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Optional
 
 import gradio as gr
 
@@ -76,26 +77,31 @@ CAPTIONS = {
 }
 
 
-def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
+def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> SimpleNamespace:
     """The page's components, no behaviour. Returns them by name: `ui.demo`, `ui.setup` (the
-    SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat."""
+    SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat.
+    `init` (`Handlers.first_open()`): what the page shows before any event, so the first paint
+    already has data (the default run, usually a read-only demo run)."""
     store = engine.store
     cd = engine.calib_defaults
+    init = init or {}
+    lv = dict(zip(LAYER_VIEWS, init.get("layer_views") or [None] * len(LAYER_VIEWS)))
+    upd = lambda name, **default: {**default, **{k: v for k, v in (init.get(name) or {}).items() if k != "__type__"}}
     with gr.Blocks(title="VQ4DiT explorer") as demo:
         gr.Markdown(f"## VQ4DiT explorer — vector-quantized Diffusion Transformer\n"
                     f"Model: `{engine.cfg.model}` ({engine.n_blocks} transformer blocks, {engine.n_classes} classes, "
                     f"device {engine.device}) · runs dir: `{store.root}`")
-        sel = gr.State(views.initial_selection(None))
+        sel = gr.State(init.get("sel") or views.initial_selection(None))
         with gr.Row(equal_height=True):
-            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=None, scale=3, interactive=True,
-                                 allow_custom_value=True)  # load_run validates the id itself
-            block_dd = gr.Dropdown(label="Block", choices=[], scale=1, interactive=True)
-            layer_dd = gr.Dropdown(label="Layer", choices=[], scale=2, interactive=True)
-            snap_sl = gr.Slider(label="Snapshot", minimum=0, maximum=1, step=1, value=0, scale=3)
+            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=init.get("run"), scale=3,
+                                 interactive=True, allow_custom_value=True)  # load_run validates the id itself
+            block_dd = gr.Dropdown(label="Block", scale=1, interactive=True, **upd("block", choices=[]))
+            layer_dd = gr.Dropdown(label="Layer", scale=2, interactive=True, **upd("layer", choices=[]))
+            snap_sl = gr.Slider(step=1, scale=3, **upd("snap", label="Snapshot", minimum=0, maximum=1, value=0))
             compare_dd = gr.Dropdown(label="Compare with", choices=[AUTO_COMPARE] + views.run_choices(), value="",
                                      scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
                                      info="any run, any bits; cancelled runs are used only when picked here")
-        sel_md = gr.Markdown(views.describe(None))
+        sel_md = gr.Markdown(lv["sel_md"] or views.describe(None))
 
         with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate"):
@@ -130,34 +136,36 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                     cancel_btn = gr.Button("Cancel", variant="stop")
                 estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
-                live_plot = gr.Plot(label="Calibration curves", value=views.calibration(None))
+                live_plot = gr.Plot(label="Calibration curves", value=init.get("live") or views.calibration(None))
                 gr.Markdown(CAPTIONS["setup"])
             with gr.Tab("Codebook clusters"):
                 with gr.Row():
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
                                         choices=["codeword", "top ratio", "assignment changed"])
                     projection = gr.Radio(label="Projection (d > 2)", value="PCA", choices=["PCA", "UMAP"])
-                cluster_plot = gr.Plot(label="Sub-vectors and codewords")
-                cluster_note = gr.Markdown()
+                cluster_plot = gr.Plot(label="Sub-vectors and codewords", value=lv["cluster_plot"])
+                cluster_note = gr.Markdown(lv["cluster_note"])
                 gr.Markdown(CAPTIONS["clusters"])
             with gr.Tab("Assignment evolution"):
-                evol_plot = gr.Plot(label="Assignment ratios over calibration")
+                evol_plot = gr.Plot(label="Assignment ratios over calibration", value=lv["evol_plot"])
                 evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
             with gr.Tab("Gradient conflicts"):
-                conflict_note = gr.Markdown()
-                other_btn = gr.Button("Run", visible=False, variant="secondary")
-                conflict_plot = gr.Plot(label="Gradient coherence per codeword")
-                summary_md = gr.Markdown()
-                summary_plot = gr.Plot(label="Model-wide conflict summary")
-                worst_plot = gr.Plot(label="Worst codeword's gradients")
+                conflict_note = gr.Markdown(lv["conflict_note"])
+                other_btn = gr.Button(variant="secondary", **{**dict(value="Run", visible=False),
+                                                              **{k: v for k, v in (lv["other_btn"] or {}).items()
+                                                                 if k != "__type__"}})
+                conflict_plot = gr.Plot(label="Gradient coherence per codeword", value=lv["conflict_plot"])
+                summary_md = gr.Markdown(lv["summary_md"])
+                summary_plot = gr.Plot(label="Model-wide conflict summary", value=lv["summary_plot"])
+                worst_plot = gr.Plot(label="Worst codeword's gradients", value=lv["worst_plot"])
                 gr.Markdown(CAPTIONS["conflicts"])
             with gr.Tab("Per-block changes"):
                 with gr.Row():
-                    heat_plot = gr.Plot(label="Assignment changes vs k-means", scale=3)
-                    mse_plot = gr.Plot(label="Per-block MSE", scale=2)
+                    heat_plot = gr.Plot(label="Assignment changes vs k-means", scale=3, value=lv["heat_plot"])
+                    mse_plot = gr.Plot(label="Per-block MSE", scale=2, value=lv["mse_plot"])
                 changes_df = gr.Dataframe(label="Changed codewords (% of sub-vectors) — click a cell to select that layer",
-                                          interactive=False, max_height=320)
+                                          interactive=False, max_height=320, value=lv["changes_df"])
                 gr.Markdown(CAPTIONS["changes"])
             with gr.Tab("Images"):
                 with gr.Row():
@@ -177,9 +185,9 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                                        interactive=False, max_height=360)
                 with gr.Row():
                     refresh_btn = gr.Button("Refresh list")
-                    dl_trace = gr.DownloadButton("Download trace (CSV zip)", value=None)
-                    dl_model = gr.DownloadButton("Download packed model (zip)", value=None)
-                rd_plot = gr.Plot(label="Rate-distortion across runs")
+                    dl_trace = gr.DownloadButton("Download trace (CSV zip)", value=init.get("dl_trace"))
+                    dl_model = gr.DownloadButton("Download packed model (zip)", value=init.get("dl_model"))
+                rd_plot = gr.Plot(label="Rate-distortion across runs", value=init.get("rd"))
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
@@ -200,6 +208,11 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
     )
 
 
+# The outputs of `Handlers.render_layer_views`, in order (names of the ui components).
+LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "conflict_note", "other_btn",
+               "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
+
+
 def wire(ui: SimpleNamespace, h: Handlers):
     """Connect every event to its handler (inside the Blocks context)."""
     setup = form_inputs(SetupForm, ui.setup)
@@ -207,9 +220,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     view = form_inputs(ViewForm, ui.view)
     run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
     image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
-    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot,
-                     ui.conflict_note, ui.other_btn, ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md,
-                     ui.heat_plot, ui.changes_df, ui.mse_plot]
+    layer_outputs = [getattr(ui, n) for n in LAYER_VIEWS]
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
@@ -258,9 +269,10 @@ def wire(ui: SimpleNamespace, h: Handlers):
 
 def build_app(engine: Engine) -> gr.Blocks:
     views = Views(engine)
-    ui = build_layout(engine, views)
+    h = Handlers(engine, views)
+    ui = build_layout(engine, views, h.first_open())
     with ui.demo:
-        wire(ui, Handlers(engine, views))
+        wire(ui, h)
     ui.demo.views = views  # for tests and scripting
     ui.demo.engine = engine
     ui.demo.ui = ui

@@ -30,13 +30,15 @@ import torch
 from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
 from vq4dit.experiment import EvalSpec, generate, run_method
-from vq4dit.io import load_dit, save_quantized
+from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
 from vq4dit.sampling import pick_device, sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
+DEMO_DIR = ROOT / "assets" / "demo_runs"   # finished runs shipped with the app (python -m app.demo build)
+DEMO_PREFIX = "demo-"                       # ids of demo runs; never used for runs the app saves
 
 # Documented limits of what the app accepts (README "Safety"); checked before any work is done.
 APP_LIMITS = dict(iterations=10_000, sampling_steps=1000, total_steps=500_000, kmeans_iters=1000, k=65536,
@@ -129,6 +131,7 @@ class AppConfig:
     eval_steps: int = 25                  # sampler steps for those images
     image_steps: int = 25                 # default sampler steps in the Images view
     warm_umap: bool = True                # compile umap's numba code in the background at start
+    demo_runs: bool = True                # list the shipped demo runs (embedded model only; read-only)
 
 
 @dataclass
@@ -242,35 +245,51 @@ def _clean(v):
 
 
 class RunStore:
-    """Saved runs on disk plus in-memory caches of their traces and packed models."""
+    """Saved runs on disk plus in-memory caches of their traces and packed models.
 
-    def __init__(self, root, device=None):
+    `demo_root` (optional): a second, read-only directory of finished runs shipped with the app,
+    whose ids start with DEMO_PREFIX. They are listed before (as older than) the runs dir's, resolve
+    only inside `demo_root`, and are never written. Their packed models share the FP weights of
+    `fp_base` (the embedded model), see `vq4dit.io.save_quantized(fp_base=...)`."""
+
+    def __init__(self, root, device=None, demo_root=None, fp_base=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.device = device
+        self.demo_root = Path(demo_root) if demo_root is not None else None
+        self.fp_base = fp_base
         self.bad: dict[str, str] = {}          # runs found corrupt when loading
         self._traces: OrderedDict = OrderedDict()
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     # -- ids ------------------------------------------------------------------------------
+    def is_demo(self, run_id) -> bool:
+        """A shipped demo run (read-only): its id has the demo prefix and a demo dir is attached."""
+        return self.demo_root is not None and isinstance(run_id, str) and run_id.startswith(DEMO_PREFIX)
+
     def run_dir(self, run_id) -> Path:
         """The directory of a run: `run_id` must be a plain name that resolves strictly inside the runs
-        dir. The error never says whether anything exists elsewhere on disk."""
+        dir (demo ids: inside the demo dir). The error never says whether anything exists elsewhere on disk."""
         if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
             raise ValueError(f"invalid run id {str(run_id)[:80]!r}: pick a run from the Runs table")
-        root = self.root.resolve()
-        p = (self.root / run_id).resolve()
+        base = self.demo_root if self.is_demo(run_id) else self.root
+        root = base.resolve()
+        p = (base / run_id).resolve()
         if p.parent != root:
             raise ValueError(f"invalid run id {run_id!r}: pick a run from the Runs table")
-        return self.root / run_id
+        return base / run_id
 
     # -- listing --------------------------------------------------------------------------
     def list(self) -> list[RunInfo]:
+        """Demo runs (if any), then the runs dir's, each sorted by id (= oldest first)."""
         out = []
-        if not self.root.is_dir():
-            return out
-        for p in sorted(self.root.iterdir(), key=lambda q: q.name):
+        dirs = []
+        if self.demo_root is not None and self.demo_root.is_dir():
+            dirs += sorted((p for p in self.demo_root.iterdir() if p.name.startswith(DEMO_PREFIX)), key=lambda q: q.name)
+        if self.root.is_dir():
+            dirs += sorted((p for p in self.root.iterdir() if not self.is_demo(p.name)), key=lambda q: q.name)
+        for p in dirs:
             if not p.is_dir() or p.name.startswith("."):
                 continue
             info = RunInfo(p.name, p)
@@ -394,7 +413,7 @@ class RunStore:
         mdir = self.run_dir(run_id) / "model"
         self.meta(run_id)
         try:
-            b = load_dit(mdir, device=self.device)
+            b = load_dit(mdir, device=self.device, fp_base=self.fp_base)
         except (FileNotFoundError, ValueError) as e:
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
@@ -416,6 +435,8 @@ class RunStore:
 
     def save(self, run_id: str, result, meta: dict, scheduler=None) -> Path:
         """Trace + packed model + run.json, built in a temp dir and renamed into place."""
+        if self.is_demo(run_id) or str(run_id).startswith(DEMO_PREFIX):
+            raise ValueError(f"{run_id!r}: ids starting with {DEMO_PREFIX!r} are reserved for the read-only demo runs")
         out = self.run_dir(run_id)
         self.root.mkdir(parents=True, exist_ok=True)  # the runs dir may have been deleted meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
@@ -464,6 +485,45 @@ class RunStore:
             tmp.unlink(missing_ok=True)
             raise
         return str(out)
+
+
+def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int) -> Path:
+    """A compact, self-contained copy of a saved run at out_root/new_id (replacing an older copy):
+    the trace via `Trace.compact(n_samples)`, the packed model without the FP parts it shares with
+    `fp_base`, run.json with the new id. Written to a temp dir and renamed into place."""
+    if not RUN_ID_RE.fullmatch(new_id) or not new_id.startswith(DEMO_PREFIX):
+        raise ValueError(f"demo run ids start with {DEMO_PREFIX!r}, got {new_id!r}")
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    src = store.run_dir(run_id)
+    meta = dict(store.meta(run_id), id=new_id, demo=True, built_from=run_id)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-", dir=out_root))
+    try:
+        tr = store.trace(run_id)
+        if tr is not None:
+            tr.compact(n_samples).save(tmp / "trace")
+        packed = json.loads((src / "model" / PACKED_CONFIG).read_text())
+
+        def keep_config(d: Path):  # the run's full method config (a reloaded model keeps only the VQ part)
+            m = json.loads((d / PACKED_CONFIG).read_text())
+            m["config"], m["extra"] = packed.get("config"), dict(packed.get("extra") or {}, run=new_id)
+            (d / PACKED_CONFIG).write_text(json.dumps(m, indent=1, default=str))
+
+        b = load_dit(src / "model")
+        save_quantized(b.transformer, tmp / "model", scheduler=b.scheduler, fp_base=fp_base, write_extra=keep_config)
+        _atomic_json(tmp / RUN_FILE, _clean(meta))
+        dst = out_root / new_id
+        if dst.exists():
+            old = out_root / f".{new_id}.old{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 def _calibrated(method: str) -> bool:
@@ -524,7 +584,8 @@ class Engine:
         self.embedded = Path(cfg.model).resolve() == Path(DIGITS_DIT_DIR).resolve()
         self.is_digits = (tc.in_channels == 1 and tc.sample_size == 16 and self.n_classes == 10
                           and self.bundle.vae is None)
-        self.store = RunStore(cfg.runs_dir, device=self.device)
+        demo = DEMO_DIR if cfg.demo_runs and self.embedded else None  # demo runs were made from this model
+        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher)
         self.calib_defaults = default_calib(cfg, self.embedded)
         self.kmeans_default = cfg.kmeans_iters or (SMALL_MODEL_KMEANS_ITERS if self.embedded else 100)
         self.model_lock = threading.Lock()   # every forward pass of a model goes through here

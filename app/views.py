@@ -56,7 +56,8 @@ class Views:
         return [(f"{layer_kind(n)} ({n.split('.', 2)[-1]})", n) for n in names]
 
     def run_choices(self) -> list[tuple[str, str]]:
-        """(label, run id) for the run pickers, oldest first; partial runs say so in the label."""
+        """(label, run id) for the run pickers, oldest first (demo runs first); partial runs and demo
+        runs say so in the label."""
         out = []
         for r in self.store.list():
             if r.error is not None:
@@ -65,8 +66,22 @@ class Views:
             st = m.get("status", "?")
             tag = "" if st == "finished" else f" — {st}" + (
                 f" {m.get('steps_done')}/{m.get('total_steps')}" if m.get("total_steps") else "")
+            if self.store.is_demo(r.id):
+                tag += " — demo (read-only)"
             out.append((f"{r.id}{tag}", r.id))
         return out
+
+    def default_run(self) -> Optional[str]:
+        """The run shown on first open: the newest finished saved run, else the demo run of the
+        default method at W2, else any finished demo run, else None."""
+        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
+        own = [r for r in finished if not self.store.is_demo(r)]
+        if own:
+            return own[-1]
+        demo = [r for r in finished if self.store.is_demo(r)]
+        want = next((r for r in demo if self.store.meta(r).get("method") == DEFAULT_METHOD
+                     and int(self.store.meta(r).get("bits", 0)) == 2), None)
+        return want or (demo[0] if demo else None)
 
     def steps_of(self, run_id) -> list[int]:
         tr = self.trace(run_id)
@@ -102,7 +117,8 @@ class Views:
         if other and other != sel["run"]:
             om = self.store.meta(other)
             cmp = f" · **Compared with** `{other}` ({om['method']}, W{om['bits']}, {om.get('status', '?')})"
-        return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
+        demo = " (**demo run**, shipped with the app, read-only)" if self.store.is_demo(sel["run"]) else ""
+        return (f"**Run** `{sel['run']}`{demo} — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
                 + (f", FD-digits {fd:.2f}" if fd is not None and math.isfinite(fd) else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")

@@ -1,0 +1,188 @@
+"""Demo runs shipped with the app (assets/demo_runs/, built by `python -m app.demo build`):
+every one loads with the current trace and packed-model format, the compact format reads back
+the same values, demo runs are read-only and confined to their directory, and an app with an
+empty runs dir opens on a demo run with data in every view.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_dit
+
+from app.demo import DEMO_RUNS, DEMO_TRACE_SAMPLES, demo_id
+from app.runs import DEMO_DIR, RunStore
+from vq4dit.config import DEFAULT_METHOD, SETTINGS, setting_kd
+
+DEMO_IDS = [demo_id(m, s) for m, s in DEMO_RUNS]
+MAX_DEMO_MIB = 4.0   # packed W3 indices alone are 2.6 MiB on the digits DiT
+
+
+@pytest.fixture(scope="module")
+def base():
+    from vq4dit.io import load_dit
+    from vq4dit.testbed import DIGITS_DIT_DIR
+    return load_dit(DIGITS_DIT_DIR).transformer
+
+
+@pytest.fixture(scope="module")
+def demo_store(base):
+    return RunStore(tempfile.mkdtemp(prefix="vq4dit-empty-"), demo_root=DEMO_DIR, fp_base=base)
+
+
+def test_demo_dir_holds_every_demo_run():
+    have = sorted(p.name for p in DEMO_DIR.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert have == sorted(DEMO_IDS), f"rebuild with `python -m app.demo build`: have {have}"
+
+
+@pytest.mark.parametrize("rid", DEMO_IDS)
+def test_demo_run_loads_with_current_format(demo_store, rid):
+    """run.json, the compact trace and the packed model (FP parts from the embedded model) all
+    load, and hold what the id says: method, k x d, a finished calibration with snapshots."""
+    store = demo_store
+    method, setting = next((m, s) for m, s in DEMO_RUNS if demo_id(m, s) == rid)
+    info = next(r for r in store.list() if r.id == rid)
+    assert info.error is None, info.error
+    meta = store.meta(rid)
+    assert meta["method"] == method and meta["bits"] == SETTINGS[setting]["bits"]
+    assert (meta["k"], meta["d"]) == setting_kd(setting)
+    assert meta["status"] == "finished" and meta["steps_done"] == meta["total_steps"] > 0
+    assert meta["block_mse"] > 0 and 0 <= meta["metrics"]["accuracy"] <= 1
+    size = sum(f.stat().st_size for f in store.run_dir(rid).rglob("*") if f.is_file()) / 2 ** 20
+    assert size < MAX_DEMO_MIB, f"{rid} is {size:.2f} MiB"
+
+    tr = store.trace(rid)
+    assert tr.meta["compact"]["n_samples"] == DEMO_TRACE_SAMPLES
+    assert len(tr.layer_names) == 7 * meta["n_blocks"] and len(tr.steps) == meta["steps_done"]
+    for layer in tr.layer_names:
+        fp, idx = tr.samples(layer)
+        assert fp.dtype == np.float32 and fp.shape == (DEMO_TRACE_SAMPLES, meta["d"]) and np.isfinite(fp).all()
+        steps = tr.snapshot_steps(layer)
+        assert steps[0] == 0 and steps[-1] == meta["steps_done"] and len(steps) >= 3
+        last = tr.snapshot(layer, steps[-1])
+        assert last.codebook.shape == (meta["k"], meta["d"]) and np.isfinite(last.codebook).all()
+        assert last.assign.dtype == np.int64 and 0 <= last.assign.min() and last.assign.max() < meta["k"]
+        assert ((last.top_ratio > 0) & (last.top_ratio <= 1.0)).all()
+    assert len(tr.conflict_summary()) == len(tr.layer_names)  # gradients were recorded
+
+    b = store.model(rid)
+    assert b.quantized_meta["fp_base"]["keys"]  # the FP parts come from the embedded model
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = b.transformer(x, timestep=torch.tensor([10, 500]), class_labels=torch.tensor([1, 7])).sample
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    # the packed indices agree with the trace's final assignment of the sampled sub-vectors
+    layer = tr.layer_names[0]
+    lin = dict(b.transformer.named_modules())[layer]
+    np.testing.assert_array_equal(lin.assignment.numpy()[tr.samples(layer)[1]],
+                                  tr.snapshot(layer, tr.snapshot_steps(layer)[-1]).assign)
+
+
+def test_compact_trace_and_shared_fp_round_trip(tmp_path):
+    """Trace.compact keeps the sample prefix in float16 (same values to fp16 precision, same
+    indices); a packed model saved with fp_base reloads bit-identically only with that base."""
+    from vq4dit import method_config, quantize
+    from vq4dit.io import load_dit, save_quantized
+    from vq4dit.trace import Trace
+    teacher = make_tiny_dit()
+    model = make_tiny_dit()
+    tr = quantize(model, method_config("vq4dit", bits=2, kmeans_iters=5, calib=dict(
+        iterations=1, num_sampling_steps=4, trace_samples=64)), teacher=teacher, progress=False)
+    tr.save(tmp_path / "full")
+    tr.compact(32).save(tmp_path / "small")
+    a, c = Trace.load(tmp_path / "full"), Trace.load(tmp_path / "small")
+    assert (tmp_path / "small" / "snapshots.safetensors").stat().st_size < \
+        0.5 * (tmp_path / "full" / "snapshots.safetensors").stat().st_size
+    for layer in a.layer_names:
+        fa, ia = a.samples(layer)
+        fc, ic = c.samples(layer)
+        assert fc.dtype == np.float32 and fc.shape == (32, fa.shape[1])
+        np.testing.assert_allclose(fc, fa[:32], rtol=1e-3, atol=1e-4)
+        np.testing.assert_array_equal(ic, ia[:32])
+        assert a.snapshot_steps(layer) == c.snapshot_steps(layer)
+        for s in a.snapshot_steps(layer):
+            sa, sc = a.snapshot(layer, s), c.snapshot(layer, s)
+            np.testing.assert_array_equal(sc.assign, sa.assign[:32])
+            np.testing.assert_allclose(sc.codebook, sa.codebook, rtol=1e-3, atol=1e-4)
+            if sa.worst_grads is not None:  # rescaled: same directions
+                g = sa.worst_grads / np.abs(sa.worst_grads).max()
+                np.testing.assert_allclose(sc.worst_grads, g, atol=2e-3)
+    pd_a, pd_c = a.layer_stats(), c.layer_stats()
+    np.testing.assert_allclose(pd_c["changed_frac"].to_numpy(), pd_a["changed_frac"].to_numpy(), rtol=1e-5)
+
+    save_quantized(model, tmp_path / "full-model")
+    save_quantized(model, tmp_path / "shared", fp_base=teacher)
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_size < \
+        (tmp_path / "full-model" / "model.safetensors").stat().st_size
+    with pytest.raises(ValueError, match="fp_base"):
+        load_dit(tmp_path / "shared")
+    with pytest.raises(ValueError, match="checksum|quantized from"):
+        load_dit(tmp_path / "shared", fp_base=make_tiny_dit(seed=1))
+    x = torch.randn(2, 1, 8, 8)
+    kw = dict(timestep=torch.tensor([3, 700]), class_labels=torch.tensor([0, 9]))
+    with torch.no_grad():
+        ref = load_dit(tmp_path / "full-model").transformer(x, **kw).sample
+        got = load_dit(tmp_path / "shared", fp_base=teacher).transformer(x, **kw).sample
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    other = make_tiny_dit(seed=2)
+    with pytest.raises(ValueError, match="differs"):
+        save_quantized(model, tmp_path / "bad", fp_base=other)
+
+
+def _fake_run(d: Path, rid: str, method=DEFAULT_METHOD, bits=2):
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps(dict(id=rid, method=method, bits=bits, status="finished", k=256, d=4)))
+
+
+def test_demo_runs_read_only_and_confined(tmp_path):
+    demo, runs = tmp_path / "demo", tmp_path / "runs"
+    _fake_run(demo / "demo-codebook-only-W2", "demo-codebook-only-W2", method="codebook-only")
+    _fake_run(demo / f"demo-{DEFAULT_METHOD}-W2", f"demo-{DEFAULT_METHOD}-W2")
+    _fake_run(runs / "demo-sneaky", "demo-sneaky")          # a demo-prefixed dir in the runs dir: ignored
+    (tmp_path / "outside").mkdir()
+    (demo / "demo-link").symlink_to(tmp_path / "outside")   # a link out of the demo dir: refused
+    store = RunStore(runs, demo_root=demo)
+    listed = {r.id: r.error for r in store.list()}
+    assert list(listed)[:3] == ["demo-codebook-only-W2", "demo-link", f"demo-{DEFAULT_METHOD}-W2"]
+    assert "demo-sneaky" not in listed and "invalid run id" in listed["demo-link"]  # listed as unreadable
+    assert store.run_dir(f"demo-{DEFAULT_METHOD}-W2").parent == demo
+    for bad in ("demo-../runs", "demo-x/../../etc", "../demo/demo-codebook-only-W2", "demo-link"):
+        with pytest.raises(ValueError, match="invalid run id"):
+            store.run_dir(bad)
+    with pytest.raises(ValueError, match="reserved"):
+        store.save(f"demo-{DEFAULT_METHOD}-W2", None, {})
+    assert not (runs / f"demo-{DEFAULT_METHOD}-W2").exists()
+    # a user run saved later is listed after (newer than) the demo runs
+    _fake_run(runs / "20260101-000000-vq4dit-w2", "20260101-000000-vq4dit-w2", method="vq4dit")
+    assert [r.id for r in store.list()][-1] == "20260101-000000-vq4dit-w2"
+    assert not store.is_demo("20260101-000000-vq4dit-w2") and store.is_demo("demo-codebook-only-W2")
+    assert not RunStore(runs).is_demo("demo-sneaky")  # no demo dir attached: a plain id
+
+
+def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
+    """An empty runs dir: the page is built with the default demo run already in every view
+    (values set before any event), labelled as a demo run; the default is the default method at W2."""
+    from app import AppConfig, create_app
+    demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False))
+    ui = demo.ui
+    want = demo_id(DEFAULT_METHOD, "W2")
+    assert ui.run_dd.value == want and ui.sel.value["run"] == want
+    labels = {v: k for k, v in ui.run_dd.choices}
+    assert all("demo (read-only)" in labels[r] for r in DEMO_IDS)
+    assert "demo run" in ui.sel_md.value
+    plot = lambda c: json.loads(c.value["plot"])
+    cluster = plot(ui.cluster_plot)
+    assert len(cluster["data"][0]["x"]) == DEMO_TRACE_SAMPLES
+    assert any(t.get("name") == "codewords (this step)" and len(t["x"]) == 256 for t in cluster["data"])
+    heat = [t for t in plot(ui.heat_plot)["data"] if t["type"] == "heatmap"][0]
+    z = np.array(heat["z"], float)
+    assert z.shape == (demo.engine.n_blocks, 7) and np.isfinite(z).all() and z.max() > 0
+    assert any(t["type"] == "heatmap" for t in plot(ui.evol_plot)["data"])
+    assert any(t["type"] == "heatmap" for t in plot(ui.conflict_plot)["data"])  # both sides (codebook-only demo)
+    assert "lower for" in ui.summary_md.value  # model-wide conflict summary of the pair
+    assert len(plot(ui.mse_plot)["data"][0]["x"]) == demo.engine.n_blocks
+    assert len(plot(ui.live_plot)["data"]) > 3 and len(plot(ui.rd_plot)["data"]) >= 2
+    assert ui.dl_model.value and Path(ui.dl_model.value).is_file()
