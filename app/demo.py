@@ -18,17 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from vq4dit.config import SETTINGS, setting_kd
+from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, method_names, setting_kd
 
 from .runs import DEMO_DIR, DEMO_PREFIX, AppConfig, Engine, RunSettings, RunStore, compact_run
 
-# (method, setting): the default method and the paper's baseline at the three settings of the
-# README's benchmark, plus the paper's method at W2.
-DEMO_RUNS = [("vq4dit-ste", "W2"), ("codebook-only", "W2"),
-             ("vq4dit-ste", "W3"), ("codebook-only", "W3"),
-             ("vq4dit-ste", "XL-sharing"), ("codebook-only", "XL-sharing"),
-             ("vq4dit", "W2")]
+# (method, setting): the default method and the paper's baseline (the registry's calibrated method
+# with fixed k-means assignments) at the README benchmark's three settings, plus the paper's method
+# (the registry's first calibrated method) at W2. Names come from the registry, not from here.
+_FIXED = next(n for n in method_names(calibrated=True) if not METHODS[n].trains_assignments)
+_PAPER = method_names(calibrated=True)[0]
+DEMO_RUNS = [(m, s) for s in ("W2", "W3", "XL-sharing") for m in (DEFAULT_METHOD, _FIXED)] + [(_PAPER, "W2")]
 DEMO_TRACE_SAMPLES = 256   # sampled sub-vectors kept per layer (a run records 512)
+DEMO_TRACE_RECORDS = 34    # logged steps kept per layer (a 100-step run logs every step)
 DEMO_ITERATIONS = 4        # half the small recipe's 8 trajectories (100 optimizer steps): ~6 min per run on 2 busy cores
 
 
@@ -66,7 +67,8 @@ def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None
             done[rid] = a.run_id
             index.write_text(json.dumps(done, indent=1))
             log(f"  saved {a.run_id} in {time.time() - t0:.0f} s")
-        dst = compact_run(engine.store, done[rid], Path(out), rid, engine.teacher, DEMO_TRACE_SAMPLES)
+        dst = compact_run(engine.store, done[rid], Path(out), rid, engine.teacher, DEMO_TRACE_SAMPLES,
+                          DEMO_TRACE_RECORDS)
         log(f"  {rid}: {sum(f.stat().st_size for f in dst.rglob('*') if f.is_file()) / 2**20:.2f} MiB in {dst}")
         built.append(rid)
     return built

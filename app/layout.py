@@ -14,7 +14,7 @@ import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import (AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
+from .handlers import (AUTO_COMPARE, LAYER_VIEWS, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
                        method_description, methods_table, setting_choices)
 from .runs import Engine
 from .views import Views
@@ -102,9 +102,14 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                      scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
                                      info="any run, any bits; cancelled runs are used only when picked here")
         sel_md = gr.Markdown(lv["sel_md"] or views.describe(None))
+        tab = gr.State(None)                               # visible tab id (None until the page loads)
+        rendered = gr.State(init.get("rendered") or {})    # per tab: the selection its views show
+        # plot clicks from the page's script (CLICK_JS) arrive here as JSON
+        click_tb = gr.HTML("", html_template="<span style='display:none'>${value}</span>", js_on_load=CLICK_JS,
+                           elem_id="plot-click", padding=False, container=False, min_height=0)
 
         with gr.Tabs() as tabs:
-            with gr.Tab("Set up & calibrate"):
+            with gr.Tab("Set up & calibrate", id="setup"):
                 with gr.Row():
                     bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
                     setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value="W2",
@@ -138,7 +143,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
                 live_plot = gr.Plot(label="Calibration curves", value=init.get("live") or views.calibration(None))
                 gr.Markdown(CAPTIONS["setup"])
-            with gr.Tab("Codebook clusters"):
+            with gr.Tab("Codebook clusters", id="clusters"):
                 with gr.Row():
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
                                         choices=["codeword", "top ratio", "assignment changed"])
@@ -146,11 +151,11 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 cluster_plot = gr.Plot(label="Sub-vectors and codewords", value=lv["cluster_plot"])
                 cluster_note = gr.Markdown(lv["cluster_note"])
                 gr.Markdown(CAPTIONS["clusters"])
-            with gr.Tab("Assignment evolution"):
+            with gr.Tab("Assignment evolution", id="evolution"):
                 evol_plot = gr.Plot(label="Assignment ratios over calibration", value=lv["evol_plot"])
                 evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
-            with gr.Tab("Gradient conflicts"):
+            with gr.Tab("Gradient conflicts", id="conflicts"):
                 conflict_note = gr.Markdown(lv["conflict_note"])
                 other_btn = gr.Button(variant="secondary", **{**dict(value="Run", visible=False),
                                                               **{k: v for k, v in (lv["other_btn"] or {}).items()
@@ -160,14 +165,15 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 summary_plot = gr.Plot(label="Model-wide conflict summary", value=lv["summary_plot"])
                 worst_plot = gr.Plot(label="Worst codeword's gradients", value=lv["worst_plot"])
                 gr.Markdown(CAPTIONS["conflicts"])
-            with gr.Tab("Per-block changes"):
+            with gr.Tab("Per-block changes", id="changes"):
                 with gr.Row():
-                    heat_plot = gr.Plot(label="Assignment changes vs k-means", scale=3, value=lv["heat_plot"])
+                    heat_plot = gr.Plot(label="Assignment changes vs k-means (click a cell to select that layer)", scale=3,
+                                        value=lv["heat_plot"], elem_id="heat-plot")
                     mse_plot = gr.Plot(label="Per-block MSE", scale=2, value=lv["mse_plot"])
                 changes_df = gr.Dataframe(label="Changed codewords (% of sub-vectors) — click a cell to select that layer",
                                           interactive=False, max_height=320, value=lv["changes_df"])
                 gr.Markdown(CAPTIONS["changes"])
-            with gr.Tab("Images"):
+            with gr.Tab("Images", id="images"):
                 with gr.Row():
                     labels_tb = gr.Textbox(label="Class labels", value="0-9" if engine.n_classes >= 10 else "0",
                                            info="comma-separated or ranges, e.g. 0-9 or 3,3,7")
@@ -180,18 +186,19 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 image_note = gr.Markdown()
                 image_metrics = gr.Dataframe(label="Image metrics", interactive=False)
                 gr.Markdown(CAPTIONS["images"])
-            with gr.Tab("Runs"):
+            with gr.Tab("Runs", id="runs"):
                 runs_df = gr.Dataframe(label="Saved runs (click a row to load it)", value=store.table(),
                                        interactive=False, max_height=360)
                 with gr.Row():
                     refresh_btn = gr.Button("Refresh list")
                     dl_trace = gr.DownloadButton("Download trace (CSV zip)", value=init.get("dl_trace"))
                     dl_model = gr.DownloadButton("Download packed model (zip)", value=init.get("dl_model"))
-                rd_plot = gr.Plot(label="Rate-distortion across runs", value=init.get("rd"))
+                rd_plot = gr.Plot(label="Rate-distortion across runs (click a point to load that run)", value=init.get("rd"),
+                                  elem_id="rd-plot")
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, tab=tab, rendered=rendered, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
@@ -208,9 +215,24 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
     )
 
 
-# The outputs of `Handlers.render_layer_views`, in order (names of the ui components).
-LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "conflict_note", "other_btn",
-               "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
+# Plotly clicks -> the `click_tb` HTML component's value + its input event (gr.Plot has only a
+# change event in Gradio 6). Every 500 ms the heatmap and rate-distortion plots get a plotly_click
+# listener if they lack one (plotly re-creates its event emitter when a figure is replaced).
+CLICK_JS = """
+const send = (msg) => { props.value = JSON.stringify(Object.assign(msg, {t: Date.now()})); trigger('input'); };
+const bind = () => {
+  for (const [id, plot] of [['heat-plot', 'heat'], ['rd-plot', 'rd']]) {
+    const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+    if (!gd || typeof gd.on !== 'function' || gd.on.__vqClick) continue;
+    gd.on('plotly_click', (e) => {
+      const p = e && e.points && e.points[0];
+      if (p) send({plot: plot, x: p.x, y: p.y, id: p.customdata === undefined ? null : p.customdata});
+    });
+    gd.on.__vqClick = true;
+  }
+};
+setInterval(bind, 500);
+"""
 
 
 def wire(ui: SimpleNamespace, h: Handlers):
@@ -221,6 +243,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
     run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
     image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
     layer_outputs = [getattr(ui, n) for n in LAYER_VIEWS]
+    view_plots = [ui.cluster_plot, ui.evol_plot, ui.conflict_plot, ui.summary_plot, ui.worst_plot, ui.heat_plot,
+                  ui.mse_plot, ui.changes_df]  # loading overlay on these while the selection changes
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
@@ -248,17 +272,27 @@ def wire(ui: SimpleNamespace, h: Handlers):
 
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
                      [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
-                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
+                     api_name="load_run", show_progress="full",
+                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
                                                   api_name="run_context")
-    ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
-    ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)
-    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last")  # drag or type
-    ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel])
+    busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
+    ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)
+    ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel, **busy)
+    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last", **busy)  # drag or type
+    ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel], **busy)
+    ui.click_tb.input(h.on_plot_click, [ui.sel, ui.click_tb], [ui.block_dd, ui.layer_dd, ui.sel, ui.run_dd],
+                      api_name="plot_click", **busy)
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
-    ui.sel.change(form_event(h.render_layer_views, ViewForm), view, layer_outputs, concurrency_limit=4)
+    render = form_event(h.render_layer_views, ViewForm, lead=2)
+    render_in = [ui.tab, ui.rendered] + view
+    ui.sel.change(render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full",
+                  api_name="render_layer_views")
+    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # a tab opened: draw its views if stale
+        render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full", api_name=False)
+    ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
-    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare")
+    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)

@@ -399,7 +399,7 @@ def rd_figure(runs: pd.DataFrame, current: Optional[str] = None) -> go.Figure:
             sizes = [14 if r == current else 9 for r in g["run"]]
             partial = [str(st) != "finished" for st in g["status"]] if "status" in g else [False] * len(g)
             fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
-                                     showlegend=col == 1,
+                                     showlegend=col == 1, customdata=list(g["run"]),  # run id: a click loads it
                                      marker=dict(color=color(m), size=sizes, line=dict(width=1.5, color=color(m)),
                                                  symbol=["circle-open" if p else "circle" for p in partial]),
                                      text=[f"{r} ({st})" if p else r for r, st, p in

@@ -487,9 +487,10 @@ class RunStore:
         return str(out)
 
 
-def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int) -> Path:
+def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int,
+                max_records: Optional[int] = None) -> Path:
     """A compact, self-contained copy of a saved run at out_root/new_id (replacing an older copy):
-    the trace via `Trace.compact(n_samples)`, the packed model without the FP parts it shares with
+    the trace via `Trace.compact(n_samples, max_records)`, the packed model without the FP parts it shares with
     `fp_base`, run.json with the new id. Written to a temp dir and renamed into place."""
     if not RUN_ID_RE.fullmatch(new_id) or not new_id.startswith(DEMO_PREFIX):
         raise ValueError(f"demo run ids start with {DEMO_PREFIX!r}, got {new_id!r}")
@@ -501,7 +502,7 @@ def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_ba
     try:
         tr = store.trace(run_id)
         if tr is not None:
-            tr.compact(n_samples).save(tmp / "trace")
+            tr.compact(n_samples, max_records).save(tmp / "trace")
         packed = json.loads((src / "model" / PACKED_CONFIG).read_text())
 
         def keep_config(d: Path):  # the run's full method config (a reloaded model keeps only the VQ part)

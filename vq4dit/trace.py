@@ -209,16 +209,26 @@ class Trace:
         ev = ev[ev["event"] == "hard"]
         return {r.layer: int(r.step) for r in ev.itertuples()}
 
-    def compact(self, n_samples: Optional[int] = None) -> "Trace":
-        """A smaller copy for shipping (the app's demo runs): the first `n_samples` of each layer's
+    def compact(self, n_samples: Optional[int] = None, max_records: Optional[int] = None) -> "Trace":
+        """A smaller copy for shipping (the app's demo runs): per-layer statistics and ratio paths
+        thinned to about `max_records` evenly spaced logged steps (snapshot steps and the last step
+        always kept; the per-step `steps` table and events are kept whole), the first `n_samples` of each layer's
         fixed sub-vector sample (the sample is a random permutation, so a prefix is a random sample
         too, and the ratio trajectories follow its first N_TRAJECTORIES), codebooks, samples and
         ratios in float16, indices in the smallest integer type that holds them. The worst codeword's
         gradients are rescaled to max |g| = 1 before float16 (they would underflow): their directions,
         coherence and signs are kept, their magnitude is not. The typed reads return float32 as before."""
-        out = Trace(dict(self.meta, compact=dict(n_samples=n_samples, dtype="float16")))
+        out = Trace(dict(self.meta, compact=dict(n_samples=n_samples, max_records=max_records, dtype="float16")))
+        logged = sorted({int(r["step"]) for r in self._layers})
+        keep = set(logged)
+        if max_records is not None and len(logged) > max_records:
+            every = -(-len(logged) // max_records)
+            keep = set(logged[::every]) | {logged[-1]} | set(self.snapshot_steps())
         for name in ("steps", "layers", "ratios", "events"):
-            getattr(out, "_" + name).extend(getattr(self, "_" + name) or self._frame(name).to_dict("records"))
+            rows = getattr(self, "_" + name) or self._frame(name).to_dict("records")
+            if name in ("layers", "ratios"):
+                rows = [r for r in rows if int(r["step"]) in keep]
+            getattr(out, "_" + name).extend(rows)
         per_sample = ("|sample_fp", "|sample_index", "|assign", "|top_ratio")
         for key, t in self.snapshots.items():
             if n_samples is not None and key.endswith(per_sample):
@@ -243,7 +253,7 @@ class Trace:
         tmp = temp_dir_for(path)
         try:
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
-            fmt = "%.6g" if self.meta.get("compact") else None  # 6 significant digits in shipped traces
+            fmt = "%.5g" if self.meta.get("compact") else None  # 5 significant digits in shipped traces
             for name in ("steps", "layers", "ratios", "events"):
                 self._frame(name).to_csv(tmp / f"{name}.csv", index=False, float_format=fmt)
             save_file({k: v.contiguous().cpu() for k, v in self.snapshots.items()},
