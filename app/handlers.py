@@ -81,6 +81,7 @@ class ViewForm:
     sel: Optional[dict]
     color_by: str
     projection: str
+    full: bool = False   # every sub-vector of the final model as a density image
 
 
 def form_inputs(form_cls, ui) -> list:
@@ -385,7 +386,7 @@ class Handlers:
         skipped and drawn when their tab is opened: `rendered` remembers, per tab, which selection
         its views show). tab None (an API client that never switches tabs): every view."""
         sel = form.sel
-        key = json.dumps([sel, form.color_by, form.projection], sort_keys=True, default=str)
+        key = json.dumps([sel, form.color_by, form.projection, bool(form.full)], sort_keys=True, default=str)
         tabs = list(TAB_VIEWS) if tab is None else [tab]
         rendered = dict(rendered or {})
         out = {"sel_md": gr.skip()}
@@ -403,7 +404,7 @@ class Handlers:
     def _tab_views(self, tab: str, form: ViewForm) -> dict:
         views, sel = self.views, form.sel
         if tab == "clusters":
-            cfig, cnote = views.cluster(sel, form.color_by, form.projection)
+            cfig, cnote = views.cluster(sel, form.color_by, form.projection, bool(form.full))
             return dict(cluster_plot=cfig, cluster_note=cnote)
         if tab == "evolution":
             other = (sel or {}).get("other")
@@ -448,7 +449,7 @@ class Handlers:
 
     def render_cluster(self, form: ViewForm):
         try:
-            return self.views.cluster(form.sel, form.color_by, form.projection)
+            return self.views.cluster(form.sel, form.color_by, form.projection, bool(form.full))
         except ValueError as e:
             raise _error(e)
 

@@ -17,7 +17,7 @@ from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 from .handlers import (AUTO_COMPARE, LAYER_VIEWS, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
                        method_description, methods_table, setting_choices)
 from .runs import Engine
-from .views import Views
+from .views import FULL_CLUSTER_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
 
@@ -148,6 +148,9 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
                                         choices=["codeword", "top ratio", "assignment changed"])
                     projection = gr.Radio(label="Projection (d > 2)", value="PCA", choices=["PCA", "UMAP"])
+                    full_cb = gr.Checkbox(label="All sub-vectors of the final model (density image)", value=False,
+                                          info=f"up to {FULL_CLUSTER_MAX:,} points, from the weights; snapshots and UMAP "
+                                               f"keep the trace's sample")
                 cluster_plot = gr.Plot(label="Sub-vectors and codewords", value=lv["cluster_plot"])
                 cluster_note = gr.Markdown(lv["cluster_note"])
                 gr.Markdown(CAPTIONS["clusters"])
@@ -211,7 +214,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                               lambda_r=lam_nb, seed=seed_nb),
         images=SimpleNamespace(run=run_dd, labels=labels_tb, seed=img_seed, guidance=guidance, steps=img_steps,
                                compare=compare_dd),
-        view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection),
+        view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection, full=full_cb),
     )
 
 
@@ -292,6 +295,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
+    ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
