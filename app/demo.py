@@ -20,7 +20,9 @@ from pathlib import Path
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, method_names, setting_kd
 
-from .runs import DEMO_DIR, DEMO_PREFIX, AppConfig, Engine, RunSettings, RunStore, compact_run
+from vq4dit.io import load_dit
+
+from .runs import DEMO_DIR, DEMO_PREFIX, AppConfig, Engine, RunSettings, RunStore, compact_run, write_demo_samples
 
 # (method, setting): the default method and the paper's baseline (the registry's calibrated method
 # with fixed k-means assignments) at the README benchmark's three settings, plus the paper's method
@@ -69,6 +71,11 @@ def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None
             log(f"  saved {a.run_id} in {time.time() - t0:.0f} s")
         dst = compact_run(engine.store, done[rid], Path(out), rid, engine.teacher, DEMO_TRACE_SAMPLES,
                           DEMO_TRACE_RECORDS)
+        # the Images tab's default request (every class, seed 0, guidance 4, the app's default steps), so the
+        # tab shows images on first open without sampling
+        labels = list(range(min(10, engine.n_classes)))
+        model = load_dit(dst / "model", fp_base=engine.teacher).transformer
+        write_demo_samples(engine, dst, model, labels, 0, 4.0, AppConfig().image_steps)
         log(f"  {rid}: {sum(f.stat().st_size for f in dst.rglob('*') if f.is_file()) / 2**20:.2f} MiB in {dst}")
         built.append(rid)
     return built

@@ -462,6 +462,14 @@ class Handlers:
         except ValueError as e:
             raise _error(e)
 
+    def auto_images(self, tab, form: ImageForm):
+        """The Images tab opened: show the images at once when no sampling is needed (cached, or
+        shipped with the demo runs); otherwise leave the tab as it is (Generate samples them)."""
+        if tab != "images" or not self.views.images_ready(form.run, form.labels, form.seed, form.guidance, form.steps,
+                                                            form.compare or None):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.make_images(form)
+
     def make_images(self, form: ImageForm):
         try:
             return self.views.images(form.run, form.labels, form.seed, form.guidance, form.steps,

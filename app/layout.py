@@ -293,6 +293,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # a tab opened: draw its views if stale
         render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full", api_name=False)
     ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
+    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # Images opened: shipped / cached images at once
+        form_event(h.auto_images, ImageForm, lead=1), [ui.tab] + images, image_outputs, api_name="auto_images")
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
 DEMO_DIR = ROOT / "assets" / "demo_runs"   # finished runs shipped with the app (python -m app.demo build)
 DEMO_PREFIX = "demo-"                       # ids of demo runs; never used for runs the app saves
+DEMO_SAMPLES = "samples.safetensors"        # a demo run's images (and FP's) at the Images tab's defaults
 
 # Documented limits of what the app accepts (README "Safety"); checked before any work is done.
 APP_LIMITS = dict(iterations=10_000, sampling_steps=1000, total_steps=500_000, kmeans_iters=1000, k=65536,
@@ -527,6 +528,24 @@ def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_ba
     return dst
 
 
+def write_demo_samples(engine: "Engine", run_dir: Path, model, labels: list, seed: int, guidance: float, steps: int):
+    """Sample the run's and FP's images at the Images tab's defaults into run_dir/DEMO_SAMPLES (atomic)."""
+    from safetensors.torch import save_file
+    with engine.model_lock:
+        kw = dict(num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed), scheduler=engine.bundle.scheduler,
+                  vae=engine.bundle.vae)
+        run = sample(model, list(labels), **kw)
+        fp = sample(engine.teacher, list(labels), **kw)
+    meta = dict(labels=",".join(map(str, labels)), seed=str(seed), guidance=str(float(guidance)), steps=str(steps))
+    tmp = Path(run_dir) / f".{DEMO_SAMPLES}.tmp{os.getpid()}"
+    try:
+        save_file({"run": run.half().contiguous(), "fp": fp.half().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, Path(run_dir) / DEMO_SAMPLES)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _calibrated(method: str) -> bool:
     """Does a run of `method` record a Trace? ('m+switch=..' derived names map to m.)"""
     spec = METHODS.get(str(method).split("+", 1)[0])
@@ -613,6 +632,10 @@ class Engine:
         if ck in self._images:
             self._images.move_to_end(ck)
             return self._images[ck]
+        x = self.shipped_images(*ck)
+        if x is not None:
+            self._images[ck] = x
+            return x
         with self.model_lock:
             x = sample(model, list(labels), num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
                        scheduler=scheduler or self.bundle.scheduler, vae=vae if vae is not None else self.bundle.vae)
@@ -620,6 +643,33 @@ class Engine:
         while len(self._images) > 48:
             self._images.popitem(last=False)
         return x
+
+    def has_images(self, key: str, labels, seed, guidance, steps) -> bool:
+        """Are these images cached or shipped with a demo run (no sampling needed)?"""
+        ck = (key, tuple(int(x) for x in labels), int(seed), float(guidance), int(steps))
+        return ck in self._images or self.shipped_images(*ck) is not None
+
+    def shipped_images(self, key: str, labels: tuple, seed: int, guidance: float, steps: int) -> Optional[torch.Tensor]:
+        """Images a demo run ships (DEMO_SAMPLES: its own and FP's, sampled by `python -m app.demo build`
+        at the Images tab's defaults) when the request matches them exactly; key 'fp' = the FP model."""
+        if self.store.demo_root is None or not self.store.demo_root.is_dir():
+            return None
+        rids = [key] if self.store.is_demo(key) else sorted(p.name for p in self.store.demo_root.iterdir()
+                                                            if p.name.startswith(DEMO_PREFIX)) if key == "fp" else []
+        want = dict(labels=",".join(map(str, labels)), seed=str(seed), guidance=str(float(guidance)), steps=str(steps))
+        from safetensors import safe_open
+        for rid in rids:
+            try:
+                f = self.store.run_dir(rid) / DEMO_SAMPLES
+                if not f.is_file():
+                    continue
+                with safe_open(str(f), "pt") as st:
+                    if {k: st.metadata().get(k) for k in want} != want:
+                        continue
+                    return st.get_tensor("fp" if key == "fp" else "run").float()
+            except (ValueError, OSError):
+                continue
+        return None
 
     def fp_images(self, labels, seed, guidance, steps) -> torch.Tensor:
         return self.images("fp", self.teacher, labels, seed, guidance, steps)

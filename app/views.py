@@ -345,10 +345,14 @@ class Views:
         return None
 
     def baselines(self, bits: int, exclude: Optional[str] = None, limit: int = 4) -> list[str]:
-        """Newest finished run of every other method at `bits` (partial runs only when picked)."""
-        ex = (self.store.meta(exclude).get("method") if exclude else None)
+        """Newest finished run of every other method at `bits`, preferring the excluded run's k x d
+        (partial runs only when picked)."""
+        em = self.store.meta(exclude) if exclude else {}
+        ex, kd = em.get("method"), (em.get("k"), em.get("d"))
         seen, out = {ex}, []
-        for r in reversed(self.store.list()):
+        runs = list(reversed(self.store.list()))
+        runs.sort(key=lambda r: (r.meta or {}).get("k") != kd[0] or (r.meta or {}).get("d") != kd[1])  # same k x d first
+        for r in runs:
             m = r.meta or {}
             if (r.error is None and m.get("status") == "finished" and int(m.get("bits", -1)) == int(bits)
                     and m.get("method") not in seen):
@@ -367,12 +371,14 @@ class Views:
         bits, spec = int(meta["bits"]), method_spec(meta["method"])
         trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments
         fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments
-        if trains(spec):
-            pair = {"assignments": run_id, "fixed": self.newest(bits, fixed, exclude=run_id)}
+        kd = (meta.get("k"), meta.get("d"))
+        near = lambda want, ex=None: self.newest(bits, want, exclude=ex, kd=kd) or self.newest(bits, want, exclude=ex)
+        if trains(spec):  # same k x d first (W2 vs W2, not vs XL-sharing), else any at these bits
+            pair = {"assignments": run_id, "fixed": near(fixed, run_id)}
         elif fixed(spec):
-            pair = {"assignments": self.newest(bits, trains, exclude=run_id), "fixed": run_id}
+            pair = {"assignments": near(trains, run_id), "fixed": run_id}
         else:
-            pair = {"assignments": self.newest(bits, trains), "fixed": self.newest(bits, fixed)}
+            pair = {"assignments": near(trains), "fixed": near(fixed)}
         missing = None
         if pair["fixed"] is None:
             missing = next((n for n in method_names(calibrated=True) if fixed(METHODS[n])), None)
@@ -485,6 +491,20 @@ class Views:
         if len(out) > 32:
             raise ValueError(f"at most 32 images at a time, got {len(out)} labels")
         return out
+
+    def images_ready(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None) -> bool:
+        """Can `images(...)` answer without sampling (every row cached, or shipped with a demo run)?"""
+        try:
+            labels = self.parse_labels(labels_text)
+            seed, guidance, steps = image_params(seed, guidance, steps)
+            keys = ["fp"]
+            if run_id:
+                keys.append(run_id)
+                bits = int(self.store.meta(run_id)["bits"])
+                keys += [compare] if compare and compare != run_id else self.baselines(bits, exclude=run_id)
+        except ValueError:
+            return False
+        return all(self.engine.has_images(k, labels, seed, guidance, steps) for k in keys)
 
     def images(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None):
         """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model.

@@ -301,3 +301,39 @@ def test_selection_changes_show_loading_and_update_the_visible_views(demo_app):
     out = h("changes", rendered, sel, "codeword", "PCA", False)    # tab opened: its views drawn
     assert not skipped(dict(zip(LAYER_VIEWS, out))["heat_plot"]) and set(out[-1]) == {"clusters", "changes"}
     assert ViewForm(sel, "codeword", "PCA").full is False
+
+
+def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
+    """Each demo run ships its and FP's images at the Images tab's defaults (so the tab shows images on
+    first open); they equal fresh samples from the current code (the default demo run is re-sampled)."""
+    demo, _ = demo_app
+    from safetensors import safe_open
+
+    from app.runs import DEMO_SAMPLES
+    from vq4dit.sampling import sample
+    eng, views = demo.engine, demo.views
+    for rid in DEMO_IDS:
+        with safe_open(str(DEMO_DIR / rid / DEMO_SAMPLES), "pt") as f:
+            meta = f.metadata()
+            assert meta == dict(labels="0,1,2,3,4,5,6,7,8,9", seed="0", guidance="4.0", steps=str(eng.cfg.image_steps))
+            assert f.get_tensor("run").shape == f.get_tensor("fp").shape == (10, 1, 16, 16)
+    rid = demo_id(DEFAULT_METHOD, "W2")
+    labels = list(range(10))
+    shipped = eng.shipped_images(rid, tuple(labels), 0, 4.0, eng.cfg.image_steps)
+    fresh = sample(eng.store.model(rid).transformer, labels, num_steps=eng.cfg.image_steps, guidance_scale=4.0,
+                   seed=0, scheduler=eng.bundle.scheduler)
+    torch.testing.assert_close(shipped, fresh, atol=2e-3, rtol=0)   # float16 storage
+    fp = eng.shipped_images("fp", tuple(labels), 0, 4.0, eng.cfg.image_steps)
+    torch.testing.assert_close(fp, sample(eng.teacher, labels, num_steps=eng.cfg.image_steps, guidance_scale=4.0,
+                                          seed=0, scheduler=eng.bundle.scheduler), atol=2e-3, rtol=0)
+    assert eng.shipped_images(rid, tuple(labels), 1, 4.0, eng.cfg.image_steps) is None  # other seed: not shipped
+    # opening the Images tab shows them (no sampling); a request that needs sampling is left to Generate
+    from app.handlers import ImageForm
+    auto = next(f for f in demo.fns.values() if f.name == "auto_images").fn
+    assert views.images_ready(rid, "0-9", 0, 4.0, eng.cfg.image_steps)
+    img, table, note = auto("images", rid, "0-9", 0, 4.0, eng.cfg.image_steps, "")
+    assert img.shape[2] == 3 and len(table) >= 2 and table["PSNR vs FP (dB)"].iloc[1] > 5
+    out = auto("images", rid, "0-9", 123, 4.0, eng.cfg.image_steps, "")
+    assert all(isinstance(o, dict) and o.get("__type__") == "update" for o in out)
+    assert auto("clusters", rid, "0-9", 0, 4.0, eng.cfg.image_steps, "")[0] == {"__type__": "update"}
+    assert ImageForm(rid, "0-9", 0, 4.0, 25).compare is None
