@@ -35,7 +35,9 @@ CAPTIONS = {
         "it is assigned to, so dots far from their cross mean a large weight error. Move the *Snapshot* slider "
         "to watch codewords move during calibration. *Colour by assignment changed* shows the sub-vectors that "
         "calibration moved to a different codeword than k-means chose — the thing codebook-only calibration "
-        "cannot do. PCA is instant; UMAP is computed once per run and layer (a few seconds) and then cached."),
+        "cannot do. PCA is instant; UMAP is computed once per run and layer (a few seconds) and then cached. "
+        "*All sub-vectors of the final model* replaces the sample by every sub-vector of the layer (up to 200,000) "
+        "as a density image (darker = more sub-vectors), with the final codewords."),
     "evolution": (
         "**How to read this.** During calibration each sub-vector mixes its *n* candidate codewords with "
         "learnable ratios. Top: for every logged step, how many sub-vectors have each value of their largest "
@@ -57,8 +59,8 @@ CAPTIONS = {
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
         "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
         "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
-        "Click a cell in the table below to make that layer the current layer in every view (plots here are not "
-        "clickable). Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
+        "Click a cell of the heatmap or of the table below to make that layer the current layer in every view. "
+        "Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
         "run) and at the last calibration step (diamonds)."),
     "images": (
         "**How to read this.** Rows: the full-precision model (FP, the reference), the selected run and the "
@@ -71,7 +73,8 @@ CAPTIONS = {
     "runs": (
         "**How to read this.** Every finished or cancelled run is saved in the runs directory (trace, packed "
         "model, metrics) and listed here, newest first; unreadable directories are listed as such. Click a row "
-        "to load that run into every view. Plots: bits per weight (storage as packed: indices, codebooks, "
+        "(or a point of the plots) to load that run into every view. Demo runs ship with the app and are read-only. "
+        "Plots: bits per weight (storage as packed: indices, codebooks, "
         "biases) against image MSE vs FP on the fixed evaluation set and against block-output MSE — points "
         "further down and left are better. FD-digits is listed only for evaluations of >= 1,000 images."),
 }

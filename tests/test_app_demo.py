@@ -162,6 +162,15 @@ def test_demo_runs_read_only_and_confined(tmp_path):
     assert not RunStore(runs).is_demo("demo-sneaky")  # no demo dir attached: a plain id
 
 
+def _arr(v):
+    """A plotly JSON array (plain list or plotly 6's base64 typed array {'bdata', 'dtype', 'shape'})."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(x) for x in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v, dtype=float)
+
+
 def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     """An empty runs dir: the page is built with the default demo run already in every view
     (values set before any event), labelled as a demo run; the default is the default method at W2."""
@@ -175,17 +184,19 @@ def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     assert "demo run" in ui.sel_md.value
     plot = lambda c: json.loads(c.value["plot"])
     cluster = plot(ui.cluster_plot)
-    assert len(cluster["data"][0]["x"]) == DEMO_TRACE_SAMPLES
-    assert any(t.get("name") == "codewords (this step)" and len(t["x"]) == 256 for t in cluster["data"])
+    assert len(_arr(cluster["data"][0]["x"])) == DEMO_TRACE_SAMPLES
+    assert any(t.get("name") == "codewords (this step)" and len(_arr(t["x"])) == 256 for t in cluster["data"])
     heat = [t for t in plot(ui.heat_plot)["data"] if t["type"] == "heatmap"][0]
-    z = np.array(heat["z"], float)
+    z = _arr(heat["z"]).astype(float)
     assert z.shape == (demo.engine.n_blocks, 7) and np.isfinite(z).all() and z.max() > 0
     assert any(t["type"] == "heatmap" for t in plot(ui.evol_plot)["data"])
     assert any(t["type"] == "heatmap" for t in plot(ui.conflict_plot)["data"])  # both sides (codebook-only demo)
     assert "lower for" in ui.summary_md.value  # model-wide conflict summary of the pair
-    assert len(plot(ui.mse_plot)["data"][0]["x"]) == demo.engine.n_blocks
+    assert len(_arr(plot(ui.mse_plot)["data"][0]["x"])) == demo.engine.n_blocks
     assert len(plot(ui.live_plot)["data"]) > 3 and len(plot(ui.rd_plot)["data"]) >= 2
-    assert ui.dl_model.value and Path(ui.dl_model.value).is_file()
+    dl = ui.dl_model.value
+    dl = dl.get("path") if isinstance(dl, dict) else dl   # a FileData dict once postprocessed
+    assert dl and Path(dl).is_file() and str(dl).endswith(f"{want}-model.zip")
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,3 +348,80 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
     assert all(isinstance(o, dict) and o.get("__type__") == "update" for o in out)
     assert auto("clusters", rid, "0-9", 0, 4.0, eng.cfg.image_steps, "")[0] == {"__type__": "update"}
     assert ImageForm(rid, "0-9", 0, 4.0, 25).compare is None
+
+
+def test_first_open_and_plot_clicks_in_browser(tmp_path):
+    """Real browser, empty runs dir: the page opens on the demo run with data; clicking a heatmap
+    cell selects that block + layer, clicking a rate-distortion point loads that run, the Images tab
+    shows the shipped images at once, and the full-weight cluster mode says how many it drew."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("/usr/bin/chromium not installed")
+    pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import free_port
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--runs-dir", str(tmp_path / "runs"), "--port",
+                             str(port), "--no-umap-warmup"], cwd=root, stdout=open(tmp_path / "server.log", "w"),
+                            stderr=subprocess.STDOUT, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            expect(page.get_by_text("Calibration of demo-vq4dit-ste-W2")).to_be_visible(timeout=60_000)
+
+            page.get_by_role("tab", name="Per-block changes").click()
+            page.wait_for_function("() => document.querySelector('#heat-plot .js-plotly-plot .hm') !== null", timeout=60_000)
+            page.locator("#heat-plot").scroll_into_view_if_needed()
+            page.wait_for_timeout(1200)  # the click script binds every 500 ms
+            xy = page.evaluate("""() => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
+                const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                return [r.left + xa._offset + xa.l2p(4), r.top + ya._offset + ya.l2p(2)]; }""")  # fc1, block 2
+            page.mouse.click(*xy)
+            expect(page.get_by_label("Block", exact=True)).to_have_value("block 2", timeout=30_000)
+            expect(page.get_by_label("Layer", exact=True)).to_have_value("fc1 (ff.net.0.proj)")
+
+            page.get_by_role("tab", name="Images").click()
+            expect(page.locator("#samples img")).to_be_visible(timeout=30_000)  # shipped: no sampling
+
+            page.get_by_role("tab", name="Runs").click()
+            page.wait_for_function("() => document.querySelector('#rd-plot .js-plotly-plot .scatterlayer .point') !== null",
+                                   timeout=60_000)
+            page.locator("#rd-plot").scroll_into_view_if_needed()
+            page.wait_for_timeout(1200)
+            target = demo_id(DEMO_RUNS[3][0], DEMO_RUNS[3][1])   # codebook-only W3: alone at 3.1 bits, top-right
+            xy = page.evaluate("""(rid) => { const gd = document.querySelector('#rd-plot .js-plotly-plot');
+                const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                for (const t of gd._fullData) { const i = (t.customdata || []).indexOf(rid);
+                  if (i >= 0 && t.xaxis === 'x') return [r.left + xa._offset + xa.d2p(t.x[i]),
+                                                         r.top + ya._offset + ya.d2p(t.y[i])]; }
+                return null; }""", target)
+            assert xy is not None
+            page.mouse.click(*xy)
+            expect(page.get_by_text(f"Run {target}", exact=False).first).to_be_visible(timeout=30_000)
+
+            page.get_by_role("tab", name="Codebook clusters").click()
+            page.get_by_label("All sub-vectors of the final model (density image)").check()
+            expect(page.get_by_text("as a density image").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("all 131,072").first).to_be_visible()   # W3 (d=2): fc1 of block 2, 1024x256/2
+            page.screenshot(path=str(tmp_path / "full.png"), full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
