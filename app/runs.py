@@ -499,6 +499,9 @@ def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_ba
     out_root.mkdir(parents=True, exist_ok=True)
     src = store.run_dir(run_id)
     meta = dict(store.meta(run_id), id=new_id, demo=True, built_from=run_id)
+    src_model = Path(str(meta.get("model_source") or "")).resolve()
+    if ROOT in src_model.parents:   # no absolute paths of the build machine in shipped files
+        meta["model_source"] = str(src_model.relative_to(ROOT))
     tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-", dir=out_root))
     try:
         tr = store.trace(run_id)

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "app_perf.csv"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from playwright.sync_api import TimeoutError as PWTimeout
     from playwright.sync_api import sync_playwright
 
     from app.demo import DEMO_RUNS, demo_id
@@ -121,66 +122,78 @@ def main(argv=None) -> int:
     runs = [demo_id(m, s) for m, s in DEMO_RUNS if (DEMO_DIR / demo_id(m, s)).is_dir()]
     steps = Trace.load(DEMO_DIR / runs[0] / "trace").snapshot_steps()
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        # 1. cold, then warm start
-        for kind in ("cold start", "warm start"):
-            proc, url, t0 = start(runs_dir, log)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            dt = first_plot(page, proc, url, t0)
-            rows.append((f"{kind}: app.py -> first plot with data", dt, load()))
-            print(f"{kind}: {dt:.2f} s", flush=True)
-            if kind == "cold start":
-                page.close()
-                proc.terminate()
-                proc.wait(30)
-        page.wait_for_function("() => !(" + PENDING + ")()", timeout=60_000)
+    proc = None
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            # 1. cold, then warm start
+            for kind in ("cold start", "warm start"):
+                proc, url, t0 = start(runs_dir, log)
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                dt = first_plot(page, proc, url, t0)
+                rows.append((f"{kind}: app.py -> first plot with data", dt, load()))
+                print(f"{kind}: {dt:.2f} s", flush=True)
+                if kind == "cold start":
+                    page.close()
+                    proc.terminate()
+                    proc.wait(30)
+            page.wait_for_function("() => !(" + PENDING + ")()", timeout=60_000)
 
-        # 2. selection switches on the clusters tab
-        page.get_by_role("tab", name="Codebook clusters").click()
-        settled(page, title="sub-vectors and codewords")
-        layers = ["q (attn1.to_q)", "fc1 (ff.net.0.proj)", "adaLN (norm1.linear)", "v (attn1.to_v)"]
-        kinds = {"q (attn1.to_q)": "q", "fc1 (ff.net.0.proj)": "fc1", "adaLN (norm1.linear)": "adaLN",
-                 "v (attn1.to_v)": "v"}
-        block, layer = 0, "q (attn1.to_q)"
-        snap = len(steps) - 1
-        for i in range(args.repeats):
-            block = (block + 1 + i % 3) % 6
-            t0 = pick(page, "Block", f"block {block}")
-            settled(page, title=f"block {block} · {kinds[layer]} — step {steps[snap]}")
-            rows.append(("switch block", time.time() - t0, load()))
+            # 2. selection switches on the clusters tab
+            page.get_by_role("tab", name="Codebook clusters").click()
+            settled(page, title="sub-vectors and codewords")
+            layers = ["q (attn1.to_q)", "fc1 (ff.net.0.proj)", "adaLN (norm1.linear)", "v (attn1.to_v)"]
+            kinds = {"q (attn1.to_q)": "q", "fc1 (ff.net.0.proj)": "fc1", "adaLN (norm1.linear)": "adaLN",
+                     "v (attn1.to_v)": "v"}
+            block, layer = 0, "q (attn1.to_q)"
+            snap = len(steps) - 1
+            def measure(name, act, **until):
+                """act() clicks and returns the click time; a view not updated within 60 s counts as 60 s
+                (recorded as 'timeout') and the page is let settle before the next switch."""
+                t0 = act()
+                try:
+                    settled(page, **until)
+                    rows.append((name, time.time() - t0, load()))
+                except PWTimeout:
+                    rows.append((name + " (timeout)", 60.0, load()))
+                    page.wait_for_function("() => !(" + PENDING + ")()", timeout=120_000)
 
-            layer = layers[(layers.index(layer) + 1) % len(layers)]
-            t0 = pick(page, "Layer", layer)
-            settled(page, title=f"block {block} · {kinds[layer]} — step {steps[snap]}")
-            rows.append(("switch layer", time.time() - t0, load()))
-
-            snap = (snap + 3) % len(steps)
-            box = page.get_by_label("Snapshot", exact=False).first
-            box.fill(str(snap))
-            t0 = time.time()
-            box.press("Enter")
-            settled(page, title=f"— step {steps[snap]}: sub-vectors")
-            rows.append(("switch snapshot", time.time() - t0, load()))
-
-            run = runs[(i + 1) % len(runs)] if i % 2 == 0 else runs[0]
-            t0 = pick(page, "Run", run, prefix=True)
-            settled(page, text=f"Run {run}")
-            rows.append(("switch run", time.time() - t0, load()))
-            snap = len(steps) - 1  # a run switch selects the final snapshot
-            print(f"round {i + 1}/{args.repeats} done", flush=True)
-
-        # 3. tab switches
-        for i in range(args.repeats):
-            for name in TABS:
+            def type_snapshot(v):
+                box = page.get_by_label("Snapshot", exact=False).first
+                box.fill(str(v))
                 t0 = time.time()
-                page.get_by_role("tab", name=name).click()
-                page.get_by_role("tabpanel").filter(has=page.locator(":visible")).first.wait_for()
-                page.wait_for_function("() => !(" + PENDING + ")()", timeout=60_000, polling=10)
-                rows.append(("switch tab", time.time() - t0, load()))
-        browser.close()
-    proc.terminate()
-    proc.wait(30)
+                box.press("Enter")
+                return t0
+
+            for i in range(args.repeats):
+                block = (block + 1 + i % 3) % 6
+                measure("switch block", lambda: pick(page, "Block", f"block {block}"),
+                        title=f"block {block} · {kinds[layer]} — step {steps[snap]}")
+                layer = layers[(layers.index(layer) + 1) % len(layers)]
+                measure("switch layer", lambda: pick(page, "Layer", layer),
+                        title=f"block {block} · {kinds[layer]} — step {steps[snap]}")
+                snap = (snap + 3) % len(steps)
+                measure("switch snapshot", lambda: type_snapshot(snap), title=f"— step {steps[snap]}: sub-vectors")
+                run = runs[(i + 1) % len(runs)] if i % 2 == 0 else runs[0]
+                measure("switch run", lambda: pick(page, "Run", run, prefix=True), text=f"Run {run}")
+                snap = len(steps) - 1  # a run switch selects the final snapshot
+                print(f"round {i + 1}/{args.repeats} done", flush=True)
+
+            # 3. tab switches
+            for i in range(args.repeats):
+                for name in TABS:
+                    t0 = time.time()
+                    page.get_by_role("tab", name=name).click()
+                    try:
+                        page.wait_for_function("() => !(" + PENDING + ")()", timeout=60_000, polling=10)
+                        rows.append(("switch tab", time.time() - t0, load()))
+                    except PWTimeout:
+                        rows.append(("switch tab (timeout)", 60.0, load()))
+            browser.close()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
 
     # table + CSVs
     machine = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
