@@ -281,8 +281,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
                      api_name="load_run", show_progress="full",
                      show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
                                                   api_name="run_context")
-    # selection edits are cheap (no model, no figure): they skip the queue; the redraw they trigger is queued.
-    busy = dict(show_progress="full", show_progress_on=view_plots, queue=False)  # every view shows it is being redrawn
+    busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)
     ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel, **busy)
     ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last", **busy)  # drag or type
@@ -302,8 +301,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
-    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare",
-                        **dict(busy, queue=True))
+    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
