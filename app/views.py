@@ -301,7 +301,8 @@ class Views:
                                    axis=pr["axis"], uirevision=f"{run_id}|{layer}|full")
         n, total = len(xy), fw["total"]
         shown = f"**all {n:,}** sub-vectors" if n == total else f"sampled **{n:,} of {total:,}** sub-vectors (evenly strided)"
-        note = (f"Final model, {shown} of this layer as a density image ({plots.DENSITY_BINS}² bins, log colour) and "
+        colour = "colour: share changed per bin" if by_change else "log colour"
+        note = (f"Final model, {shown} of this layer as a density image ({plots.DENSITY_BINS}² bins, {colour}) and "
                 f"all **{len(fw['codebook'])}** codewords from the packed model. {pr['note']}. "
                 f"{100 * float(fw['changed'].mean()):.1f}% of them use a different codeword than the nearest k-means "
                 f"codeword" + (" (colour: share changed per bin)." if by_change else ".")
