@@ -8,6 +8,7 @@ component.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, fields
@@ -80,6 +81,7 @@ class ViewForm:
     sel: Optional[dict]
     color_by: str
     projection: str
+    full: bool = False   # every sub-vector of the final model as a density image
 
 
 def form_inputs(form_cls, ui) -> list:
@@ -102,6 +104,16 @@ def form_event(fn, form_cls, lead: int = 0):
 
 
 AUTO_COMPARE = ("automatic: newest finished baseline", "")
+
+# The outputs of `Handlers.render_layer_views`, in order (names of the ui components), and the
+# views each tab shows (tab ids as in layout.py; the other tabs show no layer view).
+LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "conflict_note", "other_btn",
+               "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
+TAB_VIEWS = {"clusters": ["cluster_plot", "cluster_note"], "evolution": ["evol_plot", "evol_cmp_plot"],
+             "conflicts": ["conflict_note", "other_btn", "conflict_plot", "worst_plot", "summary_plot", "summary_md"],
+             "changes": ["heat_plot", "changes_df", "mse_plot"]}
+TAB_IDS = {"Set up & calibrate": "setup", "Codebook clusters": "clusters", "Assignment evolution": "evolution",
+           "Gradient conflicts": "conflicts", "Per-block changes": "changes", "Images": "images", "Runs": "runs"}
 
 
 def _error(e: Exception) -> gr.Error:
@@ -215,6 +227,22 @@ class Handlers:
                                        total_steps=a.total_steps)
         yield msg, fig, table, gr.update(choices=self.views.run_choices(), value=a.run_id), rd
 
+    def first_open(self) -> dict:
+        """What the page shows before any event: the default run (`Views.default_run`, a demo run
+        when the runs dir has no finished run) loaded into every view, so the first paint has data.
+        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered."""
+        rid = self.views.default_run()
+        if not rid:
+            return {}
+        try:
+            block, layer, snap, sel, live, dl_trace, dl_model = self.load_run(rid, None)
+            *layer_views, rendered = self.render_layer_views(None, None, ViewForm(sel, "codeword", "PCA"))
+        except gr.Error:
+            return {}
+        return dict(run=rid, block=block, layer=layer, snap=snap, sel=sel, live=live, dl_trace=dl_trace,
+                    dl_model=dl_model, rd=plots.rd_figure(self.store.table(), rid), layer_views=layer_views,
+                    rendered=rendered)
+
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
         store = self.store
@@ -225,8 +253,7 @@ class Handlers:
         """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
         table, ids, rd = self._runs_outputs((sel or {}).get("run"))
         cur = (sel or {}).get("run")
-        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
-        value = cur if cur in ids else (finished or ids or [None])[-1]  # a partial run only when picked
+        value = cur if cur in ids else (self.views.default_run() or (ids or [None])[-1])
         return table, gr.update(choices=self.views.run_choices(), value=value), rd
 
     def compare_choices(self, sel):
@@ -338,6 +365,13 @@ class Handlers:
         row, col = evt.index if isinstance(evt.index, (list, tuple)) else (evt.index, 0)
         cols = ["block"] + plots.LAYER_COLUMNS
         kind = cols[col] if 0 < col < len(cols) else layer_kind(sel.get("layer") or "")
+        return self._select_cell(sel, int(row), kind)
+
+    def _select_cell(self, sel, row: int, kind: str):
+        """(block, layer, sel) updates selecting layer `kind` of block `row` (skips if it has none)."""
+        n_blocks = int(self.store.meta(sel["run"]).get("n_blocks") or self.engine.n_blocks)
+        if not 0 <= row < n_blocks:
+            return gr.skip(), gr.skip(), gr.skip()
         choices = self.views.layer_choices(sel["run"], int(row))
         layer = next((v for _, v in choices if layer_kind(v) == kind), None)
         if layer is None:
@@ -346,26 +380,76 @@ class Handlers:
         return gr.update(value=int(row)), gr.update(choices=choices, value=layer), new
 
     # -- views -----------------------------------------------------------------------------
-    def render_layer_views(self, form: ViewForm):
-        views, sel = self.views, form.sel
+    def render_layer_views(self, tab, rendered, form: ViewForm):
+        """Every layer view for the shared selection, as outputs in LAYER_VIEWS order, plus the
+        updated `rendered` state. Only the views of the visible `tab` are computed (the others are
+        skipped and drawn when their tab is opened: `rendered` remembers, per tab, which selection
+        its views show). tab None (an API client that never switches tabs): every view."""
+        sel = form.sel
+        key = json.dumps([sel, form.color_by, form.projection, bool(form.full)], sort_keys=True, default=str)
+        tabs = list(TAB_VIEWS) if tab is None else [tab]
+        rendered = dict(rendered or {})
+        out = {"sel_md": gr.skip()}
         try:
-            cfig, cnote = views.cluster(sel, form.color_by, form.projection)
-            efig = views.evolution(sel)
-            other = (sel or {}).get("other")
-            ofig = views.evolution(dict(sel, run=other, snap=10**6)) if other else None
-            note, missing, kfig, wfig = views.conflicts(sel)
-            heat, table, mse = views.changes(sel)
-            sfig, smd = views.conflict_summary(sel)
-            desc = views.describe(sel)
+            out["sel_md"] = self.views.describe(sel)
+            for t in tabs:
+                if t not in TAB_VIEWS or (tab is not None and rendered.get(t) == key):
+                    continue
+                out.update(self._tab_views(t, form))
+                rendered[t] = key
         except ValueError as e:
             raise _error(e)
-        btn = gr.update(visible=missing is not None, value=f"Run {missing} at these bits" if missing else "Run")
-        ocmp = gr.update(value=ofig, visible=True) if ofig is not None else gr.update(value=None, visible=False)
-        return desc, cfig, cnote, efig, ocmp, note, btn, kfig, wfig, sfig, smd, heat, table, mse
+        return (*[out.get(n, gr.skip()) for n in LAYER_VIEWS], rendered)
+
+    def _tab_views(self, tab: str, form: ViewForm) -> dict:
+        views, sel = self.views, form.sel
+        if tab == "clusters":
+            cfig, cnote = views.cluster(sel, form.color_by, form.projection, bool(form.full))
+            return dict(cluster_plot=cfig, cluster_note=cnote)
+        if tab == "evolution":
+            other = (sel or {}).get("other")
+            ofig = views.evolution(dict(sel, run=other, snap=10**6)) if other else None
+            return dict(evol_plot=views.evolution(sel),
+                        evol_cmp_plot=gr.update(value=ofig, visible=True) if ofig is not None
+                        else gr.update(value=None, visible=False))
+        if tab == "conflicts":
+            note, missing, kfig, wfig = views.conflicts(sel)
+            sfig, smd = views.conflict_summary(sel)
+            btn = gr.update(visible=missing is not None, value=f"Run {missing} at these bits" if missing else "Run")
+            return dict(conflict_note=note, other_btn=btn, conflict_plot=kfig, worst_plot=wfig, summary_plot=sfig,
+                        summary_md=smd)
+        if tab == "changes":
+            heat, table, mse = views.changes(sel)
+            return dict(heat_plot=heat, changes_df=table, mse_plot=mse)
+        return {}
+
+    def on_tab(self, evt: gr.SelectData):
+        """The visible tab (its id), for `render_layer_views`."""
+        return TAB_IDS.get(evt.value, evt.value)
+
+    def on_plot_click(self, sel, payload):
+        """A click on a plotly plot, sent by the page's script as JSON {plot, x, y, id}: a cell of
+        the per-block heatmap selects that block + layer (like the table), a rate-distortion point
+        loads that run."""
+        try:
+            ev = json.loads(payload or "{}")
+        except ValueError:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if ev.get("plot") == "rd":
+            rid = ev.get("id")
+            if isinstance(rid, str) and rid in self.store.readable_ids() and rid != (sel or {}).get("run"):
+                return gr.skip(), gr.skip(), gr.skip(), gr.update(value=rid)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if ev.get("plot") == "heat" and sel and sel.get("run"):
+            y, kind = str(ev.get("y", "")), str(ev.get("x", ""))
+            if not y.startswith("block ") or not y[6:].isdigit() or kind not in plots.LAYER_COLUMNS:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (*self._select_cell(sel, int(y[6:]), kind), gr.skip())
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
     def render_cluster(self, form: ViewForm):
         try:
-            return self.views.cluster(form.sel, form.color_by, form.projection)
+            return self.views.cluster(form.sel, form.color_by, form.projection, bool(form.full))
         except ValueError as e:
             raise _error(e)
 
@@ -377,6 +461,14 @@ class Handlers:
             image_params(form.seed, form.guidance, form.steps)
         except ValueError as e:
             raise _error(e)
+
+    def auto_images(self, tab, form: ImageForm):
+        """The Images tab opened: show the images at once when no sampling is needed (cached, or
+        shipped with the demo runs); otherwise leave the tab as it is (Generate samples them)."""
+        if tab != "images" or not self.views.images_ready(form.run, form.labels, form.seed, form.guidance, form.steps,
+                                                            form.compare or None):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.make_images(form)
 
     def make_images(self, form: ImageForm):
         try:

@@ -8,15 +8,16 @@ re-renders from it on `sel.change`.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Optional
 
 import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import (AUTO_COMPARE, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
+from .handlers import (AUTO_COMPARE, LAYER_VIEWS, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
                        method_description, methods_table, setting_choices)
 from .runs import Engine
-from .views import Views
+from .views import FULL_CLUSTER_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
 
@@ -34,7 +35,9 @@ CAPTIONS = {
         "it is assigned to, so dots far from their cross mean a large weight error. Move the *Snapshot* slider "
         "to watch codewords move during calibration. *Colour by assignment changed* shows the sub-vectors that "
         "calibration moved to a different codeword than k-means chose — the thing codebook-only calibration "
-        "cannot do. PCA is instant; UMAP is computed once per run and layer (a few seconds) and then cached."),
+        "cannot do. PCA is instant; UMAP is computed once per run and layer (a few seconds) and then cached. "
+        "*All sub-vectors of the final model* replaces the sample by every sub-vector of the layer (up to 200,000) "
+        "as a density image (darker = more sub-vectors), with the final codewords."),
     "evolution": (
         "**How to read this.** During calibration each sub-vector mixes its *n* candidate codewords with "
         "learnable ratios. Top: for every logged step, how many sub-vectors have each value of their largest "
@@ -56,8 +59,8 @@ CAPTIONS = {
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
         "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
         "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
-        "Click a cell in the table below to make that layer the current layer in every view (plots here are not "
-        "clickable). Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
+        "Click a cell of the heatmap or of the table below to make that layer the current layer in every view. "
+        "Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
         "run) and at the last calibration step (diamonds)."),
     "images": (
         "**How to read this.** Rows: the full-precision model (FP, the reference), the selected run and the "
@@ -70,35 +73,46 @@ CAPTIONS = {
     "runs": (
         "**How to read this.** Every finished or cancelled run is saved in the runs directory (trace, packed "
         "model, metrics) and listed here, newest first; unreadable directories are listed as such. Click a row "
-        "to load that run into every view. Plots: bits per weight (storage as packed: indices, codebooks, "
+        "(or a point of the plots) to load that run into every view. Demo runs ship with the app and are read-only. "
+        "Plots: bits per weight (storage as packed: indices, codebooks, "
         "biases) against image MSE vs FP on the fixed evaluation set and against block-output MSE — points "
         "further down and left are better. FD-digits is listed only for evaluations of >= 1,000 images."),
 }
 
 
-def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
+def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> SimpleNamespace:
     """The page's components, no behaviour. Returns them by name: `ui.demo`, `ui.setup` (the
-    SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat."""
+    SetupForm's components), `ui.images` (ImageForm), `ui.view` (ViewForm) and the rest flat.
+    `init` (`Handlers.first_open()`): what the page shows before any event, so the first paint
+    already has data (the default run, usually a read-only demo run)."""
     store = engine.store
     cd = engine.calib_defaults
+    init = init or {}
+    lv = dict(zip(LAYER_VIEWS, init.get("layer_views") or [None] * len(LAYER_VIEWS)))
+    upd = lambda name, **default: {**default, **{k: v for k, v in (init.get(name) or {}).items() if k != "__type__"}}
     with gr.Blocks(title="VQ4DiT explorer") as demo:
         gr.Markdown(f"## VQ4DiT explorer — vector-quantized Diffusion Transformer\n"
                     f"Model: `{engine.cfg.model}` ({engine.n_blocks} transformer blocks, {engine.n_classes} classes, "
                     f"device {engine.device}) · runs dir: `{store.root}`")
-        sel = gr.State(views.initial_selection(None))
+        sel = gr.State(init.get("sel") or views.initial_selection(None))
         with gr.Row(equal_height=True):
-            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=None, scale=3, interactive=True,
-                                 allow_custom_value=True)  # load_run validates the id itself
-            block_dd = gr.Dropdown(label="Block", choices=[], scale=1, interactive=True)
-            layer_dd = gr.Dropdown(label="Layer", choices=[], scale=2, interactive=True)
-            snap_sl = gr.Slider(label="Snapshot", minimum=0, maximum=1, step=1, value=0, scale=3)
+            run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=init.get("run"), scale=3,
+                                 interactive=True, allow_custom_value=True)  # load_run validates the id itself
+            block_dd = gr.Dropdown(label="Block", scale=1, interactive=True, **upd("block", choices=[]))
+            layer_dd = gr.Dropdown(label="Layer", scale=2, interactive=True, **upd("layer", choices=[]))
+            snap_sl = gr.Slider(step=1, scale=3, **upd("snap", label="Snapshot", minimum=0, maximum=1, value=0))
             compare_dd = gr.Dropdown(label="Compare with", choices=[AUTO_COMPARE] + views.run_choices(), value="",
                                      scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
                                      info="any run, any bits; cancelled runs are used only when picked here")
-        sel_md = gr.Markdown(views.describe(None))
+        sel_md = gr.Markdown(lv["sel_md"] or views.describe(None))
+        tab = gr.State(None)                               # visible tab id (None until the page loads)
+        rendered = gr.State(init.get("rendered") or {})    # per tab: the selection its views show
+        # plot clicks from the page's script (CLICK_JS) arrive here as JSON
+        click_tb = gr.HTML("", html_template="<span style='display:none'>${value}</span>", js_on_load=CLICK_JS,
+                           elem_id="plot-click", padding=False, container=False, min_height=0)
 
         with gr.Tabs() as tabs:
-            with gr.Tab("Set up & calibrate"):
+            with gr.Tab("Set up & calibrate", id="setup"):
                 with gr.Row():
                     bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
                     setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value="W2",
@@ -130,36 +144,42 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                     cancel_btn = gr.Button("Cancel", variant="stop")
                 estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
-                live_plot = gr.Plot(label="Calibration curves", value=views.calibration(None))
+                live_plot = gr.Plot(label="Calibration curves", value=init.get("live") or views.calibration(None))
                 gr.Markdown(CAPTIONS["setup"])
-            with gr.Tab("Codebook clusters"):
+            with gr.Tab("Codebook clusters", id="clusters"):
                 with gr.Row():
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
                                         choices=["codeword", "top ratio", "assignment changed"])
                     projection = gr.Radio(label="Projection (d > 2)", value="PCA", choices=["PCA", "UMAP"])
-                cluster_plot = gr.Plot(label="Sub-vectors and codewords")
-                cluster_note = gr.Markdown()
+                    full_cb = gr.Checkbox(label="All sub-vectors of the final model (density image)", value=False,
+                                          info=f"up to {FULL_CLUSTER_MAX:,} points, from the weights; snapshots and UMAP "
+                                               f"keep the trace's sample")
+                cluster_plot = gr.Plot(label="Sub-vectors and codewords", value=lv["cluster_plot"])
+                cluster_note = gr.Markdown(lv["cluster_note"])
                 gr.Markdown(CAPTIONS["clusters"])
-            with gr.Tab("Assignment evolution"):
-                evol_plot = gr.Plot(label="Assignment ratios over calibration")
+            with gr.Tab("Assignment evolution", id="evolution"):
+                evol_plot = gr.Plot(label="Assignment ratios over calibration", value=lv["evol_plot"])
                 evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
-            with gr.Tab("Gradient conflicts"):
-                conflict_note = gr.Markdown()
-                other_btn = gr.Button("Run", visible=False, variant="secondary")
-                conflict_plot = gr.Plot(label="Gradient coherence per codeword")
-                summary_md = gr.Markdown()
-                summary_plot = gr.Plot(label="Model-wide conflict summary")
-                worst_plot = gr.Plot(label="Worst codeword's gradients")
+            with gr.Tab("Gradient conflicts", id="conflicts"):
+                conflict_note = gr.Markdown(lv["conflict_note"])
+                other_btn = gr.Button(variant="secondary", **{**dict(value="Run", visible=False),
+                                                              **{k: v for k, v in (lv["other_btn"] or {}).items()
+                                                                 if k != "__type__"}})
+                conflict_plot = gr.Plot(label="Gradient coherence per codeword", value=lv["conflict_plot"])
+                summary_md = gr.Markdown(lv["summary_md"])
+                summary_plot = gr.Plot(label="Model-wide conflict summary", value=lv["summary_plot"])
+                worst_plot = gr.Plot(label="Worst codeword's gradients", value=lv["worst_plot"])
                 gr.Markdown(CAPTIONS["conflicts"])
-            with gr.Tab("Per-block changes"):
+            with gr.Tab("Per-block changes", id="changes"):
                 with gr.Row():
-                    heat_plot = gr.Plot(label="Assignment changes vs k-means", scale=3)
-                    mse_plot = gr.Plot(label="Per-block MSE", scale=2)
+                    heat_plot = gr.Plot(label="Assignment changes vs k-means (click a cell to select that layer)", scale=3,
+                                        value=lv["heat_plot"], elem_id="heat-plot")
+                    mse_plot = gr.Plot(label="Per-block MSE", scale=2, value=lv["mse_plot"])
                 changes_df = gr.Dataframe(label="Changed codewords (% of sub-vectors) — click a cell to select that layer",
-                                          interactive=False, max_height=320)
+                                          interactive=False, max_height=320, value=lv["changes_df"])
                 gr.Markdown(CAPTIONS["changes"])
-            with gr.Tab("Images"):
+            with gr.Tab("Images", id="images"):
                 with gr.Row():
                     labels_tb = gr.Textbox(label="Class labels", value="0-9" if engine.n_classes >= 10 else "0",
                                            info="comma-separated or ranges, e.g. 0-9 or 3,3,7")
@@ -172,18 +192,19 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                 image_note = gr.Markdown()
                 image_metrics = gr.Dataframe(label="Image metrics", interactive=False)
                 gr.Markdown(CAPTIONS["images"])
-            with gr.Tab("Runs"):
+            with gr.Tab("Runs", id="runs"):
                 runs_df = gr.Dataframe(label="Saved runs (click a row to load it)", value=store.table(),
                                        interactive=False, max_height=360)
                 with gr.Row():
                     refresh_btn = gr.Button("Refresh list")
-                    dl_trace = gr.DownloadButton("Download trace (CSV zip)", value=None)
-                    dl_model = gr.DownloadButton("Download packed model (zip)", value=None)
-                rd_plot = gr.Plot(label="Rate-distortion across runs")
+                    dl_trace = gr.DownloadButton("Download trace (CSV zip)", value=init.get("dl_trace"))
+                    dl_model = gr.DownloadButton("Download packed model (zip)", value=init.get("dl_model"))
+                rd_plot = gr.Plot(label="Rate-distortion across runs (click a point to load that run)", value=init.get("rd"),
+                                  elem_id="rd-plot")
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, tab=tab, rendered=rendered, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
@@ -196,8 +217,28 @@ def build_layout(engine: Engine, views: Views) -> SimpleNamespace:
                               lambda_r=lam_nb, seed=seed_nb),
         images=SimpleNamespace(run=run_dd, labels=labels_tb, seed=img_seed, guidance=guidance, steps=img_steps,
                                compare=compare_dd),
-        view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection),
+        view=SimpleNamespace(sel=sel, color_by=color_by, projection=projection, full=full_cb),
     )
+
+
+# Plotly clicks -> the `click_tb` HTML component's value + its input event (gr.Plot has only a
+# change event in Gradio 6). Every 500 ms the heatmap and rate-distortion plots get a plotly_click
+# listener if they lack one (plotly re-creates its event emitter when a figure is replaced).
+CLICK_JS = """
+const send = (msg) => { props.value = JSON.stringify(Object.assign(msg, {t: Date.now()})); trigger('input'); };
+const bind = () => {
+  for (const [id, plot] of [['heat-plot', 'heat'], ['rd-plot', 'rd']]) {
+    const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+    if (!gd || typeof gd.on !== 'function' || gd.on.__vqClick) continue;
+    gd.on('plotly_click', (e) => {
+      const p = e && e.points && e.points[0];
+      if (p) send({plot: plot, x: p.x, y: p.y, id: p.customdata === undefined ? null : p.customdata});
+    });
+    gd.on.__vqClick = true;
+  }
+};
+setInterval(bind, 500);
+"""
 
 
 def wire(ui: SimpleNamespace, h: Handlers):
@@ -207,9 +248,9 @@ def wire(ui: SimpleNamespace, h: Handlers):
     view = form_inputs(ViewForm, ui.view)
     run_outputs = [ui.status_md, ui.live_plot, ui.runs_df, ui.run_dd, ui.rd_plot]
     image_outputs = [ui.image_out, ui.image_metrics, ui.image_note]
-    layer_outputs = [ui.sel_md, ui.cluster_plot, ui.cluster_note, ui.evol_plot, ui.evol_cmp_plot,
-                     ui.conflict_note, ui.other_btn, ui.conflict_plot, ui.worst_plot, ui.summary_plot, ui.summary_md,
-                     ui.heat_plot, ui.changes_df, ui.mse_plot]
+    layer_outputs = [getattr(ui, n) for n in LAYER_VIEWS]
+    view_plots = [ui.cluster_plot, ui.evol_plot, ui.conflict_plot, ui.summary_plot, ui.worst_plot, ui.heat_plot,
+                  ui.mse_plot, ui.changes_df]  # loading overlay on these while the selection changes
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
@@ -237,17 +278,30 @@ def wire(ui: SimpleNamespace, h: Handlers):
 
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
                      [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
-                     api_name="load_run").success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
+                     api_name="load_run", show_progress="full",
+                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
                                                   api_name="run_context")
-    ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel])
-    ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel)
-    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last")  # drag or type
-    ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel])
+    busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
+    ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)
+    ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel, **busy)
+    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last", **busy)  # drag or type
+    ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel], **busy)
+    ui.click_tb.input(h.on_plot_click, [ui.sel, ui.click_tb], [ui.block_dd, ui.layer_dd, ui.sel, ui.run_dd],
+                      api_name="plot_click", **busy)
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
-    ui.sel.change(form_event(h.render_layer_views, ViewForm), view, layer_outputs, concurrency_limit=4)
+    render = form_event(h.render_layer_views, ViewForm, lead=2)
+    render_in = [ui.tab, ui.rendered] + view
+    ui.sel.change(render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full",
+                  api_name="render_layer_views")
+    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # a tab opened: draw its views if stale
+        render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full", api_name=False)
+    ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
+    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # Images opened: shipped / cached images at once
+        form_event(h.auto_images, ImageForm, lead=1), [ui.tab] + images, image_outputs, api_name="auto_images")
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
-    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare")
+    ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
+    ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
@@ -258,9 +312,10 @@ def wire(ui: SimpleNamespace, h: Handlers):
 
 def build_app(engine: Engine) -> gr.Blocks:
     views = Views(engine)
-    ui = build_layout(engine, views)
+    h = Handlers(engine, views)
+    ui = build_layout(engine, views, h.first_open())
     with ui.demo:
-        wire(ui, Handlers(engine, views))
+        wire(ui, h)
     ui.demo.views = views  # for tests and scripting
     ui.demo.engine = engine
     ui.demo.ui = ui

@@ -132,6 +132,49 @@ def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0
     return fig
 
 
+DENSITY_BINS = 128  # bins per axis of the full-weight density image
+
+
+def density_figure(xy: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
+                   changed: Optional[np.ndarray], title: str, axis: str, uirevision: str = "") -> go.Figure:
+    """Every sub-vector as a 2-D histogram image computed here (a few KB to the browser instead of
+    200k points), codewords as crosses, k-means codewords as grey rings. `changed` (bool per point):
+    colour = share of each bin's sub-vectors whose codeword differs from k-means; else log10 count."""
+    pts = np.concatenate([xy, xy_codebook])
+    lo, hi = pts.min(0), pts.max(0)
+    pad = 0.02 * np.maximum(hi - lo, 1e-12)
+    ex = np.linspace(lo[0] - pad[0], hi[0] + pad[0], DENSITY_BINS + 1)
+    ey = np.linspace(lo[1] - pad[1], hi[1] + pad[1], DENSITY_BINS + 1)
+    count, _, _ = np.histogram2d(xy[:, 0], xy[:, 1], bins=[ex, ey])          # (x bins, y bins)
+    cx, cy = (ex[:-1] + ex[1:]) / 2, (ey[:-1] + ey[1:]) / 2
+    if changed is not None:
+        moved, _, _ = np.histogram2d(xy[changed, 0], xy[changed, 1], bins=[ex, ey])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(count > 0, np.round(100 * moved / count, 1), np.nan)
+        heat = go.Heatmap(x=cx, y=cy, z=z.T, customdata=count.T.astype(np.int32), colorscale=CHANGE_SCALE, zmin=0, zmax=100,
+                          colorbar=dict(title="% changed", len=0.8),
+                          hovertemplate="%{z:.0f}% of %{customdata:.0f} sub-vectors changed codeword<extra></extra>")
+    else:
+        z = np.where(count > 0, np.round(np.log10(np.maximum(count, 1)), 3), np.nan)
+        heat = go.Heatmap(x=cx, y=cy, z=z.T, customdata=count.T.astype(np.int32), colorscale="Blues", zmin=0,
+                          colorbar=dict(title="sub-vectors<br>(log10)", len=0.8),
+                          hovertemplate="%{customdata:.0f} sub-vectors<extra></extra>")
+    fig = go.Figure(heat)
+    if xy_codebook0 is not None:
+        fig.add_trace(go.Scatter(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
+                                 marker=dict(size=7, symbol="circle-open", color="#999999"),
+                                 name="codewords at k-means init", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
+                             marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
+                             name="codewords (final)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
+                             hoverinfo="text"))
+    fig.update_layout(**BASE, height=480, title=title, uirevision=uirevision,
+                      xaxis_title=f"{axis} 1 (weight units)" if axis.startswith("raw") else f"{axis} 1",
+                      yaxis_title=f"{axis} 2 (weight units)" if axis.startswith("raw") else f"{axis} 2",
+                      legend=dict(orientation="h", y=-0.15, x=0))
+    return fig
+
+
 # ----------------------------------------------------------------------------------------
 # Assignment-probability evolution
 # ----------------------------------------------------------------------------------------
@@ -399,7 +442,7 @@ def rd_figure(runs: pd.DataFrame, current: Optional[str] = None) -> go.Figure:
             sizes = [14 if r == current else 9 for r in g["run"]]
             partial = [str(st) != "finished" for st in g["status"]] if "status" in g else [False] * len(g)
             fig.add_trace(go.Scatter(x=g["bits/weight"], y=g[ycol], mode="markers", name=m, legendgroup=m,
-                                     showlegend=col == 1,
+                                     showlegend=col == 1, customdata=list(g["run"]),  # run id: a click loads it
                                      marker=dict(color=color(m), size=sizes, line=dict(width=1.5, color=color(m)),
                                                  symbol=["circle-open" if p else "circle" for p in partial]),
                                      text=[f"{r} ({st})" if p else r for r, st, p in

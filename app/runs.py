@@ -30,13 +30,16 @@ import torch
 from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
 from vq4dit.experiment import EvalSpec, generate, run_method
-from vq4dit.io import load_dit, save_quantized
+from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
 from vq4dit.sampling import pick_device, sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
+DEMO_DIR = ROOT / "assets" / "demo_runs"   # finished runs shipped with the app (python -m app.demo build)
+DEMO_PREFIX = "demo-"                       # ids of demo runs; never used for runs the app saves
+DEMO_SAMPLES = "samples.safetensors"        # a demo run's images (and FP's) at the Images tab's defaults
 
 # Documented limits of what the app accepts (README "Safety"); checked before any work is done.
 APP_LIMITS = dict(iterations=10_000, sampling_steps=1000, total_steps=500_000, kmeans_iters=1000, k=65536,
@@ -129,6 +132,7 @@ class AppConfig:
     eval_steps: int = 25                  # sampler steps for those images
     image_steps: int = 25                 # default sampler steps in the Images view
     warm_umap: bool = True                # compile umap's numba code in the background at start
+    demo_runs: bool = True                # list the shipped demo runs (embedded model only; read-only)
 
 
 @dataclass
@@ -242,35 +246,51 @@ def _clean(v):
 
 
 class RunStore:
-    """Saved runs on disk plus in-memory caches of their traces and packed models."""
+    """Saved runs on disk plus in-memory caches of their traces and packed models.
 
-    def __init__(self, root, device=None):
+    `demo_root` (optional): a second, read-only directory of finished runs shipped with the app,
+    whose ids start with DEMO_PREFIX. They are listed before (as older than) the runs dir's, resolve
+    only inside `demo_root`, and are never written. Their packed models share the FP weights of
+    `fp_base` (the embedded model), see `vq4dit.io.save_quantized(fp_base=...)`."""
+
+    def __init__(self, root, device=None, demo_root=None, fp_base=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.device = device
+        self.demo_root = Path(demo_root) if demo_root is not None else None
+        self.fp_base = fp_base
         self.bad: dict[str, str] = {}          # runs found corrupt when loading
         self._traces: OrderedDict = OrderedDict()
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     # -- ids ------------------------------------------------------------------------------
+    def is_demo(self, run_id) -> bool:
+        """A shipped demo run (read-only): its id has the demo prefix and a demo dir is attached."""
+        return self.demo_root is not None and isinstance(run_id, str) and run_id.startswith(DEMO_PREFIX)
+
     def run_dir(self, run_id) -> Path:
         """The directory of a run: `run_id` must be a plain name that resolves strictly inside the runs
-        dir. The error never says whether anything exists elsewhere on disk."""
+        dir (demo ids: inside the demo dir). The error never says whether anything exists elsewhere on disk."""
         if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
             raise ValueError(f"invalid run id {str(run_id)[:80]!r}: pick a run from the Runs table")
-        root = self.root.resolve()
-        p = (self.root / run_id).resolve()
+        base = self.demo_root if self.is_demo(run_id) else self.root
+        root = base.resolve()
+        p = (base / run_id).resolve()
         if p.parent != root:
             raise ValueError(f"invalid run id {run_id!r}: pick a run from the Runs table")
-        return self.root / run_id
+        return base / run_id
 
     # -- listing --------------------------------------------------------------------------
     def list(self) -> list[RunInfo]:
+        """Demo runs (if any), then the runs dir's, each sorted by id (= oldest first)."""
         out = []
-        if not self.root.is_dir():
-            return out
-        for p in sorted(self.root.iterdir(), key=lambda q: q.name):
+        dirs = []
+        if self.demo_root is not None and self.demo_root.is_dir():
+            dirs += sorted((p for p in self.demo_root.iterdir() if p.name.startswith(DEMO_PREFIX)), key=lambda q: q.name)
+        if self.root.is_dir():
+            dirs += sorted((p for p in self.root.iterdir() if not self.is_demo(p.name)), key=lambda q: q.name)
+        for p in dirs:
             if not p.is_dir() or p.name.startswith("."):
                 continue
             info = RunInfo(p.name, p)
@@ -394,7 +414,7 @@ class RunStore:
         mdir = self.run_dir(run_id) / "model"
         self.meta(run_id)
         try:
-            b = load_dit(mdir, device=self.device)
+            b = load_dit(mdir, device=self.device, fp_base=self.fp_base)
         except (FileNotFoundError, ValueError) as e:
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
@@ -416,6 +436,8 @@ class RunStore:
 
     def save(self, run_id: str, result, meta: dict, scheduler=None) -> Path:
         """Trace + packed model + run.json, built in a temp dir and renamed into place."""
+        if self.is_demo(run_id) or str(run_id).startswith(DEMO_PREFIX):
+            raise ValueError(f"{run_id!r}: ids starting with {DEMO_PREFIX!r} are reserved for the read-only demo runs")
         out = self.run_dir(run_id)
         self.root.mkdir(parents=True, exist_ok=True)  # the runs dir may have been deleted meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
@@ -464,6 +486,67 @@ class RunStore:
             tmp.unlink(missing_ok=True)
             raise
         return str(out)
+
+
+def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int,
+                max_records: Optional[int] = None) -> Path:
+    """A compact, self-contained copy of a saved run at out_root/new_id (replacing an older copy):
+    the trace via `Trace.compact(n_samples, max_records)`, the packed model without the FP parts it shares with
+    `fp_base`, run.json with the new id. Written to a temp dir and renamed into place."""
+    if not RUN_ID_RE.fullmatch(new_id) or not new_id.startswith(DEMO_PREFIX):
+        raise ValueError(f"demo run ids start with {DEMO_PREFIX!r}, got {new_id!r}")
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    src = store.run_dir(run_id)
+    meta = dict(store.meta(run_id), id=new_id, demo=True, built_from=run_id)
+    src_model = Path(str(meta.get("model_source") or "")).resolve()
+    if ROOT in src_model.parents:   # no absolute paths of the build machine in shipped files
+        meta["model_source"] = str(src_model.relative_to(ROOT))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-", dir=out_root))
+    try:
+        tr = store.trace(run_id)
+        if tr is not None:
+            tr.compact(n_samples, max_records).save(tmp / "trace")
+        packed = json.loads((src / "model" / PACKED_CONFIG).read_text())
+
+        def keep_config(d: Path):  # the run's full method config (a reloaded model keeps only the VQ part)
+            m = json.loads((d / PACKED_CONFIG).read_text())
+            m["config"], m["extra"] = packed.get("config"), dict(packed.get("extra") or {}, run=new_id)
+            (d / PACKED_CONFIG).write_text(json.dumps(m, indent=1, default=str))
+
+        b = load_dit(src / "model")
+        save_quantized(b.transformer, tmp / "model", scheduler=b.scheduler, fp_base=fp_base, write_extra=keep_config)
+        _atomic_json(tmp / RUN_FILE, _clean(meta))
+        dst = out_root / new_id
+        if dst.exists():
+            old = out_root / f".{new_id}.old{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_demo_samples(engine: "Engine", run_dir: Path, model, labels: list, seed: int, guidance: float, steps: int):
+    """Sample the run's and FP's images at the Images tab's defaults into run_dir/DEMO_SAMPLES (atomic)."""
+    from safetensors.torch import save_file
+    with engine.model_lock:
+        kw = dict(num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed), scheduler=engine.bundle.scheduler,
+                  vae=engine.bundle.vae)
+        run = sample(model, list(labels), **kw)
+        fp = sample(engine.teacher, list(labels), **kw)
+    meta = dict(labels=",".join(map(str, labels)), seed=str(seed), guidance=str(float(guidance)), steps=str(steps))
+    tmp = Path(run_dir) / f".{DEMO_SAMPLES}.tmp{os.getpid()}"
+    try:
+        save_file({"run": run.half().contiguous(), "fp": fp.half().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, Path(run_dir) / DEMO_SAMPLES)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _calibrated(method: str) -> bool:
@@ -524,7 +607,8 @@ class Engine:
         self.embedded = Path(cfg.model).resolve() == Path(DIGITS_DIT_DIR).resolve()
         self.is_digits = (tc.in_channels == 1 and tc.sample_size == 16 and self.n_classes == 10
                           and self.bundle.vae is None)
-        self.store = RunStore(cfg.runs_dir, device=self.device)
+        demo = DEMO_DIR if cfg.demo_runs and self.embedded else None  # demo runs were made from this model
+        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher)
         self.calib_defaults = default_calib(cfg, self.embedded)
         self.kmeans_default = cfg.kmeans_iters or (SMALL_MODEL_KMEANS_ITERS if self.embedded else 100)
         self.model_lock = threading.Lock()   # every forward pass of a model goes through here
@@ -551,6 +635,10 @@ class Engine:
         if ck in self._images:
             self._images.move_to_end(ck)
             return self._images[ck]
+        x = self.shipped_images(*ck)
+        if x is not None:
+            self._images[ck] = x
+            return x
         with self.model_lock:
             x = sample(model, list(labels), num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
                        scheduler=scheduler or self.bundle.scheduler, vae=vae if vae is not None else self.bundle.vae)
@@ -558,6 +646,33 @@ class Engine:
         while len(self._images) > 48:
             self._images.popitem(last=False)
         return x
+
+    def has_images(self, key: str, labels, seed, guidance, steps) -> bool:
+        """Are these images cached or shipped with a demo run (no sampling needed)?"""
+        ck = (key, tuple(int(x) for x in labels), int(seed), float(guidance), int(steps))
+        return ck in self._images or self.shipped_images(*ck) is not None
+
+    def shipped_images(self, key: str, labels: tuple, seed: int, guidance: float, steps: int) -> Optional[torch.Tensor]:
+        """Images a demo run ships (DEMO_SAMPLES: its own and FP's, sampled by `python -m app.demo build`
+        at the Images tab's defaults) when the request matches them exactly; key 'fp' = the FP model."""
+        if self.store.demo_root is None or not self.store.demo_root.is_dir():
+            return None
+        rids = [key] if self.store.is_demo(key) else sorted(p.name for p in self.store.demo_root.iterdir()
+                                                            if p.name.startswith(DEMO_PREFIX)) if key == "fp" else []
+        want = dict(labels=",".join(map(str, labels)), seed=str(seed), guidance=str(float(guidance)), steps=str(steps))
+        from safetensors import safe_open
+        for rid in rids:
+            try:
+                f = self.store.run_dir(rid) / DEMO_SAMPLES
+                if not f.is_file():
+                    continue
+                with safe_open(str(f), "pt") as st:
+                    if {k: st.metadata().get(k) for k in want} != want:
+                        continue
+                    return st.get_tensor("fp" if key == "fp" else "run").float()
+            except (ValueError, OSError):
+                continue
+        return None
 
     def fp_images(self, labels, seed, guidance, steps) -> torch.Tensor:
         return self.images("fp", self.teacher, labels, seed, guidance, steps)

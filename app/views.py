@@ -27,6 +27,9 @@ def method_spec(method: Optional[str]) -> Optional[MethodSpec]:
     return METHODS.get((method or "").split("+", 1)[0])
 
 
+FULL_CLUSTER_MAX = 200_000  # sub-vectors drawn in the full-weight cluster view (more: an evenly strided sample)
+
+
 class Views:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -56,7 +59,8 @@ class Views:
         return [(f"{layer_kind(n)} ({n.split('.', 2)[-1]})", n) for n in names]
 
     def run_choices(self) -> list[tuple[str, str]]:
-        """(label, run id) for the run pickers, oldest first; partial runs say so in the label."""
+        """(label, run id) for the run pickers, oldest first (demo runs first); partial runs and demo
+        runs say so in the label."""
         out = []
         for r in self.store.list():
             if r.error is not None:
@@ -65,8 +69,22 @@ class Views:
             st = m.get("status", "?")
             tag = "" if st == "finished" else f" — {st}" + (
                 f" {m.get('steps_done')}/{m.get('total_steps')}" if m.get("total_steps") else "")
+            if self.store.is_demo(r.id):
+                tag += " — demo (read-only)"
             out.append((f"{r.id}{tag}", r.id))
         return out
+
+    def default_run(self) -> Optional[str]:
+        """The run shown on first open: the newest finished saved run, else the demo run of the
+        default method at W2, else any finished demo run, else None."""
+        finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
+        own = [r for r in finished if not self.store.is_demo(r)]
+        if own:
+            return own[-1]
+        demo = [r for r in finished if self.store.is_demo(r)]
+        want = next((r for r in demo if self.store.meta(r).get("method") == DEFAULT_METHOD
+                     and int(self.store.meta(r).get("bits", 0)) == 2), None)
+        return want or (demo[0] if demo else None)
 
     def steps_of(self, run_id) -> list[int]:
         tr = self.trace(run_id)
@@ -102,7 +120,8 @@ class Views:
         if other and other != sel["run"]:
             om = self.store.meta(other)
             cmp = f" · **Compared with** `{other}` ({om['method']}, W{om['bits']}, {om.get('status', '?')})"
-        return (f"**Run** `{sel['run']}` — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
+        demo = " (**demo run**, shipped with the app, read-only)" if self.store.is_demo(sel["run"]) else ""
+        return (f"**Run** `{sel['run']}`{demo} — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}, block MSE {m.get('block_mse') or float('nan'):.4g}"
                 + (f", FD-digits {fd:.2f}" if fd is not None and math.isfinite(fd) else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")
@@ -184,7 +203,7 @@ class Views:
         if d <= 2 and method != "UMAP":
             f = (lambda x: np.concatenate([x, np.zeros_like(x)], 1)) if d == 1 else (lambda x: x)
             out = dict(samples=f(fp), books={s: f(b) for s, b in zip(steps, books)}, axis="raw coordinate",
-                       note=f"d={d}: raw sub-vector coordinates (no projection needed)")
+                       note=f"d={d}: raw sub-vector coordinates (no projection needed)", transform=f)
         elif method == "UMAP":
             import umap
             allx = np.concatenate([fp] + books)
@@ -201,14 +220,16 @@ class Views:
             p = PCA(n_components=2, random_state=0).fit(fp)
             out = dict(samples=p.transform(fp), books={s: p.transform(b) for s, b in zip(steps, books)}, axis="PC",
                        note=f"PCA fitted on the sampled sub-vectors ({100 * p.explained_variance_ratio_.sum():.0f}% "
-                            f"of their variance shown)")
+                            f"of their variance shown)", transform=p.transform)
         with self._lock:
             self._proj[key] = out
             while len(self._proj) > 64:
                 self._proj.popitem(last=False)
         return out
 
-    def cluster(self, sel: dict, color_by: str, method: str):
+    def cluster(self, sel: dict, color_by: str, method: str, full: bool = False):
+        """(figure, note) of the cluster view. `full`: every sub-vector of the layer's final state as a
+        density image (final snapshot, PCA / raw coordinates only; snapshots and UMAP keep the sample)."""
         run_id, layer = (sel or {}).get("run"), (sel or {}).get("layer")
         tr = self.trace(run_id) if run_id else None
         if tr is None or not layer or not tr.has_samples(layer):
@@ -217,6 +238,8 @@ class Views:
         steps = tr.snapshot_steps(layer)
         step = steps[min(sel.get("snap", 0), len(steps) - 1)]
         pr = self.projection(run_id, layer, method)
+        if full and step == steps[-1] and pr.get("transform") is not None:
+            return self.full_cluster(run_id, layer, pr, color_by)
         snap, snap0 = tr.snapshot(layer, step), tr.snapshot(layer, steps[0])
         assign, assign0, top = snap.assign, snap0.assign, snap.top_ratio
         info = tr.layer_info(layer)
@@ -228,6 +251,63 @@ class Views:
         note = (f"Sampled **{len(assign):,} of {info.n_subvectors:,}** sub-vectors (the same fixed random sample at "
                 f"every step) and all **{info.k}** codewords (d={info.d}). {pr['note']}. At step {step}, "
                 f"{changed:.1f}% of the sampled sub-vectors use a different codeword than after k-means.")
+        if full:
+            why = "UMAP" if pr.get("transform") is None else f"step {step} is not the final snapshot"
+            note = (f"**All sub-vectors** are shown for the final snapshot with PCA (or raw coordinates) only ({why}): "
+                    f"showing the trace's sample. ") + note
+        return fig, note
+
+    def full_weights(self, run_id, layer) -> dict:
+        """Every sub-vector of `layer` (FP values from the loaded model, which the run quantized) with its
+        final codeword (from the run's packed model) and the nearest k-means codeword (step-0 codebook);
+        at most FULL_CLUSTER_MAX, an evenly strided sample above that. Cached per (run, layer)."""
+        key = ("full", run_id, layer)
+        with self._lock:
+            if key in self._proj:
+                self._proj.move_to_end(key)
+                return self._proj[key]
+        tr = self.trace(run_id)
+        info = tr.layer_info(layer)
+        w = dict(self.engine.teacher.named_modules())[layer].weight.detach().float().cpu()
+        q = dict(self.store.model(run_id).transformer.named_modules()).get(layer)
+        if q is None or not hasattr(q, "assignment") or tuple(w.shape) != info.shape:
+            raise ValueError(f"{layer}: the run's packed model has no codebook layer matching the loaded model")
+        x = w.reshape(-1, info.d)                                            # (S, d) every sub-vector
+        total = len(x)
+        idx = torch.arange(total)
+        if total > FULL_CLUSTER_MAX:
+            idx = torch.linspace(0, total - 1, FULL_CLUSTER_MAX).long()
+        x = x[idx]
+        assign = q.assignment.detach().cpu()[idx]
+        book0 = torch.from_numpy(tr.snapshot(layer, tr.snapshot_steps(layer)[0]).codebook).float()
+        near0 = torch.cat([torch.cdist(c, book0).argmin(1) for c in x.split(32768)])  # nearest k-means codeword
+        out = dict(x=x.numpy().astype(np.float64), assign=assign.numpy(), changed=(assign != near0).numpy(),
+                   codebook=q.codebook.detach().float().cpu().numpy().astype(np.float64), total=total)
+        with self._lock:
+            self._proj[key] = out
+            while len(self._proj) > 64:
+                self._proj.popitem(last=False)
+        return out
+
+    def full_cluster(self, run_id, layer, pr: dict, color_by: str):
+        fw = self.full_weights(run_id, layer)
+        tr = self.trace(run_id)
+        steps = tr.snapshot_steps(layer)
+        xy = pr["transform"](fw["x"])
+        by_change = color_by == "assignment changed"
+        fig = plots.density_figure(xy, pr["transform"](fw["codebook"]), pr["books"][steps[0]],
+                                   fw["changed"] if by_change else None,
+                                   title=f"{plots.layer_label(layer)} — final model: all sub-vectors (density) and codewords",
+                                   axis=pr["axis"], uirevision=f"{run_id}|{layer}|full")
+        n, total = len(xy), fw["total"]
+        shown = f"**all {n:,}** sub-vectors" if n == total else f"sampled **{n:,} of {total:,}** sub-vectors (evenly strided)"
+        colour = "colour: share changed per bin" if by_change else "log colour"
+        note = (f"Final model, {shown} of this layer as a density image ({plots.DENSITY_BINS}² bins, {colour}) and "
+                f"all **{len(fw['codebook'])}** codewords from the packed model. {pr['note']}. "
+                f"{100 * float(fw['changed'].mean()):.1f}% of them use a different codeword than the nearest k-means "
+                f"codeword" + (" (colour: share changed per bin)." if by_change else ".")
+                + (" Every final sub-vector has top ratio 1 (the packed model is hard): colour shows density."
+                   if color_by == "top ratio" else ""))
         return fig, note
 
     # ------------------------------------------------------------------------------------
@@ -266,10 +346,14 @@ class Views:
         return None
 
     def baselines(self, bits: int, exclude: Optional[str] = None, limit: int = 4) -> list[str]:
-        """Newest finished run of every other method at `bits` (partial runs only when picked)."""
-        ex = (self.store.meta(exclude).get("method") if exclude else None)
+        """Newest finished run of every other method at `bits`, preferring the excluded run's k x d
+        (partial runs only when picked)."""
+        em = self.store.meta(exclude) if exclude else {}
+        ex, kd = em.get("method"), (em.get("k"), em.get("d"))
         seen, out = {ex}, []
-        for r in reversed(self.store.list()):
+        runs = list(reversed(self.store.list()))
+        runs.sort(key=lambda r: (r.meta or {}).get("k") != kd[0] or (r.meta or {}).get("d") != kd[1])  # same k x d first
+        for r in runs:
             m = r.meta or {}
             if (r.error is None and m.get("status") == "finished" and int(m.get("bits", -1)) == int(bits)
                     and m.get("method") not in seen):
@@ -288,12 +372,14 @@ class Views:
         bits, spec = int(meta["bits"]), method_spec(meta["method"])
         trains = lambda sp: sp is not None and sp.calibrated and sp.trains_assignments
         fixed = lambda sp: sp is not None and sp.calibrated and not sp.trains_assignments
-        if trains(spec):
-            pair = {"assignments": run_id, "fixed": self.newest(bits, fixed, exclude=run_id)}
+        kd = (meta.get("k"), meta.get("d"))
+        near = lambda want, ex=None: self.newest(bits, want, exclude=ex, kd=kd) or self.newest(bits, want, exclude=ex)
+        if trains(spec):  # same k x d first (W2 vs W2, not vs XL-sharing), else any at these bits
+            pair = {"assignments": run_id, "fixed": near(fixed, run_id)}
         elif fixed(spec):
-            pair = {"assignments": self.newest(bits, trains, exclude=run_id), "fixed": run_id}
+            pair = {"assignments": near(trains, run_id), "fixed": run_id}
         else:
-            pair = {"assignments": self.newest(bits, trains), "fixed": self.newest(bits, fixed)}
+            pair = {"assignments": near(trains), "fixed": near(fixed)}
         missing = None
         if pair["fixed"] is None:
             missing = next((n for n in method_names(calibrated=True) if fixed(METHODS[n])), None)
@@ -406,6 +492,20 @@ class Views:
         if len(out) > 32:
             raise ValueError(f"at most 32 images at a time, got {len(out)} labels")
         return out
+
+    def images_ready(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None) -> bool:
+        """Can `images(...)` answer without sampling (every row cached, or shipped with a demo run)?"""
+        try:
+            labels = self.parse_labels(labels_text)
+            seed, guidance, steps = image_params(seed, guidance, steps)
+            keys = ["fp"]
+            if run_id:
+                keys.append(run_id)
+                bits = int(self.store.meta(run_id)["bits"])
+                keys += [compare] if compare and compare != run_id else self.baselines(bits, exclude=run_id)
+        except ValueError:
+            return False
+        return all(self.engine.has_images(k, labels, seed, guidance, steps) for k in keys)
 
     def images(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None):
         """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model.

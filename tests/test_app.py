@@ -34,7 +34,7 @@ def app(tmp_path_factory):
     from app import AppConfig, create_app
     torch.set_num_threads(1)
     runs = tmp_path_factory.mktemp("runs")
-    demo = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), eval_per_class=1, eval_steps=3,
+    demo = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), demo_runs=False, eval_per_class=1, eval_steps=3,
                                 image_steps=3, warm_umap=False, **TINY))
     demo.queue()
     port = free_port()

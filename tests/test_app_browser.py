@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     log = open(runs.parent / "server.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", str(runs), "--iterations", "1",
                              "--sampling-steps", "3", "--kmeans-iters", "5", "--eval-per-class", "1",
-                             "--eval-steps", "3", "--image-steps", "3", "--no-umap-warmup"],
+                             "--eval-steps", "3", "--image-steps", "3", "--no-umap-warmup", "--no-demo-runs"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     import urllib.request

@@ -36,7 +36,7 @@ def app(tmp_path_factory):
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("safety-app")
     runs = base / "runs"
-    demo = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), eval_per_class=1, eval_steps=3,
+    demo = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), demo_runs=False, eval_per_class=1, eval_steps=3,
                                 image_steps=3, warm_umap=False, **TINY))
     demo.queue()
     port = free_port()
@@ -147,7 +147,7 @@ def test_bad_run_json_is_isolated(app):
     with pytest.raises(AppError, match="unreadable"):
         client.predict(bad["abc-bits"], api_name="/load_run")
     # a new app on the same runs dir starts
-    demo2 = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), warm_umap=False, **TINY))
+    demo2 = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), demo_runs=False, warm_umap=False, **TINY))
     assert set(bad.values()) <= set(demo2.engine.store.table()["run"])
     for d in bad.values():
         shutil.rmtree(runs / d)

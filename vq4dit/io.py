@@ -2,7 +2,9 @@
 
 Packed model directory (all tensors in safetensors, written atomically):
     vq4dit_config.json            format, method config, transformer config, per-layer layout, sizes
-    model.safetensors             fp/<name>        full-precision parts (embedders, norms, final layer)
+    model.safetensors             fp/<name>        full-precision parts (embedders, norms, final layer);
+                                  absent when saved with `fp_base` (they equal the base model's, whose
+                                  checksum the config records: load with the same `fp_base`)
                                   vq/<layer>/codebook (k, d) fp16, vq/<layer>/indices uint8 (bit-packed
                                   at log2(k) bits), vq/<layer>/bias
                                   rtn/<layer>/codes uint8 (bit-packed), scale/zero, bias
@@ -149,7 +151,8 @@ def _scheduler_from(folder: Path):
 HUB_PREFIX = "hf:"  # `hf:facebook/DiT-XL-2-256` loads from the Hugging Face Hub; anything else is local
 
 
-def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBundle:
+def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
+             fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
     """Load a DiT from a transformer dir, a pipeline dir (transformer/, scheduler/, vae/),
     a packed vq4dit dir, or, only with the explicit `hf:` prefix, a Hub id (`hf:owner/name`).
 
@@ -169,7 +172,7 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBu
     if not p.is_dir():
         raise ValueError(f"{p} is a file: pass a model directory (diffusers format)")
     if (p / PACKED_CONFIG).is_file():
-        return load_quantized(p, device=device)
+        return load_quantized(p, device=device, fp_base=fp_base)
     if (p / "config.json").is_file():
         bundle = DiTBundle(_load_transformer(p, device, dtype), _scheduler_from(p / "scheduler"), None, str(p))
     elif (p / "transformer" / "config.json").is_file():
@@ -240,8 +243,14 @@ def _commit_dir(tmp: Path, out: Path):
 
 
 def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None,
-                   protect=(), write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+                   protect=(), write_extra: Optional[Callable[[Path], None]] = None,
+                   fp_base: Optional[torch.nn.Module] = None) -> Path:
     """Write the packed model. Layers must be hard (calibration's `finalize` does that).
+
+    fp_base: the full-precision model this one was quantized from. Its full-precision parts are
+    then not written (they must equal the base's exactly); the config records their names and a
+    checksum, and `load_quantized(path, fp_base=...)` takes them from the same base. Saves ~4 MB
+    per run of the embedded digits DiT (the app's shipped demo runs use it).
 
     overwrite=True replaces only a previous packed output (never a path in `protect`, the working
     directory or a parent of it). `write_extra(tmp_dir)` may add files (e.g. the trace) before the
@@ -275,14 +284,26 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
                                 shape=[m.out_features, m.in_features], bias=bias is not None)
             if bias is not None:
                 tensors[f"rtn/{name}/bias"] = bias
-    for key, t in model.state_dict().items():
-        if not any(key.startswith(q + ".") for q in qlayers):
-            tensors[f"fp/{key}"] = t.detach().cpu().contiguous()
+    fp = {key: t.detach().cpu().contiguous() for key, t in model.state_dict().items()
+          if not any(key.startswith(q + ".") for q in qlayers)}
+    shared = None
+    if fp_base is not None:
+        base = fp_base.state_dict()
+        differ = [k for k, t in fp.items() if k not in base or base[k].shape != t.shape
+                  or not torch.equal(base[k].detach().cpu(), t)]
+        if differ:
+            raise ValueError(f"fp_base differs from the model in {len(differ)} full-precision tensors "
+                             f"(e.g. {differ[:3]}): pass the model it was quantized from")
+        shared = dict(keys=sorted(fp), sha256=_fp_digest(fp))
+        fp = {}
+    tensors.update({f"fp/{k}": t for k, t in fp.items()})
     meta = dict(format="vq4dit-packed", version=FORMAT_VERSION,
                 method=getattr(cfg, "method", None), config=cfg.to_dict() if cfg is not None else None,
                 transformer_config={k: v for k, v in dict(model.config).items() if not k.startswith("_")},
                 transformer_class=type(model).__name__, layers=layout, size=size_summary(model),
                 extra=extra or {})
+    if shared is not None:
+        meta["fp_base"] = shared
     tmp = _atomic_dir(out_dir, overwrite, protect)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
@@ -299,8 +320,38 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     return out_dir
 
 
-def load_quantized(path, device=None) -> DiTBundle:
-    """Rebuild a packed model; its outputs equal the in-memory quantized model's."""
+def _fp_digest(tensors: dict) -> str:
+    """sha256 over the names, shapes and float32 bytes of full-precision tensors (sorted by name)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().float().contiguous()
+        h.update(f"{k}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _shared_fp(meta: dict, fp_base, path: Path) -> dict:
+    """The full-precision tensors a packed model saved with `fp_base` takes from its base model."""
+    rec = meta.get("fp_base")
+    if not isinstance(rec, dict) or not isinstance(rec.get("keys"), list) or not isinstance(rec.get("sha256"), str):
+        raise ValueError(f"{path / PACKED_CONFIG}: fp_base must be an object with keys and sha256")
+    if fp_base is None:
+        raise ValueError(f"{path} shares its full-precision weights with the model it was quantized from: "
+                         f"load it with load_dit(path, fp_base=<that model's transformer>)")
+    base = fp_base.state_dict()
+    missing = [k for k in rec["keys"] if not isinstance(k, str) or k not in base]
+    if missing:
+        raise ValueError(f"{path}: fp_base lacks {len(missing)} tensors, e.g. {missing[:3]}: wrong base model")
+    fp = {k: base[k].detach().cpu() for k in rec["keys"]}
+    if _fp_digest(fp) != rec["sha256"]:
+        raise ValueError(f"{path}: fp_base is not the model these weights were quantized from (checksum differs)")
+    return {f"fp/{k}": v.float().clone() for k, v in fp.items()}
+
+
+def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
+    """Rebuild a packed model; its outputs equal the in-memory quantized model's. `fp_base`: the
+    full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`."""
     from diffusers import DiTTransformer2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -317,6 +368,10 @@ def load_quantized(path, device=None) -> DiTBundle:
         t = load_file(str(wfile))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfile} is corrupt: {e}") from e
+    if "fp_base" in meta:
+        if any(k.startswith("fp/") for k in t):
+            raise ValueError(f"{wfile} holds fp/ tensors although its config says they come from fp_base")
+        t.update(_shared_fp(meta, fp_base, path))
     _validate_packed(meta, t, wfile)
     model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     cfg_d = meta.get("config") or {}

@@ -129,7 +129,7 @@ class Trace:
     def samples(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Full-precision values (n, d) and indices (n,) of the layer's fixed sub-vector sample."""
         s = self.snapshots
-        return s[f"{layer}|sample_fp"].numpy(), s[f"{layer}|sample_index"].numpy()
+        return _f32(s[f"{layer}|sample_fp"]), s[f"{layer}|sample_index"].long().numpy()
 
     def snapshot(self, layer: str, step: int) -> Snapshot:
         s, key = self.snapshots, f"{layer}|{int(step)}|"
@@ -137,8 +137,8 @@ class Trace:
             raise KeyError(f"no snapshot of {layer!r} at step {step}: have {self.snapshot_steps(layer)}")
         wg = s.get(key + "worst_grads")
         wc = s.get(key + "worst_codeword")
-        return Snapshot(int(step), s[key + "codebook"].numpy(), s[key + "assign"].numpy(),
-                        s[key + "top_ratio"].numpy(), None if wg is None else wg.numpy(),
+        return Snapshot(int(step), _f32(s[key + "codebook"]), s[key + "assign"].long().numpy(),
+                        _f32(s[key + "top_ratio"]), None if wg is None else _f32(wg),
                         None if wc is None else int(wc[0]))
 
     def gradient_steps(self, layer: str) -> list[int]:
@@ -209,6 +209,41 @@ class Trace:
         ev = ev[ev["event"] == "hard"]
         return {r.layer: int(r.step) for r in ev.itertuples()}
 
+    def compact(self, n_samples: Optional[int] = None, max_records: Optional[int] = None) -> "Trace":
+        """A smaller copy for shipping (the app's demo runs): per-layer statistics and ratio paths
+        thinned to about `max_records` evenly spaced logged steps (snapshot steps and the last step
+        always kept; the per-step `steps` table and events are kept whole), the first `n_samples` of each layer's
+        fixed sub-vector sample (the sample is a random permutation, so a prefix is a random sample
+        too, and the ratio trajectories follow its first N_TRAJECTORIES), codebooks, samples and
+        ratios in float16, indices in the smallest integer type that holds them. The worst codeword's
+        gradients are rescaled to max |g| = 1 before float16 (they would underflow): their directions,
+        coherence and signs are kept, their magnitude is not. The typed reads return float32 as before."""
+        out = Trace(dict(self.meta, compact=dict(n_samples=n_samples, max_records=max_records, dtype="float16")))
+        logged = sorted({int(r["step"]) for r in self._layers})
+        keep = set(logged)
+        if max_records is not None and len(logged) > max_records:
+            every = -(-len(logged) // max_records)
+            keep = set(logged[::every]) | {logged[-1]} | set(self.snapshot_steps())
+        for name in ("steps", "layers", "ratios", "events"):
+            rows = getattr(self, "_" + name) or self._frame(name).to_dict("records")
+            if name in ("layers", "ratios"):
+                rows = [r for r in rows if int(r["step"]) in keep]
+            getattr(out, "_" + name).extend(rows)
+        per_sample = ("|sample_fp", "|sample_index", "|assign", "|top_ratio")
+        for key, t in self.snapshots.items():
+            if n_samples is not None and key.endswith(per_sample):
+                t = t[:n_samples]
+            if key.endswith("|worst_grads"):
+                t = (t / t.abs().max().clamp_min(1e-30)).half()
+            elif t.dtype.is_floating_point:
+                t = t.half()
+            elif t.numel() and int(t.max()) < 2 ** 15 and int(t.min()) >= -2 ** 15:
+                t = t.short()
+            else:
+                t = t.int()
+            out.snapshots[key] = t.clone()
+        return out
+
     # -- disk -----------------------------------------------------------------------------
     def save(self, path):
         """Atomic: written to a temp dir next to `path`, then renamed into place."""
@@ -218,8 +253,9 @@ class Trace:
         tmp = temp_dir_for(path)
         try:
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
+            fmt = "%.5g" if self.meta.get("compact") else None  # 5 significant digits in shipped traces
             for name in ("steps", "layers", "ratios", "events"):
-                self._frame(name).to_csv(tmp / f"{name}.csv", index=False)
+                self._frame(name).to_csv(tmp / f"{name}.csv", index=False, float_format=fmt)
             save_file({k: v.contiguous().cpu() for k, v in self.snapshots.items()},
                       str(tmp / "snapshots.safetensors"))
             replace_dir(tmp, path)
@@ -246,6 +282,11 @@ class Trace:
         except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as e:
             raise ValueError(f"trace at {path} is corrupt or unreadable: {e}") from e
         return tr
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    """float32 numpy (compact traces store float16)."""
+    return t.float().numpy()
 
 
 def _hist(values: torch.Tensor, lo: float, hi: float, bins: int) -> list[float]:

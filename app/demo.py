@@ -1,0 +1,124 @@
+"""Demo runs shipped with the app: finished runs every tab can show on first open.
+
+    python -m app.demo build            # ~45 min on 2 busy cores: calibrate, evaluate, pack into assets/demo_runs/
+    python -m app.demo check            # load every demo run with the current code (what the test does)
+
+`build` runs each DEMO_RUNS entry through the same worker as the app's Run button (the library's
+`run_method`, the app's evaluation), into a scratch runs dir, then writes a compact copy of each
+run (see `vq4dit.trace.Trace.save(compact=True)` and `vq4dit.io.save_quantized(fp_base=...)`)
+into assets/demo_runs/<id>/. The app lists them read-only next to the runs dir (RunStore's
+`demo_root`): labelled "demo", never deleted or overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, method_names, setting_kd
+
+from vq4dit.io import load_dit
+
+from .runs import DEMO_DIR, DEMO_PREFIX, AppConfig, Engine, RunSettings, RunStore, compact_run, write_demo_samples
+
+# (method, setting): the default method and the paper's baseline (the registry's calibrated method
+# with fixed k-means assignments) at the README benchmark's three settings, plus the paper's method
+# (the registry's first calibrated method) at W2. Names come from the registry, not from here.
+_FIXED = next(n for n in method_names(calibrated=True) if not METHODS[n].trains_assignments)
+_PAPER = method_names(calibrated=True)[0]
+DEMO_RUNS = [(m, s) for s in ("W2", "W3", "XL-sharing") for m in (DEFAULT_METHOD, _FIXED)] + [(_PAPER, "W2")]
+DEMO_TRACE_SAMPLES = 256   # sampled sub-vectors kept per layer (a run records 512)
+DEMO_TRACE_RECORDS = 34    # logged steps kept per layer (a 100-step run logs every step)
+DEMO_ITERATIONS = 4        # half the small recipe's 8 trajectories (100 optimizer steps): ~6 min per run on 2 busy cores
+
+
+def demo_id(method: str, setting: str) -> str:
+    return f"{DEMO_PREFIX}{method}-{setting}"
+
+
+def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None = None,
+          iterations: int | None = None, log=print) -> list[str]:
+    """Calibrate every demo run (reusing finished ones found in `work`) and write compact copies to `out`."""
+    work = Path(work or tempfile.mkdtemp(prefix="vq4dit-demo-"))
+    (work / "raw").mkdir(parents=True, exist_ok=True)
+    engine = Engine(AppConfig(runs_dir=str(work / "raw"), warm_umap=False, demo_runs=False,
+                              iterations=iterations or DEMO_ITERATIONS))
+    index = work / "raw-index.json"
+    done = json.loads(index.read_text()) if index.is_file() else {}
+    built = []
+    for method, setting in DEMO_RUNS:
+        rid = demo_id(method, setting)
+        if only and rid not in only:
+            continue
+        if rid not in done or not (work / "raw" / done[rid]).is_dir():
+            k, d = setting_kd(setting)
+            s = RunSettings(method=method, bits=SETTINGS[setting]["bits"], k=k, d=d,
+                            kmeans_iters=engine.kmeans_default, seed=0, calib=dict(engine.calib_defaults))
+            t0 = time.time()
+            log(f"[{time.strftime('%H:%M:%S')}] {rid}: calibrating ({s.calib['iterations']} x "
+                f"{s.calib['num_sampling_steps']} steps)")
+            a = engine.start_run(s)
+            while not a.done.wait(30):
+                log(f"  {a.phase} {a.layers_done}/{a.layers_total} layers, {len(a.rows)}/{a.total_steps} steps, "
+                    f"{time.time() - t0:.0f} s")
+            if a.error is not None or a.run_id is None:
+                raise RuntimeError(f"{rid} failed: {a.error}")
+            done[rid] = a.run_id
+            index.write_text(json.dumps(done, indent=1))
+            log(f"  saved {a.run_id} in {time.time() - t0:.0f} s")
+        dst = compact_run(engine.store, done[rid], Path(out), rid, engine.teacher, DEMO_TRACE_SAMPLES,
+                          DEMO_TRACE_RECORDS)
+        # the Images tab's default request (every class, seed 0, guidance 4, the app's default steps), so the
+        # tab shows images on first open without sampling
+        labels = list(range(min(10, engine.n_classes)))
+        model = load_dit(dst / "model", fp_base=engine.teacher).transformer
+        write_demo_samples(engine, dst, model, labels, 0, 4.0, AppConfig().image_steps)
+        log(f"  {rid}: {sum(f.stat().st_size for f in dst.rglob('*') if f.is_file()) / 2**20:.2f} MiB in {dst}")
+        built.append(rid)
+    return built
+
+
+def check(root: Path = DEMO_DIR, log=print) -> list[str]:
+    """Load every demo run's run.json, trace and packed model with the current code."""
+    from vq4dit.io import load_dit
+    from vq4dit.testbed import DIGITS_DIT_DIR
+    base = load_dit(DIGITS_DIT_DIR).transformer
+    store = RunStore(tempfile.mkdtemp(prefix="vq4dit-empty-runs-"), demo_root=root, fp_base=base)
+    ids = [r.id for r in store.list() if store.is_demo(r.id)]
+    for rid in ids:
+        r = next(x for x in store.list() if x.id == rid)
+        if r.error:
+            raise ValueError(f"demo run {rid}: {r.error}")
+        store.trace(rid)
+        store.model(rid)
+        log(f"ok {rid}")
+    return ids
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="calibrate the demo runs and write them to assets/demo_runs/")
+    b.add_argument("--out", default=str(DEMO_DIR))
+    b.add_argument("--work", default=None, help="scratch runs dir (finished runs in it are reused)")
+    b.add_argument("--only", nargs="*", default=None, help="demo run ids to (re)build")
+    b.add_argument("--iterations", type=int, default=None, help=f"calibration trajectories (default: {DEMO_ITERATIONS})")
+    sub.add_parser("check", help="load every demo run")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    if args.cmd == "build":
+        out = Path(args.out)
+        built = build(out, Path(args.work) if args.work else None, args.only, args.iterations,
+                      log=lambda s: print(s, flush=True))
+        print(f"built {len(built)} demo runs in {out}")
+        return 0
+    print(f"{len(check())} demo runs load")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
