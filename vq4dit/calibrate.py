@@ -52,8 +52,8 @@ def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_s
     x_in/y_in hold the CFG batch (2N: conditional + null class) that both models see. A DDPM
     `scheduler` draws its per-step noise from `generator` (CPU), so trajectories are seeded.
     `split` (data-parallel calibration): the teacher sees only this rank's rows of the batch
-    (`distributed.rows`) and the guided eps of all rows is gathered, so the sampler state and the
-    DDPM noise stay the full batch's on every rank: the trajectory does not depend on the split.
+    (`distributed.rows`) while the sampler steps the full batch's state and noise, so this rank's
+    rows follow the same trajectory as on one process: it does not depend on the split.
     """
     scheduler = scheduler or make_scheduler()
     scheduler.set_timesteps(num_steps)
@@ -72,8 +72,11 @@ def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_s
         eps = combine_cfg(out, c, guidance_scale)                      # (n, C, H, W)
         if learned:  # guide eps only; keep the conditional half's variance (DiT's sampler)
             eps = torch.cat([eps, out[:m, c:]], 1)
-        if split:
-            eps = distributed.gather_rows(eps, n)                      # (N, C, H, W)
+        if split:  # the full batch's shape, so a DDPM step draws the full batch's noise from `generator`;
+            # the step is elementwise: other ranks' rows (eps 0 here) never mix into this rank's
+            full = eps.new_zeros((n,) + eps.shape[1:])                 # (N, C, H, W)
+            full[share] = eps
+            eps = full
         kw = dict(generator=generator) if stochastic else {}
         x = scheduler.step(eps, t, x, **kw).prev_sample
 

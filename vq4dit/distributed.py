@@ -83,17 +83,6 @@ def rows(n: int) -> slice:
     return slice(start, start + base + (r < extra))
 
 
-def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `rows`: every rank's (n_rank, ...) rows -> the full (n, ...) batch on all ranks.
-    Exact (a sum of zeros and one value per element); works for unequal shares."""
-    if world_size() == 1:
-        return local
-    full = local.new_zeros((n,) + tuple(local.shape[1:]))
-    full[rows(n)] = local
-    dist.all_reduce(full)
-    return full
-
-
 # ----------------------------------------------------------------------------------------
 # Reductions: weighted sums, so unequal shares still give the full-batch mean
 # ----------------------------------------------------------------------------------------
