@@ -112,9 +112,9 @@ def worker(args):
 # Driver: the runs, the comparison, the table
 # ----------------------------------------------------------------------------------------
 
-def run(procs: int, threads: int, labels: int, args, tmp: Path) -> dict:
+def run(procs: int, threads: int, labels: int, args, tmp: Path, cache: str) -> dict:
     out = tmp / f"p{procs}t{threads}n{labels}"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VQ4DIT_CACHE=str(tmp / "cache"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VQ4DIT_CACHE=cache, PYTHONPATH=str(ROOT))
     worker_args = [str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--labels", str(labels),
                    "--iterations", str(args.iterations), "--method", args.method, "--out", str(out)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
@@ -151,6 +151,7 @@ def main():
     p.add_argument("--iterations", type=int, default=2, help="teacher trajectories (25 steps each, small recipe)")
     p.add_argument("--method", default="vq4dit-ste")
     p.add_argument("--csv", default=str(ROOT / "results" / "dist_speedup.csv"))
+    p.add_argument("--kmeans-cache", help="k-means cache dir to reuse between invocations (default: a temp dir)")
     args = p.parse_args()
     if args.worker:
         args.labels = args.labels[0]
@@ -164,7 +165,7 @@ def main():
     from vq4dit import method_config, quantize
     from vq4dit.io import load_dit
     from vq4dit.testbed import DIGITS_DIT_DIR
-    os.environ["VQ4DIT_CACHE"] = str(tmp / "cache")
+    os.environ["VQ4DIT_CACHE"] = args.kmeans_cache or str(tmp / "cache")
     torch.set_num_threads(2)
     t = time.perf_counter()
     cfg = bench_config(args.method, args.iterations, 4, method_config)
@@ -182,7 +183,7 @@ def main():
         for procs, threads, n in runs:
             if n < 1:
                 continue
-            r = run(procs, threads, n, args, tmp)
+            r = run(procs, threads, n, args, tmp, os.environ["VQ4DIT_CACHE"])
             r["batch"] = labels
             rows.append(r)
             print(f"procs={procs} threads={threads} labels={n}: {r['ms_per_step']:.0f} ms/step, "
@@ -210,6 +211,7 @@ def main():
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+    print("\nms per step; teacher, comm (collectives), stats (trace) and rest are its parts")
     print(f"\n{'batch':>5} {'procs x thr':>11} {'labels':>6} {'ms/step':>8} {'teacher':>8} {'comm':>6} {'stats':>6} "
           f"{'rest':>6} {'kmeans':>7} {'speedup':>7} {'load':>9}")
     for r in rows:
