@@ -175,8 +175,8 @@ def main():
              method_config("kmeans", bits=2, recipe="small", codebook_dtype="float32", kmeans_iters=KMEANS_ITERS),
              progress=False)
     kmeans_cold = time.perf_counter() - t
-    print(f"k-means ({cfg.kmeans_iters} iterations), cold, 1 process x 2 threads: {kmeans_cold:.1f} s "
-          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"k-means ({cfg.kmeans_iters} iterations) before the runs, 1 process x 2 threads: {kmeans_cold:.1f} s "
+          f"(load {os.getloadavg()[0]:.1f}; cold unless --kmeans-cache was filled before)", flush=True)
     rows = []
     for labels in args.labels:
         # 1 x 2 threads (baseline), 2 x 1 thread (data parallel); 1 x 1 thread at the full and half
@@ -209,7 +209,7 @@ def main():
         f.write(f"# {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; method {args.method}, "
                 f"recipe small, {args.iterations} iterations x 25 steps, W2 (k=256, d=4), gloo; "
                 f"load = 1-min load average before/after each run (shared machine); k-means ({KMEANS_ITERS} iterations) "
-                f"cold (1 x 2 threads) "
+                f"before the runs (1 x 2 threads; cold unless --kmeans-cache was filled) "
                 f"{kmeans_cold:.1f} s, cached in every run (kmeans_s = cache read + layer swap)\n")
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
