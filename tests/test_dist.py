@@ -54,9 +54,11 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str):
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    two = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return _calibrated(CONFIG), two
+    ranks = mp.spawn(_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=False)
+    one = _calibrated(CONFIG)  # while the two ranks start
+    while not ranks.join():
+        pass
+    return one, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
