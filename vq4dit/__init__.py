@@ -5,6 +5,7 @@
 
 Modules, imports flowing one way (each uses only those above it):
     config      method configs and the METHODS registry
+    distributed torch.distributed helpers for data-parallel calibration (identity on one process)
     layers      k-means, VQLinear / RTNLinear, bit accounting
     sampling    the CFG sampler (below everything that runs a model)
     trace       the calibration record and its typed reads

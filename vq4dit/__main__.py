@@ -3,6 +3,7 @@
     python -m vq4dit quantize --bits 2 --out out/w2               # default method, recipe by model size
     python -m vq4dit quantize --method vq4dit --recipe reference --out out/w2-paper
     python -m vq4dit sample --model out/w2 --labels 0 1 2 3 --out grid.png
+    torchrun --nproc_per_node 2 -m vq4dit quantize --out out/w2   # data-parallel calibration
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def config_from_args(args, model=None):
 
 def cmd_quantize(args) -> int:
     import torch
+    from . import distributed
     from .io import check_output
     from .safety import resolve_device
 
@@ -109,19 +111,23 @@ def cmd_quantize(args) -> int:
     # everything that can be checked is checked before any model is loaded or computed
     check_output(out, args.overwrite, protect=[args.model] if Path(args.model).exists() else [])
     device = resolve_device(args.device)
-    args.device = str(device)
     torch.manual_seed(args.seed)
     config_from_args(args)  # bad settings fail here, before the model is loaded
+    device = distributed.init_from_env(device)  # under torchrun: join the group (cuda:LOCAL_RANK on GPUs)
+    args.device = str(device)
     try:
         return _quantize(args, out, device)
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         print(f"{what} before calibration started: nothing written", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        distributed.shutdown()
 
 
 def _quantize(args, out: Path, device) -> int:
     import copy
+    from . import distributed
     from .io import load_dit, save_quantized
     from .metrics import block_mse
     from .quant_api import quantize, size_summary
@@ -131,8 +137,10 @@ def _quantize(args, out: Path, device) -> int:
     config = config_from_args(args, model)
     teacher = copy.deepcopy(model).eval()
     t0 = time.time()
-    trace = quantize(model, config, teacher=teacher)
+    trace = quantize(model, config, teacher=teacher, progress=distributed.is_main())
     seconds = time.time() - t0
+    if not distributed.is_main():  # data parallel: every rank holds the same model; rank 0 writes it
+        return 0
     if trace is not None and trace.meta.get("stopped") == "interrupted":
         partial = out.with_name(out.name + ".partial-trace")
         trace.save(partial)

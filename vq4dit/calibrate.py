@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler
 
+from . import distributed
 from .config import VQConfig
 from .layers import VQLinear, block_index, layer_type, quantized_layers
 from .sampling import (cfg_batch, combine_cfg, has_learned_sigma, make_scheduler, pick_device,
@@ -44,27 +45,38 @@ def capture_blocks(model: nn.Module) -> Iterator[list]:
 
 
 def teacher_trajectory(teacher, labels: torch.Tensor, noise: torch.Tensor, num_steps: int,
-                       guidance_scale: float, scheduler=None, generator: Optional[torch.Generator] = None):
+                       guidance_scale: float, scheduler=None, generator: Optional[torch.Generator] = None,
+                       split: bool = False):
     """Run the teacher's CFG sampler; yield (x_in, t_in, y_in, teacher_block_outputs) per step.
 
     x_in/y_in hold the CFG batch (2N: conditional + null class) that both models see. A DDPM
     `scheduler` draws its per-step noise from `generator` (CPU), so trajectories are seeded.
+    `split` (data-parallel calibration): the teacher sees only this rank's rows of the batch
+    (`distributed.rows`) while the sampler steps the full batch's state and noise, so this rank's
+    rows follow the same trajectory as on one process: it does not depend on the split.
     """
     scheduler = scheduler or make_scheduler()
     scheduler.set_timesteps(num_steps)
     n, c = noise.shape[0], noise.shape[1]
     stochastic = isinstance(scheduler, DDPMScheduler)
     learned = stochastic and scheduler.config.variance_type == "learned_range"
+    share = distributed.rows(n) if split else slice(None)  # this rank's rows (all of them on one process)
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        x_in, y_in = cfg_batch(teacher, scheduler.scale_model_input(x, t), labels)  # (2N, ...)
-        t_in = t.reshape(1).to(x.device).expand(2 * n)
+        x_in, y_in = cfg_batch(teacher, scheduler.scale_model_input(x[share], t), labels[share])  # (2n, ...)
+        m = x_in.shape[0] // 2
+        t_in = t.reshape(1).to(x.device).expand(2 * m)
         with torch.no_grad(), capture_blocks(teacher) as outs:
             out = teacher(x_in, timestep=t_in, class_labels=y_in, return_dict=False)[0]
         yield x_in, t_in, y_in, [o.detach() for o in outs]
-        eps = combine_cfg(out, c, guidance_scale)                      # (N, C, H, W)
+        eps = combine_cfg(out, c, guidance_scale)                      # (n, C, H, W)
         if learned:  # guide eps only; keep the conditional half's variance (DiT's sampler)
-            eps = torch.cat([eps, out[:n, c:]], 1)
+            eps = torch.cat([eps, out[:m, c:]], 1)
+        if split:  # the full batch's shape, so a DDPM step draws the full batch's noise from `generator`;
+            # the step is elementwise: other ranks' rows (eps 0 here) never mix into this rank's
+            full = eps.new_zeros((n,) + eps.shape[1:])                 # (N, C, H, W)
+            full[share] = eps
+            eps = full
         kw = dict(generator=generator) if stochastic else {}
         x = scheduler.step(eps, t, x, **kw).prev_sample
 
@@ -90,12 +102,20 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
 
     Stops early (keeping everything recorded and a valid hard-assigned model) when `on_step`
     returns False, on KeyboardInterrupt, or when `max_seconds` runs out.
+
+    Data parallel when a torch.distributed process group is up (`torchrun`, see
+    `vq4dit.distributed`): each rank runs its rows of every batch, gradients and recorded losses
+    are all-reduced to the full batch's, so every rank holds the same model at every step.
     """
     cfg = config.calib
     device = pick_device(cfg.device)
     student.to(device).eval()
     teacher.to(device).eval()
     layers = {n: m for n, m in quantized_layers(student).items() if isinstance(m, VQLinear)}
+    # data parallel: this rank's share of each batch weighs n_rank / N in every reduction
+    share = distributed.rows(cfg.labels_per_iteration)
+    weight = (share.stop - share.start) / cfg.labels_per_iteration
+    distributed.broadcast_module_(student)  # every rank starts from rank 0's k-means
 
     # 1. Trainable parameters: codebooks, biases, assignment logits; everything else frozen.
     for p in list(student.parameters()) + list(teacher.parameters()):
@@ -117,6 +137,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     opt = torch.optim.RMSprop([g for g in groups if g["params"]], alpha=cfg.rmsprop_alpha)
 
     trace = Trace(dict(method=config.method, config=config.to_dict(), device=str(device),
+                       world_size=distributed.world_size(),
                        total_steps=cfg.total_steps, n_blocks=len(student.transformer_blocks),
                        layers={n: dict(block=block_index(n), type=layer_type(n), k=m.k, d=m.d,
                                        shape=[m.out_features, m.in_features]) for n, m in layers.items()}))
@@ -126,7 +147,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     g = torch.Generator().manual_seed(cfg.seed)
     scheduler = make_scheduler(kind=cfg.teacher_sampler, learned_sigma=has_learned_sigma(teacher))
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.total_steps, desc=f"calibrate {config.method}", leave=False)
     step, stopped, t0 = 0, None, time.time()
@@ -134,7 +155,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
         for it in range(cfg.iterations):
             labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
             for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
-                                                                 cfg.guidance_scale, scheduler, g):
+                                                                 cfg.guidance_scale, scheduler, g, split=True):
                 step += 1
                 if cfg.temperature_end is not None:  # annealed ratios: T goes 1 -> temperature_end
                     for m in layers.values():
@@ -148,11 +169,19 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                 soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
                 l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
                 loss = block_loss + cfg.lambda_r * l_r
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"calibration loss became {loss.item()} at step {step}: "
+                # the full batch's block losses (this rank's on one process), recorded below
+                losses = distributed.all_reduce_mean(torch.stack(losses).detach(), weight).unbind()
+                block_loss = torch.stack(losses).mean()
+                loss_value = block_loss + cfg.lambda_r * l_r.detach()
+                if not torch.isfinite(loss_value):
+                    raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
                                              f"lower the learning rates")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # data parallel: the full batch's gradients (and weight gradients for the stats)
+                distributed.all_reduce_mean_grads(
+                    [p for grp in opt.param_groups for p in grp["params"]]
+                    + [m.last_weight for m in layers.values() if m.last_weight is not None], weight)
                 conflicts = {}
                 if want_stats:
                     conflicts = {n: gradient_conflict(m) for n, m in layers.items()}
@@ -180,7 +209,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                     m.record_weight_grad, m.last_weight = False, None
                 frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item()
                                         for m in layers.values()]))
-                row = dict(step=step, iteration=it, timestep=int(t_in[0]), loss=loss.item(),
+                row = dict(step=step, iteration=it, timestep=int(t_in[0]), loss=loss_value.item(),
                            block_loss=block_loss.item(), l_r=l_r.item(), frozen_frac=frozen,
                            hard_layers=sum(m.hard for m in layers.values()), seconds=time.time() - t0)
                 row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
@@ -189,11 +218,14 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                     rec.record_layers(step, conflicts)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3g}", frozen=f"{frozen:.2f}")
+                    bar.set_postfix(loss=f"{loss_value.item():.3g}", frozen=f"{frozen:.2f}")
+                stop = None
                 if on_step is not None and on_step(dict(row, total_steps=cfg.total_steps, trace=trace)) is False:
-                    raise CalibrationStopped("cancelled")
-                if cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds:
-                    raise CalibrationStopped("time budget")
+                    stop = "cancelled"
+                elif cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds:
+                    stop = "time budget"
+                if distributed.any_rank(stop is not None, device):  # all ranks stop at the same step
+                    raise CalibrationStopped(stop or "stopped by another rank")
     except CalibrationStopped as e:
         stopped = str(e)
     except KeyboardInterrupt:
@@ -209,6 +241,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
         moments = collect_input_moments(teacher, list(layers), cfg, device)
         changed = {n: m.repick(originals[n].to(device), moments[n]) for n, m in layers.items()}
         trace.meta["repick_changed"] = changed
+    if stopped != "interrupted":  # an interrupted rank may not reach this collective
+        distributed.check_same_on_all_ranks([t for m in layers.values() for t in (m.codebook, m.assignment)],
+                                            "codebooks or assignments")
     rec.snap_steps.add(step)
     trace._layers = [r for r in trace._layers if r["step"] != step]  # final state replaces step's record
     trace._ratios = [r for r in trace._ratios if r["step"] != step]
