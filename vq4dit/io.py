@@ -6,6 +6,8 @@ Packed model directory (all tensors in safetensors, written atomically):
                                   vq/<layer>/codebook (k, d) fp16, vq/<layer>/indices uint8 (bit-packed
                                   at log2(k) bits), vq/<layer>/bias
                                   rtn/<layer>/codes uint8 (bit-packed), scale/zero, bias
+                                  identical fp tensors are stored once: `aliases` in the JSON maps
+                                  each copy's key to the stored one (DiT-XL/2: 28 embedder copies)
     scheduler/scheduler_config.json
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .sampling import make_scheduler
 
 PACKED_CONFIG = "vq4dit_config.json"
 PACKED_WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: identical fp tensors stored once (`aliases`); 1 is still read
+READ_VERSIONS = (1, 2)
 
 # ----------------------------------------------------------------------------------------
 # Bit packing
@@ -275,28 +278,60 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
                                 shape=[m.out_features, m.in_features], bias=bias is not None)
             if bias is not None:
                 tensors[f"rtn/{name}/bias"] = bias
-    for key, t in model.state_dict().items():
-        if not any(key.startswith(q + ".") for q in qlayers):
-            tensors[f"fp/{key}"] = t.detach().cpu().contiguous()
+    fp = {f"fp/{key}": t.detach().cpu().contiguous() for key, t in model.state_dict().items()
+          if not any(key.startswith(q + ".") for q in qlayers)}
+    stored, aliases = dedupe_tensors(fp)
+    tensors.update(stored)
     meta = dict(format="vq4dit-packed", version=FORMAT_VERSION,
                 method=getattr(cfg, "method", None), config=cfg.to_dict() if cfg is not None else None,
                 transformer_config={k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                transformer_class=type(model).__name__, layers=layout, size=size_summary(model),
+                transformer_class=type(model).__name__, layers=layout, aliases=aliases, size=size_summary(model),
                 extra=extra or {})
     tmp = _atomic_dir(out_dir, overwrite, protect)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
-        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
         (scheduler or make_scheduler()).save_pretrained(tmp / "scheduler")
-        meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
-        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
         if write_extra is not None:
             write_extra(tmp)
+        meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
+        _write_config_with_dir_bytes(tmp, meta)
         _commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Identical tensors (same dtype, shape and bytes) stored once: (tensors to store, {copy's key:
+    stored key}). DiT-XL/2's converted checkpoint holds 28 identical timestep/label embedders."""
+    import hashlib
+    stored, aliases, seen = {}, {}, {}
+    for key, t in tensors.items():
+        h = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        sig = (str(t.dtype), tuple(t.shape), h.hexdigest())
+        if sig in seen and torch.equal(stored[seen[sig]], t):
+            aliases[key] = seen[sig]
+        else:
+            seen[sig] = key
+            stored[key] = t
+    return stored, aliases
+
+
+def dir_bytes(path) -> int:
+    """Total bytes of the files under `path`: what a packed model costs on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _write_config_with_dir_bytes(tmp: Path, meta: dict):
+    """Write the JSON with size.dir_bytes = the whole directory, the JSON itself included."""
+    meta["size"]["dir_bytes"] = 0
+    for _ in range(4):  # the JSON's own length depends on the number it holds: settle it
+        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
+        total = dir_bytes(tmp)
+        if total == meta["size"]["dir_bytes"]:
+            return
+        meta["size"]["dir_bytes"] = total
 
 
 def load_quantized(path, device=None) -> DiTBundle:
@@ -317,6 +352,7 @@ def load_quantized(path, device=None) -> DiTBundle:
         t = load_file(str(wfile))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfile} is corrupt: {e}") from e
+    _restore_aliases(meta, t, wfile)
     _validate_packed(meta, t, wfile)
     model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     cfg_d = meta.get("config") or {}
@@ -370,6 +406,30 @@ def load_quantized(path, device=None) -> DiTBundle:
 _INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
                "patch_size", "num_embeds_ada_norm")
 _MAX_POS_ELEMENTS = 1 << 28  # positional-embedding table (positions x hidden) built at init
+
+
+def _restore_aliases(meta: dict, t: dict, wfile: Path):
+    """Put each deduplicated copy back under its own key (the same tensor), after checking that the
+    aliases name fp tensors absent from the file and point at fp tensors present in it."""
+    def bad(msg):
+        raise ValueError(f"{wfile.parent} is not a valid packed model: {msg}")
+
+    if meta.get("version") not in READ_VERSIONS:
+        bad(f"format version {meta.get('version')!r} is not one of {READ_VERSIONS} (written by a newer vq4dit?)")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict):
+        bad("aliases is not an object")
+    if meta["version"] < 2 and aliases:
+        bad("aliases in a version-1 file")
+    for key, target in aliases.items():
+        if not (isinstance(key, str) and isinstance(target, str) and key.startswith("fp/") and target.startswith("fp/")):
+            bad(f"alias {key!r} -> {target!r}: both must be fp/ tensor names")
+        if key in t:
+            bad(f"alias {key!r} is also stored in the file")
+        if target not in t:
+            bad(f"alias {key!r} points at {target!r}, which the file does not hold")
+    for key, target in aliases.items():
+        t[key] = t[target]
 
 
 def _is_int(v) -> bool:

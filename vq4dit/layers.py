@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import RTNConfig, VQConfig, index_bits
+from .config import KMEANS_POINTS_PER_CODEWORD, RTNConfig, VQConfig, index_bits
 
 # ----------------------------------------------------------------------------------------
 # Which layers: every nn.Linear inside the transformer blocks except the embedders
@@ -113,10 +113,6 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, w: Optional[to
     if second:
         return out, d1.clamp_min_(0).sqrt_(), d2.clamp_min_(0).sqrt_()
     return out
-
-
-# faiss' default: Lloyd on at most 256 points per codeword; every sub-vector is assigned afterwards.
-KMEANS_POINTS_PER_CODEWORD = 256
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float = 1e-4,
@@ -214,15 +210,16 @@ def kmeans_cache_dir() -> Optional[Path]:
     return None if v.lower() in ("", "0", "off", "none") else Path(v) / "kmeans"
 
 
-def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int,
-                  weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means keyed by the exact data and settings: re-quantizing the same model is instant."""
+def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int, weights: Optional[torch.Tensor] = None,
+                  points_per_codeword: Optional[int] = KMEANS_POINTS_PER_CODEWORD) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means keyed by the exact data and settings (subsampling included): re-quantizing the same
+    model is instant."""
     root = kmeans_cache_dir()
     if root is None:
-        return kmeans(x, k, iters, seed, weights=weights)
+        return kmeans(x, k, iters, seed, weights=weights, points_per_codeword=points_per_codeword)
     from safetensors.torch import save_file
     h = hashlib.sha1(x.detach().cpu().numpy().tobytes())
-    h.update(f"{k}/{iters}/{seed}/{x.shape}".encode())
+    h.update(f"{k}/{iters}/{seed}/{x.shape}/ppc={points_per_codeword}".encode())
     if weights is not None:
         h.update(weights.detach().float().cpu().numpy().tobytes())
     f = root / f"{h.hexdigest()}.safetensors"
@@ -231,7 +228,7 @@ def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int,
         if hit is not None:
             return hit[0].to(x.device), hit[1].to(x.device)
         # corrupt, tampered or unreadable entry: recompute and overwrite
-    c, a = kmeans(x, k, iters, seed, weights=weights)
+    c, a = kmeans(x, k, iters, seed, weights=weights, points_per_codeword=points_per_codeword)
     tmp = f.with_suffix(f".tmp{os.getpid()}")
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -348,7 +345,8 @@ class VQLinear(nn.Module):
         x = w.float().reshape(-1, cfg.d)  # (S, d)
         if input_power is not None:
             q.input_power = (input_power / input_power.mean().clamp_min(1e-30)).float().to(w.device)
-        codebook, assign = kmeans_cached(x, cfg.k, cfg.kmeans_iters, seed, q.subvector_weights())
+        codebook, assign = kmeans_cached(x, cfg.k, cfg.kmeans_iters, seed, q.subvector_weights(),
+                                         cfg.kmeans_points_per_codeword)
         with torch.no_grad():
             q.codebook.copy_(codebook)
             if linear.bias is not None:

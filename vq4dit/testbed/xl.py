@@ -39,13 +39,13 @@ _DIT_ARGS = ("activation_fn", "attention_bias", "attention_head_dim", "dropout",
              "out_channels", "patch_size", "sample_size", "upcast_attention")
 
 
-def make_xl_transformer(num_layers: int = 28, seed: int = 0, dtype=torch.float32):
+def make_xl_transformer(num_layers: int = 28, seed: int = 0):
     """The XL/2 transformer with random weights: diffusers' default init (uniform, cheap), then
     block 0's timestep/label embedder copied into every block, as in the converted checkpoint."""
     from diffusers import DiTTransformer2DModel
     torch.manual_seed(seed)
     cfg = dict(XL_TRANSFORMER_CONFIG, num_layers=num_layers)
-    model = DiTTransformer2DModel(**{k: cfg[k] for k in _DIT_ARGS}).to(dtype)
+    model = DiTTransformer2DModel(**{k: cfg[k] for k in _DIT_ARGS})
     with torch.no_grad():
         first = model.transformer_blocks[0].norm1.emb.state_dict()
         for block in model.transformer_blocks[1:]:
