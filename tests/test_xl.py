@@ -1,0 +1,256 @@
+"""DiT-XL/2 at scale (issue 12): the XL-shaped pipeline, k-means on a subsample, the packed file's
+deduplicated tensors, the decoded-weight cache, and the CLI on the XL layout.
+
+The 2-block XL-wide pipeline (hidden 1152, 16 heads x 72, the SD VAE) runs in the default suite;
+the full 28-block run is `@pytest.mark.slow` (python -m pytest -m slow tests/test_xl.py)."""
+import json
+
+import pytest
+import torch
+
+from vq4dit import method_config, quantize
+from vq4dit.io import load_dit, load_quantized, save_quantized
+from vq4dit.layers import VQLinear, kmeans, kmeans_cached, quantized_layers
+from vq4dit.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def xl2_dir(tmp_path_factory):
+    from vq4dit.testbed.xl import write_xl_pipeline
+    return write_xl_pipeline(tmp_path_factory.mktemp("xl") / "dit-xl-2blocks", num_layers=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The XL-shaped pipeline
+# ---------------------------------------------------------------------------------------------
+
+def test_xl_pipeline_is_laid_out_like_the_hub_checkpoint(xl2_dir):
+    index = json.loads((xl2_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline" and index["transformer"] == ["diffusers", "Transformer2DModel"]
+    tc = json.loads((xl2_dir / "transformer" / "config.json").read_text())
+    assert tc["_class_name"] == "Transformer2DModel"  # the legacy name of the converted checkpoint
+    assert (tc["num_attention_heads"], tc["attention_head_dim"], tc["patch_size"]) == (16, 72, 2)
+    assert (tc["in_channels"], tc["out_channels"], tc["num_embeds_ada_norm"], tc["sample_size"]) == (4, 8, 1000, 32)
+    vc = json.loads((xl2_dir / "vae" / "config.json").read_text())
+    assert vc["block_out_channels"] == [128, 256, 512, 512] and vc["latent_channels"] == 4
+    assert vc["scaling_factor"] == 0.18215
+    assert not list(xl2_dir.rglob("*.bin"))  # safetensors only
+    bundle = load_dit(xl2_dir)
+    m = bundle.transformer
+    assert bundle.vae is not None and len(m.transformer_blocks) == 2
+    assert m.transformer_blocks[0].attn1.to_q.weight.shape == (1152, 1152)
+    assert m.transformer_blocks[0].ff.net[0].proj.weight.shape == (4608, 1152)
+    e0, e1 = (dict(b.norm1.emb.named_parameters()) for b in m.transformer_blocks)
+    assert sum(p.numel() for p in e0.values()) > 2_700_000  # 2.77M per block copy
+    assert all(torch.equal(e0[k], e1[k]) for k in e0)         # identical copies, as in the Hub checkpoint
+
+
+@pytest.mark.slow  # ~40 s on an idle 2-core CPU, 106 s under load: over the default suite's budget
+def test_xl_wide_two_blocks_runs_vq4dit_saves_dedupes_and_reloads_exactly(xl2_dir, tmp_path):
+    """vq4dit with a tiny budget on the XL-wide model; the packed file holds the embedder once and
+    reloads to exactly the in-memory model's outputs; one image goes through the VAE."""
+    bundle = load_dit(xl2_dir)
+    m = bundle.transformer
+    cfg = method_config("vq4dit", bits=2, kmeans_iters=2,
+                        calib=dict(iterations=1, num_sampling_steps=1, labels_per_iteration=1, teacher_sampler="ddim"))
+    trace = quantize(m, cfg, progress=False)
+    assert trace.meta["steps_done"] == 1 and len(quantized_layers(m)) == 14
+    out = save_quantized(m, tmp_path / "xl2-w2", scheduler=bundle.scheduler)
+    meta = json.loads((out / "vq4dit_config.json").read_text())
+    assert "fp/transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight" in meta["aliases"]
+    assert meta["size"]["dir_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    back = load_quantized(out).transformer
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([500]), torch.tensor([3])
+    with torch.no_grad():
+        a = m(x, timestep=t, class_labels=y, return_dict=False)[0]
+        b = back(x, timestep=t, class_labels=y, return_dict=False)[0]
+    assert torch.equal(a, b)
+    e = back.transformer_blocks
+    assert torch.equal(e[0].norm1.emb.class_embedder.embedding_table.weight,
+                       e[1].norm1.emb.class_embedder.embedding_table.weight)
+    img = sample(back, [3], num_steps=2, scheduler=bundle.scheduler, vae=bundle.vae)
+    assert img.shape == (1, 3, 256, 256) and torch.isfinite(img).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed file: identical tensors stored once, aliases validated
+# ---------------------------------------------------------------------------------------------
+
+def _shared_embedder_model():
+    from conftest import make_tiny_dit
+    m = make_tiny_dit(layers=3)
+    first = m.transformer_blocks[0].norm1.emb.state_dict()
+    for b in m.transformer_blocks[1:]:
+        b.norm1.emb.load_state_dict(first)
+    quantize(m, method_config("kmeans", bits=3, kmeans_iters=3), progress=False)
+    return m
+
+
+def test_packer_stores_identical_tensors_once_and_reload_is_exact(tmp_path):
+    from safetensors import safe_open
+    m = _shared_embedder_model()
+    out = save_quantized(m, tmp_path / "p")
+    meta = json.loads((out / "vq4dit_config.json").read_text())
+    n_emb = len(dict(m.transformer_blocks[0].norm1.emb.named_parameters()))
+    assert len(meta["aliases"]) == 2 * n_emb  # blocks 1 and 2 point at block 0's tensors
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert not keys & set(meta["aliases"])
+    assert all(v.startswith("fp/transformer_blocks.0.") for v in meta["aliases"].values())
+    back = load_quantized(out).transformer
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([10, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(m(x, timestep=t, class_labels=y).sample, back(x, timestep=t, class_labels=y).sample)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update({"fp/transformer_blocks.1.norm1.emb.x": "fp/nothing"}), "does not hold"),
+    (lambda a: a.update({"fp/pos_embed.proj.weight": "fp/pos_embed.proj.bias"}), "also stored"),
+    (lambda a: a.update({"vq/x": "fp/pos_embed.proj.bias"}), "fp/ tensor names"),
+])
+def test_loader_refuses_bad_aliases(tmp_path, edit, message):
+    m = _shared_embedder_model()
+    out = save_quantized(m, tmp_path / "p")
+    f = out / "vq4dit_config.json"
+    meta = json.loads(f.read_text())
+    edit(meta["aliases"])
+    f.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load_quantized(out)
+
+
+def test_loader_refuses_an_alias_to_a_tensor_of_the_wrong_shape(tmp_path):
+    """An alias restores a tensor under another name; the shape check of every tensor still applies."""
+    m = _shared_embedder_model()
+    out = save_quantized(m, tmp_path / "p")
+    f = out / "vq4dit_config.json"
+    meta = json.loads(f.read_text())
+    key = next(iter(meta["aliases"]))
+    meta["aliases"][key] = "fp/pos_embed.proj.bias"
+    f.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has shape"):
+        load_quantized(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means on a subsample
+# ---------------------------------------------------------------------------------------------
+
+def test_hamerly_bounds_give_plain_lloyd():
+    """The bounded iterations (plain distances) end at the same codebook as plain Lloyd (unit weights
+    take the unbounded path through the same distance code)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6000, 4, generator=g)
+    c1, a1 = kmeans(x, 64, iters=40, seed=3, tol=0.0)
+    c2, a2 = kmeans(x, 64, iters=40, seed=3, tol=0.0, weights=torch.ones_like(x))
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+
+
+def test_subsampled_kmeans_assigns_every_row_to_its_nearest_codeword_with_full_lloyd_quality():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40000, 4, generator=g)
+    c_sub, a_sub = kmeans(x, 32, iters=30, seed=0, points_per_codeword=64)   # trains on 2,048 rows
+    c_all, a_all = kmeans(x, 32, iters=30, seed=0, points_per_codeword=None)
+    assert not torch.equal(c_sub, c_all)  # it did train on a subsample
+    dist = torch.cdist(x, c_sub)
+    assert (dist.gather(1, a_sub[:, None]).squeeze(1) <= dist.min(1).values + 1e-5).all()
+    err_sub = (x - c_sub[a_sub]).pow(2).sum(1).mean()
+    err_all = (x - c_all[a_all]).pow(2).sum(1).mean()
+    assert err_sub < 1.05 * err_all
+
+
+def test_weighted_kmeans_subsamples_rows_with_their_weights():
+    """Activation-aware (weighted) k-means on a subsample: the weights travel with their rows, so a
+    coordinate with near-zero weight does not shape the codebook."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20000, 2, generator=g)
+    w = torch.stack([torch.ones(20000), torch.full((20000,), 1e-6)], 1)
+    c, a = kmeans(x, 8, iters=30, seed=0, weights=w, points_per_codeword=64)
+    err_first = (x[:, 0] - c[a, 0]).pow(2).mean()
+    c0, a0 = kmeans(x, 8, iters=30, seed=0, points_per_codeword=64)
+    assert err_first < 0.5 * (x[:, 0] - c0[a0, 0]).pow(2).mean()
+
+
+def test_kmeans_cache_key_includes_the_subsampling(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQ4DIT_CACHE", str(tmp_path))
+    x = torch.randn(5000, 4, generator=torch.Generator().manual_seed(0))
+    c1, _ = kmeans_cached(x, 16, 5, 0, points_per_codeword=32)
+    c2, _ = kmeans_cached(x, 16, 5, 0, points_per_codeword=None)
+    assert len(list((tmp_path / "kmeans").glob("*.safetensors"))) == 2
+    assert not torch.equal(c1, c2)
+    c3, _ = kmeans_cached(x, 16, 5, 0, points_per_codeword=32)  # a hit
+    assert torch.equal(c1, c3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded-weight cache (inference)
+# ---------------------------------------------------------------------------------------------
+
+def test_decoded_weight_is_built_once_and_rebuilt_after_a_change(monkeypatch):
+    lin = torch.nn.Linear(16, 8)
+    q = VQLinear.from_linear(lin, method_config("kmeans", bits=2, k=4, kmeans_iters=3)).eval()
+    calls = []
+    real = VQLinear.weight_hat
+    monkeypatch.setattr(VQLinear, "weight_hat", lambda self: calls.append(1) or real(self))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y0 = q(x)
+        assert torch.equal(q(x), y0) and len(calls) == 1          # decoded once, reused
+        q.codebook.add_(1.0)                                       # parameter changed: rebuilt
+        y1 = q(x)
+        assert len(calls) == 2 and torch.allclose(y1, y0 + x.sum(1, keepdim=True), atol=1e-5)
+        q.assignment.copy_(torch.roll(q.assignment, 1))            # indices changed: rebuilt
+        y2 = q(x)
+        assert len(calls) == 3 and torch.allclose(y2, F_linear(x, real(q), q.bias))
+
+
+def F_linear(x, w, b):
+    return torch.nn.functional.linear(x, w, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI on the XL layout
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypatch, capsys):
+    import copy
+
+    from vq4dit.__main__ import main
+
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copy(obj, *a, **k):
+        if isinstance(obj, torch.nn.Module):
+            raise AssertionError("k-means must not deep-copy the model")
+        return real_deepcopy(obj, *a, **k)
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+    rc = main(["quantize", "--model", str(xl2_dir), "--method", "kmeans", "--kmeans-iters", "1", "--no-eval",
+               "--out", str(tmp_path / "w2"), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["block_mse"] is None
+    assert report["dir_bytes"] == sum(f.stat().st_size for f in (tmp_path / "w2").rglob("*") if f.is_file())
+    meta = json.loads((tmp_path / "w2" / "vq4dit_config.json").read_text())
+    assert meta["extra"]["block_mse"] is None and meta["size"]["dir_bytes"] == report["dir_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The full 28-block XL-shaped pipeline (slow: ~10 min and ~6 GB on 2 cores)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_xl_shaped_kmeans_w2_packs_under_200_mib_and_samples(tmp_path):
+    from vq4dit.__main__ import main
+    from vq4dit.testbed.xl import write_xl_pipeline
+    src = write_xl_pipeline(tmp_path / "xl", num_layers=28)
+    out = tmp_path / "xl-w2"
+    assert main(["quantize", "--model", str(src), "--method", "kmeans", "--bits", "2", "--no-eval",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert total <= 200 * 2 ** 20
+    bundle = load_dit(out)
+    vae = load_dit(src).vae
+    img = sample(bundle.transformer, [207], num_steps=2, scheduler=bundle.scheduler, vae=vae)
+    assert img.shape == (1, 3, 256, 256) and torch.isfinite(img).all()
