@@ -174,6 +174,12 @@ def cmd_sample(args) -> int:
     check_writable(out.parent)
     device = resolve_device(args.device)
     bundle = load_dit(args.model, device=device)
+    if args.vae is not None:
+        from .io import load_vae
+        bundle.vae = load_vae(args.vae, device)
+    if bundle.vae is None and bundle.transformer.config.in_channels not in (1, 3):
+        raise ValueError(f"{args.model} is a latent-space model ({bundle.transformer.config.in_channels} channels) "
+                         f"without a VAE: pass --vae PIPELINE_DIR (packed models do not carry the VAE)")
     n_cls = bundle.transformer.config.num_embeds_ada_norm
     labels = args.labels if args.labels else list(range(min(n_cls, 10)))
     bad = [l for l in labels if not 0 <= l < n_cls]
@@ -243,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="noise seed")
     s.add_argument("--nrow", type=bounded_int(1, 1024), help="images per grid row")
     s.add_argument("--device", help="cuda or cpu (default: CUDA when available)")
+    s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents; needed for a packed "
+                                 "latent-space model such as DiT-XL/2 (the packed dir does not carry the VAE)")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -176,13 +176,7 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBu
     if (p / "config.json").is_file():
         bundle = DiTBundle(_load_transformer(p, device, dtype), _scheduler_from(p / "scheduler"), None, str(p))
     elif (p / "transformer" / "config.json").is_file():
-        vae = None
-        if (p / "vae" / "config.json").is_file():
-            from diffusers import AutoencoderKL
-            _check_safetensors(p / "vae")
-            vae, info = AutoencoderKL.from_pretrained(p / "vae", use_safetensors=True, output_loading_info=True)
-            _check_loading_info(p / "vae", info)
-            vae = vae.to(device).eval()
+        vae = load_vae(p, device) if (p / "vae" / "config.json").is_file() else None
         bundle = DiTBundle(_load_transformer(p / "transformer", device, dtype),
                            _scheduler_from(p / "scheduler"), vae, str(p))
     else:
@@ -190,6 +184,23 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32) -> DiTBu
                          f"DiTTransformer2DModel, a transformer/ subfolder, or a packed {PACKED_CONFIG}")
     check_finite(bundle.transformer)
     return bundle
+
+
+def load_vae(path, device=None):
+    """The VAE of a pipeline dir (its vae/) or a VAE dir, from safetensors. A packed model does not
+    carry the VAE (it is not quantized): sample through the source pipeline's."""
+    from diffusers import AutoencoderKL
+    p = Path(path)
+    folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"no VAE in {p}: expected a pipeline dir with vae/ or a VAE dir with config.json")
+    _check_safetensors(folder)
+    try:
+        vae, info = AutoencoderKL.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    except Exception as e:
+        raise ValueError(f"could not load the VAE in {folder}: {e}") from e
+    _check_loading_info(folder, info)
+    return vae.to(torch.device(device) if device else torch.device("cpu")).eval()
 
 
 def hub_offline() -> bool:
@@ -367,7 +378,7 @@ def load_quantized(path, device=None) -> DiTBundle:
                              codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
                 q.codebook.data = cb.float()
                 q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
-                q.kmeans_assignment.copy_(q.assignment)
+                q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
                 if lay["bias"]:
                     q.bias.data = t[f"vq/{name}/bias"].float()
             else:
