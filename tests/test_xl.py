@@ -210,6 +210,27 @@ def F_linear(x, w, b):
     return torch.nn.functional.linear(x, w, b)
 
 
+def test_layers_gone_hard_leave_the_optimizer_with_their_state():
+    """Calibration drops the logits of hard layers (and their RMSprop state) from the optimizer."""
+    from vq4dit.calibrate import release_hard_logits
+    qs = []
+    for seed in range(2):
+        lin = torch.nn.Linear(16, 8)
+        q = VQLinear.from_linear(lin, method_config("kmeans", bits=2, k=4, kmeans_iters=3), seed=seed)
+        q.init_soft(lin.weight)
+        qs.append(q)
+    owner = {id(q.logits): q for q in qs}
+    opt = torch.optim.RMSprop([dict(params=[q.logits for q in qs], lr=1e-2, name="logits")])
+    sum(q(torch.randn(2, 16)).sum() for q in qs).backward()
+    opt.step()
+    assert len(opt.state) == 2
+    kept = qs[1].logits
+    qs[0].make_hard()
+    release_hard_logits(opt, owner)
+    assert opt.param_groups[0]["params"] == [kept] and list(opt.state) == [kept]
+    opt.step()  # still steps the soft layer
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI on the XL layout
 # ---------------------------------------------------------------------------------------------
@@ -254,3 +275,41 @@ def test_full_xl_shaped_kmeans_w2_packs_under_200_mib_and_samples(tmp_path):
     vae = load_dit(src).vae
     img = sample(bundle.transformer, [207], num_steps=2, scheduler=bundle.scheduler, vae=vae)
     assert img.shape == (1, 3, 256, 256) and torch.isfinite(img).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The app on the XL-shaped pipeline (slow: every image goes through the 256x256 VAE on CPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_app_opens_on_the_xl_shaped_pipeline_and_views_render(xl2_dir, tmp_path):
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    from app import AppConfig, create_app
+    from conftest import free_port
+    demo = create_app(AppConfig(model=str(xl2_dir), runs_dir=str(tmp_path / "runs"), eval_per_class=1, eval_steps=1,
+                                image_steps=1, warm_umap=False, iterations=1, sampling_steps=1, kmeans_iters=1))
+    demo.queue()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        eng = demo.engine
+        assert eng.n_blocks == 2 and eng.n_classes == 1000 and not eng.is_digits and eng.bundle.vae is not None
+        job = client.submit("vq4dit", 2, 256, 4, 2, 1, 1, 1, 5e-2, 1e-4, 1.0, 0, api_name="/run")
+        outs = [o for o in job]
+        assert job.outputs()[-1][0].startswith("**Saved"), job.outputs()[-1][0]
+        rid = demo.engine.store.readable_ids()[0]
+        out = client.predict(rid, api_name="/load_run")
+        assert len(out[1]["choices"]) == 7 and outs
+        res = client.predict("top ratio", "PCA", api_name="/render_layer_views")
+        assert rid in res[0] and len(res[-2]["data"]) == 2
+        fig, note = client.predict("codeword", "PCA", api_name="/render_cluster")
+        assert fig is not None
+        img, table, note = client.predict(rid, "1,207", 0, 4.0, 1, api_name="/images")
+        assert img is not None
+        listed = client.predict(api_name="/list_runs")
+        assert len(listed[0]["data"]) == 1
+    finally:
+        demo.close()
