@@ -313,3 +313,14 @@ def test_app_opens_on_the_xl_shaped_pipeline_and_views_render(xl2_dir, tmp_path)
         assert len(listed[0]["data"]) == 1
     finally:
         demo.close()
+
+
+def test_flop_estimate_of_reference_calibration():
+    """Teacher fwd + student fwd + bwd (2x fwd) on 8 images of 256 tokens: 4 x 351 GFLOP x 8 per step."""
+    from vq4dit.scale_bench import flop_estimate
+    e = flop_estimate()
+    linear = 2 * 668_860_416 * 256
+    attention = 28 * 4 * 256 ** 2 * 1152
+    assert e["forward_per_image"] == linear + attention
+    assert e["per_step"] == pytest.approx(11.23e12, rel=1e-3)
+    assert e["total"] == e["per_step"] * 50_000
