@@ -237,8 +237,9 @@ class _NoCache(torch.nn.Module):
 
 def stage_quality(a, r: _Rows):
     """Item 2: the subsample (256 points per codeword) vs full Lloyd on the embedded model. At W2
-    (k=256) no digits layer has more than 256 * 256 sub-vectors, so the subsample only acts at W3
-    and XL-sharing; weight error = mean squared error of W_hat vs W over all quantized weights."""
+    (k=256) only the adaLN layers (98,304 sub-vectors) exceed 256 * 256 and are subsampled; at W3
+    and XL-sharing every layer is. Weight error = mean squared error of W_hat vs W over all
+    quantized weights."""
     from . import method_config, quantize
     from .config import setting_kd
     from .io import load_dit
