@@ -45,7 +45,7 @@ def test_xl_pipeline_is_laid_out_like_the_hub_checkpoint(xl2_dir):
     assert all(torch.equal(e0[k], e1[k]) for k in e0)         # identical copies, as in the Hub checkpoint
 
 
-@pytest.mark.slow  # ~40 s on an idle 2-core CPU, 106 s under load: over the default suite's budget
+@pytest.mark.slow  # 106-445 s on this shared 2-core CPU (load 9-12): over the default suite's budget
 def test_xl_wide_two_blocks_runs_vq4dit_saves_dedupes_and_reloads_exactly(xl2_dir, tmp_path):
     """vq4dit with a tiny budget on the XL-wide model; the packed file holds the embedder once and
     reloads to exactly the in-memory model's outputs; one image goes through the VAE."""
@@ -258,7 +258,8 @@ def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
-# The full 28-block XL-shaped pipeline (slow: ~10 min and ~6 GB on 2 cores)
+# The full 28-block XL-shaped pipeline (slow: the same steps by CLI took 33 + 4 min, 6.2 GB peak,
+# on this shared 2-core CPU: results/xl_scale/)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -278,7 +279,8 @@ def test_full_xl_shaped_kmeans_w2_packs_under_200_mib_and_samples(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The app on the XL-shaped pipeline (slow: every image goes through the 256x256 VAE on CPU)
+# The app on the XL-shaped pipeline (slow: every image goes through the 256x256 VAE on CPU;
+# 24 min on this shared 2-core CPU at load ~12)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
