@@ -6,7 +6,8 @@
 # peak RSS and peak GPU memory; writes $OUT/xl_scale_gpu.csv, its log and env.txt.
 #   bash scripts/gpu_xl.sh                                  # OUT=results/gpu_xl
 #   OUT=$OUT CALIB_STEPS=10 SAMPLE_STEPS=50 bash scripts/gpu_xl.sh
-#   DEVICE=cpu BLOCKS=2 CALIB_BLOCKS=2 KMEANS_ITERS=2 CALIB_STEPS=2 SAMPLE_STEPS=2 bash scripts/gpu_xl.sh  # CPU smoke
+#   DEVICE=cpu BLOCKS=2 CALIB_BLOCKS=2 KMEANS_ITERS=1 CALIB_STEPS=1 SAMPLE_STEPS=1 SAMPLE_BATCH=1 REPEATS=1 \
+#     THREADS=1 STAGES="write load kmeans load_packed sample calib" OUT=/tmp/smoke bash scripts/gpu_xl.sh  # CPU smoke
 # Device machine: python3 has torch but no registry; diffusers comes as wheels in .whl/
 # (git-ignored, carried with the tree; see README "DiT-XL/2 at scale").
 set -uo pipefail
@@ -23,7 +24,8 @@ cat "$OUT/env.txt"
 python3 -m vq4dit.scale_bench --device "$DEVICE" --blocks "${BLOCKS:-28}" --calib-blocks "${CALIB_BLOCKS:-28}" \
   --calib-steps "${CALIB_STEPS:-10}" --kmeans-iters "${KMEANS_ITERS:-100}" --sample-steps "${SAMPLE_STEPS:-50}" \
   --sample-batch "${SAMPLE_BATCH:-8}" --repeats "${REPEATS:-3}" --threads "${THREADS:-8}" \
-  --work "${WORK:-/tmp/vq4dit-xl-work}" --out "$OUT/xl_scale_gpu.csv" 2>&1 | grep -v "accelerate" | tee "$OUT/xl_scale_gpu.log"
+  --work "${WORK:-/tmp/vq4dit-xl-work}" --stages ${STAGES:-write load kmeans load_packed sample calib digits quality} \
+  --out "$OUT/xl_scale_gpu.csv" 2>&1 | grep -v "accelerate" | tee "$OUT/xl_scale_gpu.log"
 rc=${PIPESTATUS[0]}
 ls -la "$OUT"
 exit "$rc"
