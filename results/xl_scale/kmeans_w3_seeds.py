@@ -1,5 +1,5 @@
 import sys, time, torch
-sys.path.insert(0, "/work/wt12")
+sys.path.insert(0, ".")  # run from the repository root
 torch.set_num_threads(1)
 from vq4dit import method_config, quantize
 from vq4dit.io import load_dit
