@@ -1,6 +1,6 @@
 """DiT-XL/2 at scale: time and peak memory per stage, on the XL-shaped test-bed pipeline.
 
-    python -m vq4dit.scale_bench --out results/xl_scale_cpu.csv                 # 28 blocks, CPU
+    python -m vq4dit.scale_bench --out results/xl_scale/xl_scale_cpu.csv        # 28 blocks, CPU
     python -m vq4dit.scale_bench --blocks 2 --kmeans-iters 2 --out /tmp/t.csv   # tiny, a smoke test
     python -m vq4dit.scale_bench --device cuda --calib-steps 20 --out $OUT/xl_scale_gpu.csv  # scripts/gpu_xl.sh
 
@@ -305,7 +305,7 @@ def _parse(argv):
                    help="torch CPU threads (1: on a busy 2-core box more threads wait on each other)")
     p.add_argument("--work", type=Path, default=Path("out/scale-bench"), help="where the pipelines are written")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    p.add_argument("--out", type=Path, default=Path("results/xl_scale_cpu.csv"))
+    p.add_argument("--out", type=Path, default=Path("results/xl_scale/xl_scale_cpu.csv"))
     p.add_argument("--stage", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
