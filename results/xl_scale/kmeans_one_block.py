@@ -1,4 +1,5 @@
-import sys, time, torch, resource, os
+import os, sys, time
+import torch
 sys.path.insert(0, ".")
 torch.set_num_threads(1)
 from vq4dit.layers import kmeans
