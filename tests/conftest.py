@@ -53,3 +53,15 @@ def free_port() -> int:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: library mechanics (no app, no browser): python -m pytest -m core tests")
+    config.addinivalue_line("markers", "slow: minutes to hours on 2 cores (the full DiT-XL/2-shaped run); "
+                                       "skipped unless selected with -m slow or VQ4DIT_SLOW_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run only when asked for: `-m slow` (or an -m expression naming it) or VQ4DIT_SLOW_TESTS=1."""
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("VQ4DIT_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or VQ4DIT_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

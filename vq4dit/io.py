@@ -8,6 +8,8 @@ Packed model directory (all tensors in safetensors, written atomically):
                                   vq/<layer>/codebook (k, d) fp16, vq/<layer>/indices uint8 (bit-packed
                                   at log2(k) bits), vq/<layer>/bias
                                   rtn/<layer>/codes uint8 (bit-packed), scale/zero, bias
+                                  identical fp tensors are stored once: `aliases` in the JSON maps
+                                  each copy's key to the stored one (DiT-XL/2: 28 embedder copies)
     scheduler/scheduler_config.json
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .sampling import make_scheduler
 
 PACKED_CONFIG = "vq4dit_config.json"
 PACKED_WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: identical fp tensors stored once (`aliases`); 1 is still read
+READ_VERSIONS = (1, 2)
 
 # ----------------------------------------------------------------------------------------
 # Bit packing
@@ -176,13 +179,7 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
     if (p / "config.json").is_file():
         bundle = DiTBundle(_load_transformer(p, device, dtype), _scheduler_from(p / "scheduler"), None, str(p))
     elif (p / "transformer" / "config.json").is_file():
-        vae = None
-        if (p / "vae" / "config.json").is_file():
-            from diffusers import AutoencoderKL
-            _check_safetensors(p / "vae")
-            vae, info = AutoencoderKL.from_pretrained(p / "vae", use_safetensors=True, output_loading_info=True)
-            _check_loading_info(p / "vae", info)
-            vae = vae.to(device).eval()
+        vae = load_vae(p, device) if (p / "vae" / "config.json").is_file() else None
         bundle = DiTBundle(_load_transformer(p / "transformer", device, dtype),
                            _scheduler_from(p / "scheduler"), vae, str(p))
     else:
@@ -190,6 +187,23 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
                          f"DiTTransformer2DModel, a transformer/ subfolder, or a packed {PACKED_CONFIG}")
     check_finite(bundle.transformer)
     return bundle
+
+
+def load_vae(path, device=None):
+    """The VAE of a pipeline dir (its vae/) or a VAE dir, from safetensors. A packed model does not
+    carry the VAE (it is not quantized): sample through the source pipeline's."""
+    from diffusers import AutoencoderKL
+    p = Path(path)
+    folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"no VAE in {p}: expected a pipeline dir with vae/ or a VAE dir with config.json")
+    _check_safetensors(folder)
+    try:
+        vae, info = AutoencoderKL.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    except Exception as e:
+        raise ValueError(f"could not load the VAE in {folder}: {e}") from e
+    _check_loading_info(folder, info)
+    return vae.to(torch.device(device) if device else torch.device("cpu")).eval()
 
 
 def hub_offline() -> bool:
@@ -296,23 +310,23 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
                              f"(e.g. {differ[:3]}): pass the model it was quantized from")
         shared = dict(keys=sorted(fp), sha256=_fp_digest(fp))
         fp = {}
-    tensors.update({f"fp/{k}": t for k, t in fp.items()})
+    stored, aliases = dedupe_tensors({f"fp/{k}": t for k, t in fp.items()})
+    tensors.update(stored)
     meta = dict(format="vq4dit-packed", version=FORMAT_VERSION,
                 method=getattr(cfg, "method", None), config=cfg.to_dict() if cfg is not None else None,
                 transformer_config={k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                transformer_class=type(model).__name__, layers=layout, size=size_summary(model),
+                transformer_class=type(model).__name__, layers=layout, aliases=aliases, size=size_summary(model),
                 extra=extra or {})
     if shared is not None:
         meta["fp_base"] = shared
     tmp = _atomic_dir(out_dir, overwrite, protect)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
-        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
         (scheduler or make_scheduler()).save_pretrained(tmp / "scheduler")
-        meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
-        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
         if write_extra is not None:
             write_extra(tmp)
+        meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
+        _write_config_with_dir_bytes(tmp, meta)
         _commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,6 +363,38 @@ def _shared_fp(meta: dict, fp_base, path: Path) -> dict:
     return {f"fp/{k}": v.float().clone() for k, v in fp.items()}
 
 
+def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Identical tensors (same dtype, shape and bytes) stored once: (tensors to store, {copy's key:
+    stored key}). DiT-XL/2's converted checkpoint holds 28 identical timestep/label embedders."""
+    import hashlib
+    stored, aliases, seen = {}, {}, {}
+    for key, t in tensors.items():
+        h = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        sig = (str(t.dtype), tuple(t.shape), h.hexdigest())
+        if sig in seen and torch.equal(stored[seen[sig]], t):
+            aliases[key] = seen[sig]
+        else:
+            seen[sig] = key
+            stored[key] = t
+    return stored, aliases
+
+
+def dir_bytes(path) -> int:
+    """Total bytes of the files under `path`: what a packed model costs on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _write_config_with_dir_bytes(tmp: Path, meta: dict):
+    """Write the JSON with size.dir_bytes = the whole directory, the JSON itself included."""
+    meta["size"]["dir_bytes"] = 0
+    for _ in range(4):  # the JSON's own length depends on the number it holds: settle it
+        (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
+        total = dir_bytes(tmp)
+        if total == meta["size"]["dir_bytes"]:
+            return
+        meta["size"]["dir_bytes"] = total
+
+
 def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
     """Rebuild a packed model; its outputs equal the in-memory quantized model's. `fp_base`: the
     full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`."""
@@ -372,6 +418,7 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
         if any(k.startswith("fp/") for k in t):
             raise ValueError(f"{wfile} holds fp/ tensors although its config says they come from fp_base")
         t.update(_shared_fp(meta, fp_base, path))
+    _restore_aliases(meta, t, wfile)
     _validate_packed(meta, t, wfile)
     model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     cfg_d = meta.get("config") or {}
@@ -386,7 +433,7 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
                              codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
                 q.codebook.data = cb.float()
                 q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
-                q.kmeans_assignment.copy_(q.assignment)
+                q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
                 if lay["bias"]:
                     q.bias.data = t[f"vq/{name}/bias"].float()
             else:
@@ -425,6 +472,30 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
 _INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
                "patch_size", "num_embeds_ada_norm")
 _MAX_POS_ELEMENTS = 1 << 28  # positional-embedding table (positions x hidden) built at init
+
+
+def _restore_aliases(meta: dict, t: dict, wfile: Path):
+    """Put each deduplicated copy back under its own key (the same tensor), after checking that the
+    aliases name fp tensors absent from the file and point at fp tensors present in it."""
+    def bad(msg):
+        raise ValueError(f"{wfile.parent} is not a valid packed model: {msg}")
+
+    if meta.get("version") not in READ_VERSIONS:
+        bad(f"format version {meta.get('version')!r} is not one of {READ_VERSIONS} (written by a newer vq4dit?)")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict):
+        bad("aliases is not an object")
+    if meta["version"] < 2 and aliases:
+        bad("aliases in a version-1 file")
+    for key, target in aliases.items():
+        if not (isinstance(key, str) and isinstance(target, str) and key.startswith("fp/") and target.startswith("fp/")):
+            bad(f"alias {key!r} -> {target!r}: both must be fp/ tensor names")
+        if key in t:
+            bad(f"alias {key!r} is also stored in the file")
+        if target not in t:
+            bad(f"alias {key!r} points at {target!r}, which the file does not hold")
+    for key, target in aliases.items():
+        t[key] = t[target]
 
 
 def _is_int(v) -> bool:

@@ -54,10 +54,11 @@ def _quantize_vq(model, cfg: VQConfig, targets, progress):
         device = next(model.parameters()).device
         power = {n: h.diagonal().clone() for n, h in
                  collect_input_moments(model, [n for n, _ in targets], calib, device).items()}
-    originals = {}
+    originals = {}  # FP weights for calibration (candidate sets); k-means alone lets them go
     for i, (name, lin) in enumerate(progress(targets, desc=f"k-means k={cfg.k} d={cfg.d}")):
         q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i, input_power=power.get(name))
-        originals[name] = lin.weight.detach()
+        if cfg.calib is not None:
+            originals[name] = lin.weight.detach()
         _replace(model, name, q)
     return originals
 

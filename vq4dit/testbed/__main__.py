@@ -4,6 +4,7 @@
   python -m vq4dit.testbed train-dit --out assets/digits-dit --steps N --ckpt-dir checkpoints/digits-dit
   python -m vq4dit.testbed train-dit --out assets/digits-dit --ckpt-dir checkpoints/digits-dit --export-from-checkpoint
   python -m vq4dit.testbed eval-dit --model assets/digits-dit --grid out/grid.png
+  python -m vq4dit.testbed write-xl out/dit-xl-shaped [--blocks 2]   # random DiT-XL/2-shaped pipeline
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="PNG path for the sample grid")
 
+    p = sub.add_parser("write-xl", help="write a random pipeline laid out like facebook/DiT-XL-2-256")
+    p.add_argument("out", type=Path)
+    p.add_argument("--blocks", type=int, default=28, help="transformer blocks (28 = DiT-XL/2; 2 = XL-wide, for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a pipeline written earlier by write-xl")
+
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -94,6 +101,13 @@ def main(argv=None) -> None:
         t0 = time.time()
         _, acc = train_classifier(ClassifierTrainConfig(seed=args.seed), out_dir=args.out)
         print(f"test accuracy {acc:.4f} ({time.time() - t0:.0f} s); saved to {args.out}")
+    elif args.cmd == "write-xl":
+        from .xl import write_xl_pipeline
+        if not 1 <= args.blocks <= 28:
+            raise SystemExit("--blocks must be in [1, 28]")
+        t0 = time.time()
+        write_xl_pipeline(args.out, num_layers=args.blocks, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {args.out} ({args.blocks} blocks) in {time.time() - t0:.0f} s")
     elif args.cmd == "eval-dit":
         t0 = time.time()
         res = eval_dit(args.model, args.classifier, args.per_class, args.cfg, args.num_steps, args.seed, args.grid)
