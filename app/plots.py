@@ -117,14 +117,20 @@ def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0
         fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers",
                                    marker=dict(size=5, color=cols, opacity=0.8), name="sub-vectors (colour = codeword)",
                                    text=hover, hoverinfo="text"))
+    return _with_codewords(fig, xy_codebook, xy_codebook0, "codewords (this step)", title, axis, uirevision)
+
+
+def _with_codewords(fig: go.Figure, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray], label: str,
+                    title: str, axis: str, uirevision: str) -> go.Figure:
+    """Codewords as crosses, k-means codewords as grey rings, and the layout both cluster plots share."""
     if xy_codebook0 is not None:
         fig.add_trace(go.Scatter(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
-                                   marker=dict(size=7, symbol="circle-open", color="#999999"),
-                                   name="codewords at k-means init", hoverinfo="skip"))
+                                 marker=dict(size=7, symbol="circle-open", color="#999999"),
+                                 name="codewords at k-means init", hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
-                               marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
-                               name="codewords (this step)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
-                               hoverinfo="text"))
+                             marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
+                             name=label, text=[f"codeword {i}" for i in range(len(xy_codebook))],
+                             hoverinfo="text"))
     fig.update_layout(**BASE, height=480, title=title, uirevision=uirevision,
                       xaxis_title=f"{axis} 1 (weight units)" if axis.startswith("raw") else f"{axis} 1",
                       yaxis_title=f"{axis} 2 (weight units)" if axis.startswith("raw") else f"{axis} 2",
@@ -159,20 +165,7 @@ def density_figure(xy: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Option
         heat = go.Heatmap(x=cx, y=cy, z=z.T, customdata=count.T.astype(np.int32), colorscale="Blues", zmin=0,
                           colorbar=dict(title="sub-vectors<br>(log10)", len=0.8),
                           hovertemplate="%{customdata:.0f} sub-vectors<extra></extra>")
-    fig = go.Figure(heat)
-    if xy_codebook0 is not None:
-        fig.add_trace(go.Scatter(x=xy_codebook0[:, 0], y=xy_codebook0[:, 1], mode="markers",
-                                 marker=dict(size=7, symbol="circle-open", color="#999999"),
-                                 name="codewords at k-means init", hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=xy_codebook[:, 0], y=xy_codebook[:, 1], mode="markers",
-                             marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black"), color="black"),
-                             name="codewords (final)", text=[f"codeword {i}" for i in range(len(xy_codebook))],
-                             hoverinfo="text"))
-    fig.update_layout(**BASE, height=480, title=title, uirevision=uirevision,
-                      xaxis_title=f"{axis} 1 (weight units)" if axis.startswith("raw") else f"{axis} 1",
-                      yaxis_title=f"{axis} 2 (weight units)" if axis.startswith("raw") else f"{axis} 2",
-                      legend=dict(orientation="h", y=-0.15, x=0))
-    return fig
+    return _with_codewords(go.Figure(heat), xy_codebook, xy_codebook0, "codewords (final)", title, axis, uirevision)
 
 
 # ----------------------------------------------------------------------------------------
