@@ -98,3 +98,31 @@ def test_bench_plan_is_seed_major_so_a_stopped_run_leaves_complete_pairs():
     abl = bench.plan_jobs("ablations", ["XL-sharing"], None, [0, 1], labels=["vq4dit-ste", "vq4dit-ste n=1"])
     assert [(j.label, j.seed) for j in abl] == [("vq4dit-ste", 0), ("vq4dit-ste n=1", 0),
                                               ("vq4dit-ste", 1), ("vq4dit-ste n=1", 1)]
+
+
+def test_bench_act_aware_init_gives_both_sides_of_the_pair_the_same_init(tmp_path):
+    """--init act-aware: every k-means-based method (the codebook-only baseline included) gets the
+    act-aware init and a label saying so; the report pairs each row with the baseline of the same
+    init, never with the plain-k-means codebook-only row."""
+    from vq4dit import bench
+    jobs = bench.plan_jobs("main", ["W2"], ["codebook-only", "vq4dit-ste", "kmeans", "rtn"], [3, 4], init="act-aware")
+    assert [(j.label, j.seed) for j in jobs] == [
+        ("codebook-only +act-aware init", 3), ("vq4dit-ste +act-aware init", 3), ("kmeans +act-aware init", 3),
+        ("codebook-only +act-aware init", 4), ("vq4dit-ste +act-aware init", 4)]  # no RTN: no codebook
+    assert all(j.vq == {"activation_aware": True} for j in jobs)
+    assert all(j.vq == {} for j in bench.plan_jobs("main", ["W2"], ["codebook-only"], [3]))
+    with pytest.raises(ValueError, match="init"):
+        bench.plan_jobs("main", ["W2"], None, [3], init="random")
+    # the report's pairing: a plain row against plain codebook-only, an act-aware row against act-aware
+    rows = []
+    for seed, (cb, ste, cb_aa, ste_aa) in {3: (1.0, 0.5, 0.4, 0.3), 4: (1.0, 0.6, 0.4, 0.3)}.items():
+        for label, v in [("codebook-only", cb), ("vq4dit-ste", ste), ("codebook-only +act-aware init", cb_aa),
+                         ("vq4dit-ste +act-aware init", ste_aa)]:
+            rows.append(dict(plan="main", setting="W2", label=label, method=label.split()[0], seed=seed,
+                             k=256, d=4, bits_per_weight=2.2, block_mse=v))
+    bench.write_csv(rows, tmp_path / "b.csv")
+    assert bench.paired(rows, "block_mse", "vq4dit-ste +act-aware init")[0] == pytest.approx(-25.0)
+    assert bench.paired(rows, "block_mse", "vq4dit-ste")[0] == pytest.approx(-45.0)
+    text = bench.report(tmp_path / "b.csv")
+    assert text.count("(baseline)") == 6  # 3 metrics x 2 codebook-only rows
+    assert "-25.0% [-25.0, -25.0] **beats**" in text

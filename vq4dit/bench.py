@@ -78,8 +78,24 @@ class Job:
         return (self.plan, self.setting, self.label, str(self.seed))
 
 
-def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None) -> list[Job]:
+# Main-plan init variants: every k-means-based method gets the same init, so pairs stay fair.
+INITS = {"kmeans": ("", {}), "act-aware": (" +act-aware init", dict(activation_aware=True))}
+
+
+def baseline_label(label: str) -> str:
+    """The codebook-only row a label is paired with: the one with the same init."""
+    suffix = next((sfx for sfx, _ in INITS.values() if sfx and label.endswith(sfx)), "")
+    return "codebook-only" + suffix
+
+
+def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None,
+              init: str = "kmeans") -> list[Job]:
     jobs = []
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: choose from {list(INITS)}")
+    suffix, init_vq = INITS[init]
+    if init != "kmeans" and plan == "ablations":
+        raise ValueError("--init applies to the main plan; ablations name their init in the label")
     if plan in ("main", "quick"):
         # Seed-major: every method of one seed before the next seed, so a run stopped part-way
         # leaves complete pairs for the paired comparison (baselines run once, at the first seed).
@@ -90,8 +106,10 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                         continue  # RTN has no k/d: its rows live under the preset settings
                     if m in BASELINES and seed != seeds[0]:
                         continue
+                    if init_vq and METHODS[m].kind == "rtn":
+                        continue  # RTN has no codebook to initialise
                     fd = plan == "main" and with_fd and s in ("W2", "XL-sharing") and m in CALIBRATED
-                    jobs.append(Job(plan, s, m, m, seed, fd=fd))
+                    jobs.append(Job(plan, s, m + suffix, m, seed, vq=dict(init_vq), fd=fd))
     elif plan == "ablations":
         for s in settings:
             for seed in seeds:
@@ -206,7 +224,7 @@ def write_csv(rows, path, columns=COLUMNS):
 
 
 def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
-        n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None) -> list[dict]:
+        n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None, init="kmeans") -> list[dict]:
     from .io import load_dit
     from .sampling import pick_device
     from .testbed import DIGITS_DIT_DIR
@@ -217,7 +235,8 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
     device = pick_device(device)
     teacher = load_dit(DIGITS_DIT_DIR, device=device).transformer
-    jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0, labels=labels)
+    jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0, labels=labels,
+                     init=init)
     i, n = shard
     jobs = jobs[i::n]
     rows = read_rows(out_csv)
@@ -270,8 +289,10 @@ def _num(v):
     return None if math.isnan(f) else f
 
 
-def paired(rows, metric, label, base="codebook-only"):
-    """Relative paired difference (label - base) / base per seed: (mean, lo, hi, n) in %."""
+def paired(rows, metric, label, base=None):
+    """Relative paired difference (label - base) / base per seed: (mean, lo, hi, n) in %.
+    The base defaults to the codebook-only row with the same init."""
+    base = base or baseline_label(label)
     by = {(r["label"], r["seed"]): _num(r.get(metric)) for r in rows}
     diffs = [100 * (by[(label, s)] - by[(base, s)]) / by[(base, s)]
              for (lab, s) in by if lab == label and by.get((base, s)) and by[(label, s)] is not None]
@@ -321,7 +342,7 @@ def report(*csv_paths) -> str:
             for key, _ in metrics:
                 v = mean_sd(rs, key, lab)
                 cells.append(f"{v[0]:.4g} ± {v[1]:.2g}" if v else "-")
-                if lab == "codebook-only":
+                if lab == baseline_label(lab):
                     cells.append("(baseline)")
                     continue
                 p = paired(rs, key, lab)
@@ -332,7 +353,7 @@ def report(*csv_paths) -> str:
                     cells.append(f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}")
             c = mean_sd(rs, "conflict_share", lab)
             cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
-            pc = paired(rs, "conflict_share", lab) if lab != "codebook-only" else None
+            pc = paired(rs, "conflict_share", lab) if lab != baseline_label(lab) else None
             cells.append(f"{pc[0]:+.1f}% [{pc[1]:+.1f}, {pc[2]:+.1f}]" if pc else "-")
             t = mean_sd(rs, "calib_seconds", lab)
             cells.append(f"{t[0]:.0f}" if t else "-")
@@ -377,6 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)}")
     p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
     p.add_argument("--labels", nargs="*", help="ablations: only these row labels (see ABLATIONS)")
+    p.add_argument("--init", default="kmeans", choices=list(INITS),
+                   help="main plan: codebook init for every k-means-based method (act-aware: weight k-means by "
+                        "the layer input's E[x^2]; rows are labelled '<method> +act-aware init')")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
     p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG")
     p.add_argument("--fd-images", type=int, default=1000, help="images for FD-digits (main plan, W2 + XL-sharing)")
@@ -398,7 +422,7 @@ def main(argv=None) -> int:
         return 2
     seeds = a.seeds[:1] if a.quick else a.seeds
     run(a.plan, a.out, a.settings, a.methods, seeds, (i, n), a.quick, a.images, a.fd_images, a.eval_steps,
-        a.device, log=lambda s: print(s, file=sys.stderr, flush=True), labels=a.labels)
+        a.device, log=lambda s: print(s, file=sys.stderr, flush=True), labels=a.labels, init=a.init)
     return 0
 
 
