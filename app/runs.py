@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
 DEMO_DIR = ROOT / "assets" / "demo_runs"   # finished runs shipped with the app (python -m app.demo build)
 DEMO_PREFIX = "demo-"                       # ids of demo runs; never used for runs the app saves
+# The demo runs show the default method with the paper's plain k-means init (its registry name,
+# e.g. vq4dit-ste for vq4dit-ste-aa) against codebook-only at the same init: the assignment
+# mechanism alone, not the init.
+DEMO_METHOD = method_config(DEFAULT_METHOD, activation_aware=False).method
 DEMO_SAMPLES = "samples.safetensors"        # a demo run's images (and FP's) at the Images tab's defaults
 
 # Documented limits of what the app accepts (README "Safety"); checked before any work is done.

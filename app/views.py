@@ -19,7 +19,7 @@ from vq4dit.config import DEFAULT_METHOD, METHODS, MethodSpec, method_names
 from vq4dit.layers import block_index, layer_kind
 
 from . import plots
-from .runs import APP_LIMITS, Engine, image_params
+from .runs import APP_LIMITS, DEMO_METHOD, Engine, image_params
 
 
 def method_spec(method: Optional[str]) -> Optional[MethodSpec]:
@@ -75,14 +75,14 @@ class Views:
         return out
 
     def default_run(self) -> Optional[str]:
-        """The run shown on first open: the newest finished saved run, else the demo run of the
-        default method at W2, else any finished demo run, else None."""
+        """The run shown on first open: the newest finished saved run, else the demo run of
+        DEMO_METHOD at W2, else any finished demo run, else None."""
         finished = [r.id for r in self.store.list() if r.error is None and r.meta.get("status") == "finished"]
         own = [r for r in finished if not self.store.is_demo(r)]
         if own:
             return own[-1]
         demo = [r for r in finished if self.store.is_demo(r)]
-        want = next((r for r in demo if self.store.meta(r).get("method") == DEFAULT_METHOD
+        want = next((r for r in demo if self.store.meta(r).get("method") == DEMO_METHOD
                      and int(self.store.meta(r).get("bits", 0)) == 2), None)
         return want or (demo[0] if demo else None)
 

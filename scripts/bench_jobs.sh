@@ -19,7 +19,7 @@ fi
 export VQ4DIT_CACHE=off OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 W=$(mktemp -d)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU";
-  echo "cpus: $(nproc)"; python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)";
+  echo "cpus: $(nproc --all)"; python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)";
   echo "BUDGET=$BUDGET"; grep -v '^\s*#' "$JOBS" | grep -v '^\s*$'; } > "$OUT/env.txt" 2>&1
 t0=$(date +%s)
 while read -r name dev args; do

@@ -14,8 +14,8 @@ import torch
 from conftest import make_tiny_dit
 
 from app.demo import DEMO_RUNS, DEMO_TRACE_SAMPLES, demo_id
-from app.runs import DEMO_DIR, RunStore
-from vq4dit.config import DEFAULT_METHOD, SETTINGS, setting_kd
+from app.runs import DEMO_DIR, DEMO_METHOD, RunStore
+from vq4dit.config import SETTINGS, setting_kd
 
 DEMO_IDS = [demo_id(m, s) for m, s in DEMO_RUNS]
 MAX_DEMO_MIB = 5.0   # packed W3 indices alone are 2.6 MiB on the digits DiT
@@ -132,7 +132,7 @@ def test_compact_trace_and_shared_fp_round_trip(tmp_path):
         save_quantized(model, tmp_path / "bad", fp_base=other)
 
 
-def _fake_run(d: Path, rid: str, method=DEFAULT_METHOD, bits=2):
+def _fake_run(d: Path, rid: str, method=DEMO_METHOD, bits=2):
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps(dict(id=rid, method=method, bits=bits, status="finished", k=256, d=4)))
 
@@ -140,21 +140,21 @@ def _fake_run(d: Path, rid: str, method=DEFAULT_METHOD, bits=2):
 def test_demo_runs_read_only_and_confined(tmp_path):
     demo, runs = tmp_path / "demo", tmp_path / "runs"
     _fake_run(demo / "demo-codebook-only-W2", "demo-codebook-only-W2", method="codebook-only")
-    _fake_run(demo / f"demo-{DEFAULT_METHOD}-W2", f"demo-{DEFAULT_METHOD}-W2")
+    _fake_run(demo / f"demo-{DEMO_METHOD}-W2", f"demo-{DEMO_METHOD}-W2")
     _fake_run(runs / "demo-sneaky", "demo-sneaky")          # a demo-prefixed dir in the runs dir: ignored
     (tmp_path / "outside").mkdir()
     (demo / "demo-link").symlink_to(tmp_path / "outside")   # a link out of the demo dir: refused
     store = RunStore(runs, demo_root=demo)
     listed = {r.id: r.error for r in store.list()}
-    assert list(listed)[:3] == ["demo-codebook-only-W2", "demo-link", f"demo-{DEFAULT_METHOD}-W2"]
+    assert list(listed)[:3] == ["demo-codebook-only-W2", "demo-link", f"demo-{DEMO_METHOD}-W2"]
     assert "demo-sneaky" not in listed and "invalid run id" in listed["demo-link"]  # listed as unreadable
-    assert store.run_dir(f"demo-{DEFAULT_METHOD}-W2").parent == demo
+    assert store.run_dir(f"demo-{DEMO_METHOD}-W2").parent == demo
     for bad in ("demo-../runs", "demo-x/../../etc", "../demo/demo-codebook-only-W2", "demo-link"):
         with pytest.raises(ValueError, match="invalid run id"):
             store.run_dir(bad)
     with pytest.raises(ValueError, match="reserved"):
-        store.save(f"demo-{DEFAULT_METHOD}-W2", None, {})
-    assert not (runs / f"demo-{DEFAULT_METHOD}-W2").exists()
+        store.save(f"demo-{DEMO_METHOD}-W2", None, {})
+    assert not (runs / f"demo-{DEMO_METHOD}-W2").exists()
     # a user run saved later is listed after (newer than) the demo runs
     _fake_run(runs / "20260101-000000-vq4dit-w2", "20260101-000000-vq4dit-w2", method="vq4dit")
     assert [r.id for r in store.list()][-1] == "20260101-000000-vq4dit-w2"
@@ -177,7 +177,7 @@ def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     from app import AppConfig, create_app
     demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False))
     ui = demo.ui
-    want = demo_id(DEFAULT_METHOD, "W2")
+    want = demo_id(DEMO_METHOD, "W2")
     assert ui.run_dd.value == want and ui.sel.value["run"] == want
     labels = {v: k for k, v in ui.run_dd.choices}
     assert all("demo (read-only)" in labels[r] for r in DEMO_IDS)
@@ -228,7 +228,7 @@ def test_plot_clicks_select_like_the_table(demo_app):
     point (customdata = run id) loads that run; anything else changes nothing. (Outputs: block,
     layer, run; the selection State is not sent to API clients.)"""
     demo, client = demo_app
-    rid = demo_id(DEFAULT_METHOD, "W2")
+    rid = demo_id(DEMO_METHOD, "W2")
     client.predict(rid, api_name="/load_run")
     block, layer, run = client.predict(json.dumps(dict(plot="heat", x="fc1", y="block 2")), api_name="/plot_click")
     assert _val(block) == 2 and _val(layer) == "transformer_blocks.2.ff.net.0.proj"
@@ -255,7 +255,7 @@ def test_full_weight_cluster_view(demo_app, monkeypatch):
     demo, _ = demo_app
     import app.views as V
     views = demo.views
-    rid = demo_id(DEFAULT_METHOD, "W2")
+    rid = demo_id(DEMO_METHOD, "W2")
     sel = dict(views.initial_selection(rid), block=1, layer="transformer_blocks.1.ff.net.0.proj")
     info = views.trace(rid).layer_info(sel["layer"])
     fig, note = views.cluster(sel, "codeword", "PCA", full=True)
@@ -299,7 +299,7 @@ def test_selection_changes_show_loading_and_update_the_visible_views(demo_app):
     assert render.show_progress == "full"
     from app.handlers import LAYER_VIEWS, ViewForm
     h = render.fn
-    sel = dict(demo.views.initial_selection(demo_id(DEFAULT_METHOD, "W2")), block=3)
+    sel = dict(demo.views.initial_selection(demo_id(DEMO_METHOD, "W2")), block=3)
     sel["layer"] = demo.views.layer_choices(sel["run"], 3)[0][1]
     out = h("clusters", {}, sel, "codeword", "PCA", False)
     views, rendered = dict(zip(LAYER_VIEWS, out[:-1])), out[-1]
@@ -328,7 +328,7 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
             meta = f.metadata()
             assert meta == dict(labels="0,1,2,3,4,5,6,7,8,9", seed="0", guidance="4.0", steps=str(eng.cfg.image_steps))
             assert f.get_tensor("run").shape == f.get_tensor("fp").shape == (10, 1, 16, 16)
-    rid = demo_id(DEFAULT_METHOD, "W2")
+    rid = demo_id(DEMO_METHOD, "W2")
     labels = list(range(10))
     shipped = eng.shipped_images(rid, tuple(labels), 0, 4.0, eng.cfg.image_steps)
     fresh = sample(eng.store.model(rid).transformer, labels, num_steps=eng.cfg.image_steps, guidance_scale=4.0,

@@ -447,8 +447,8 @@ def test_recipes_set_budget_only_and_changed_switches_rename_the_method():
     for key, val in RECIPES["small"].items():
         assert getattr(small, key) == val
     assert small.train_codebook_soft and not small.hard_forward and small.recipe == "small"
-    cfg = method_config("vq4dit", bits=2, calib=dict(hard_forward=True, iterations=3))
-    assert cfg.method == "vq4dit+hard_forward=True" and cfg.calib.iterations == 3
+    cfg = method_config("vq4dit", bits=2, calib=dict(commit_until=0.8, iterations=3))
+    assert cfg.method == "vq4dit+commit_until=0.8" and cfg.calib.iterations == 3
     assert method_config("vq4dit-ste", bits=2, calib=dict(iterations=3)).method == "vq4dit-ste"
 
 

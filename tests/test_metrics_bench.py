@@ -107,22 +107,27 @@ def test_bench_act_aware_init_gives_both_sides_of_the_pair_the_same_init(tmp_pat
     from vq4dit import bench
     jobs = bench.plan_jobs("main", ["W2"], ["codebook-only", "vq4dit-ste", "kmeans", "rtn"], [3, 4], init="act-aware")
     assert [(j.label, j.seed) for j in jobs] == [
-        ("codebook-only +act-aware init", 3), ("vq4dit-ste +act-aware init", 3), ("kmeans +act-aware init", 3),
-        ("codebook-only +act-aware init", 4), ("vq4dit-ste +act-aware init", 4)]  # no RTN: no codebook
+        ("codebook-only +act-aware init", 3), ("vq4dit-ste-aa", 3), ("kmeans +act-aware init", 3),
+        ("codebook-only +act-aware init", 4), ("vq4dit-ste-aa", 4)]  # no RTN: no codebook
     assert all(j.vq == {"activation_aware": True} for j in jobs)
     assert all(j.vq == {} for j in bench.plan_jobs("main", ["W2"], ["codebook-only"], [3]))
+    # a method that owns the act-aware init brings its baseline with the same init into the plan
+    own = bench.plan_jobs("main", ["W2"], ["vq4dit-ste-aa"], [3])
+    assert [(j.label, j.method, j.vq) for j in own] == [
+        ("codebook-only +act-aware init", "codebook-only", {"activation_aware": True}), ("vq4dit-ste-aa", "vq4dit-ste-aa", {})]
     with pytest.raises(ValueError, match="init"):
         bench.plan_jobs("main", ["W2"], None, [3], init="random")
     # the report's pairing: a plain row against plain codebook-only, an act-aware row against act-aware
     rows = []
     for seed, (cb, ste, cb_aa, ste_aa) in {3: (1.0, 0.5, 0.4, 0.3), 4: (1.0, 0.6, 0.4, 0.3)}.items():
         for label, v in [("codebook-only", cb), ("vq4dit-ste", ste), ("codebook-only +act-aware init", cb_aa),
-                         ("vq4dit-ste +act-aware init", ste_aa)]:
+                         ("vq4dit-ste +act-aware init", ste_aa)]:  # an older CSV's label for vq4dit-ste-aa
             rows.append(dict(plan="main", setting="W2", label=label, method=label.split()[0], seed=seed,
                              k=256, d=4, bits_per_weight=2.2, block_mse=v))
     bench.write_csv(rows, tmp_path / "b.csv")
     assert bench.paired(rows, "block_mse", "vq4dit-ste +act-aware init")[0] == pytest.approx(-25.0)
+    assert bench.baseline_label("vq4dit-ste-aa") == "codebook-only +act-aware init"
     assert bench.paired(rows, "block_mse", "vq4dit-ste")[0] == pytest.approx(-45.0)
     text = bench.report(tmp_path / "b.csv")
     assert text.count("(baseline)") == 6  # 3 metrics x 2 codebook-only rows
-    assert "-25.0% [-25.0, -25.0] **beats**" in text
+    assert "| vq4dit-ste-aa | 2 |" in text and "-25.0% [-25.0, -25.0] **beats**" in text

@@ -29,10 +29,17 @@ def test_method_names_own_their_algorithm_switches():
     assert not method_config("vq4dit-ref", bits=2).calib.train_codebook_soft
     assert not method_config("codebook-only", bits=2).calib.train_assignments
     # changing a switch renames the run; changing the budget does not
-    assert method_config("vq4dit", calib={"hard_forward": True}).method == "vq4dit+hard_forward=True"
+    assert method_config("vq4dit", calib={"temperature_end": 0.05}).method == "vq4dit+temperature_end=0.05"
+    assert method_config("vq4dit", calib={"hard_forward": True}).method == "vq4dit-ste"  # exactly its switches
     assert method_config("vq4dit", calib={"finish_repick": True}).method == "vq4dit+finish_repick=True"
     assert method_config("vq4dit", calib={"iterations": 3, "lr_logits": 1e-3}).method == "vq4dit"
-    assert method_config("vq4dit-ste", activation_aware=True).method == "vq4dit-ste+activation_aware"
+    # the init is a switch too; a run with exactly another entry's switches takes that entry's name
+    assert method_config("codebook-only", activation_aware=True).method == "codebook-only+activation_aware"
+    assert method_config("vq4dit-ste", activation_aware=True).method == "vq4dit-ste-aa"
+    assert method_config("vq4dit-ste-aa").activation_aware and method_config("vq4dit-ste-aa").calib.hard_forward
+    assert method_config("vq4dit-ste-aa", activation_aware=False).method == "vq4dit-ste"
+    assert method_config("vq4dit", activation_aware=True, calib={"finish_repick": True}).method == \
+        "vq4dit+finish_repick=True,activation_aware"
     assert all(m.description for m in METHODS.values())
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS, SETTINGS
+from .config import METHODS, SETTINGS, method_config
 from .experiment import EvalSpec, generate, run_method
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
-CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste"]
+CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste", "vq4dit-ste-aa"]
 BASELINES = ["rtn-tensor", "rtn", "kmeans"]   # deterministic given the seed: one run each
 
 # Ablations of the soft-to-hard gap (block MSE only): (label, method, calib overrides, vq overrides).
@@ -80,12 +80,25 @@ class Job:
 
 # Main-plan init variants: every k-means-based method gets the same init, so pairs stay fair.
 INITS = {"kmeans": ("", {}), "act-aware": (" +act-aware init", dict(activation_aware=True))}
+_AA = INITS["act-aware"][0]
+
+
+def canonical_label(label: str) -> str:
+    """'<method> +act-aware init' is shown under the registry name of that algorithm where there is
+    one (vq4dit-ste +act-aware init = vq4dit-ste-aa); other labels are kept."""
+    m = label[:-len(_AA)] if label.endswith(_AA) else None
+    if m in METHODS and METHODS[m].kind == "vq":
+        name = method_config(m, activation_aware=True).method
+        if name in METHODS:
+            return name
+    return label
 
 
 def baseline_label(label: str) -> str:
     """The codebook-only row a label is paired with: the one with the same init."""
-    suffix = next((sfx for sfx, _ in INITS.values() if sfx and label.endswith(sfx)), "")
-    return "codebook-only" + suffix
+    if label.endswith(_AA) or METHODS.get(label, METHODS["kmeans"]).vq.get("activation_aware"):
+        return "codebook-only" + _AA
+    return "codebook-only"
 
 
 def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None,
@@ -109,7 +122,14 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                     if init_vq and METHODS[m].kind == "rtn":
                         continue  # RTN has no codebook to initialise
                     fd = plan == "main" and with_fd and s in ("W2", "XL-sharing") and m in CALIBRATED
-                    jobs.append(Job(plan, s, m + suffix, m, seed, vq=dict(init_vq), fd=fd))
+                    label = canonical_label(m + suffix)
+                    need = [(label, m, dict(init_vq))]
+                    if m in CALIBRATED and baseline_label(label) != "codebook-only":
+                        # a method with its own init is paired with codebook-only under that init
+                        need.insert(0, (baseline_label(label), "codebook-only", dict(INITS["act-aware"][1])))
+                    for lab, meth, vq in need:
+                        if not any((j.setting, j.label, j.seed) == (s, lab, seed) for j in jobs):
+                            jobs.append(Job(plan, s, lab, meth, seed, vq=vq, fd=fd))
     elif plan == "ablations":
         for s in settings:
             for seed in seeds:
@@ -126,8 +146,9 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
 # Running
 # ----------------------------------------------------------------------------------------
 
-def machine_name() -> str:
-    if torch.cuda.is_available():
+def machine_name(device=None) -> str:
+    """What ran the rows: the GPU for CUDA runs, else the CPU (also on a host that has a GPU)."""
+    if torch.cuda.is_available() and str(device or "cuda").startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} (CUDA)"
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"
 
@@ -240,9 +261,9 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
     i, n = shard
     jobs = jobs[i::n]
     rows = read_rows(out_csv)
-    done = {(r["plan"], r["setting"], r["label"], r["seed"]) for r in rows}
+    done = {(r["plan"], r["setting"], canonical_label(r["label"]), r["seed"]) for r in rows}
     todo = [j for j in jobs if j.key not in done]
-    log(f"{len(jobs)} jobs in shard {i}/{n}, {len(jobs) - len(todo)} already in {out_csv}; machine: {machine_name()}")
+    log(f"{len(jobs)} jobs in shard {i}/{n}, {len(jobs) - len(todo)} already in {out_csv}; machine: {machine_name(device)}")
     # Layer statistics (incl. gradient conflicts) every 10 steps: 20 records over the small recipe.
     calib_extra = dict(iterations=1, num_sampling_steps=5) if quick else dict(trace_every=10)
     if quick:
@@ -250,7 +271,7 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
     evaluator = Evaluator(teacher, n_images, max(n_fd, 20), steps)
     conflicts_csv = Path(out_csv).with_name(Path(out_csv).stem + "_conflicts.csv")
     conflict_rows = read_rows(conflicts_csv)
-    machine = machine_name()
+    machine = machine_name(device)
     if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations":
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
                          machine=machine))
@@ -311,11 +332,20 @@ def mean_sd(rows, metric, label):
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
 
 
+def _row_order(label: str):
+    """Baselines, then each codebook-only baseline followed by the methods paired with it."""
+    fixed = BASELINES + [m for m in CALIBRATED if baseline_label(m) == "codebook-only"] + \
+        [b + _AA for b in BASELINES if b != "rtn" and b != "rtn-tensor"] + \
+        ["codebook-only" + _AA] + [m for m in CALIBRATED if baseline_label(m) != "codebook-only"]
+    return (fixed.index(label), "") if label in fixed else (len(fixed), label)
+
+
 def report(*csv_paths) -> str:
     """Markdown tables from one or more bench CSVs (rows of the same setting/label/seed: first wins)."""
     rows, seen = [], set()
     for path in csv_paths:
         for r in read_rows(path):
+            r["label"] = canonical_label(r["label"])
             key = (r["setting"], r["label"], r["seed"])
             if key not in seen:
                 seen.add(key)
@@ -325,7 +355,7 @@ def report(*csv_paths) -> str:
     metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in rows)]:
         rs = [r for r in rows if r["setting"] == setting]
-        labels = list(dict.fromkeys(r["label"] for r in rs))
+        labels = sorted(dict.fromkeys(r["label"] for r in rs), key=_row_order)
         out.append(f"### {setting} ({rs[0]['k']} codewords, d={rs[0]['d']})" if rs[0].get("k") else f"### {setting}")
         out.append("")
         head = "| method | seeds | bits/w | " + " | ".join(
@@ -365,7 +395,7 @@ def report(*csv_paths) -> str:
                 "| setting | method | seeds | images | FD CFG4 mean ± sd | FD CFG1 mean ± sd |", "|---|---|---|---|---|---|"]
         for setting in dict.fromkeys(r["setting"] for r in fd):
             rs = [r for r in fd if r["setting"] == setting]
-            for lab in dict.fromkeys(r["label"] for r in rs):
+            for lab in sorted(dict.fromkeys(r["label"] for r in rs), key=_row_order):
                 a, b = mean_sd(rs, "fd_cfg4", lab), mean_sd(rs, "fd_cfg1", lab)
                 out.append(f"| {setting} | {lab} | {a[2]} | {rs[0]['n_fd_images']} | {a[0]:.1f} ± {a[1]:.1f} | "
                            f"{b[0]:.1f} ± {b[1]:.1f} |")

@@ -9,7 +9,7 @@ before any work starts (torchao style).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 # ----------------------------------------------------------------------------------------
@@ -231,6 +231,8 @@ def default_recipe(n_quantizable_weights: int) -> str:
 # CalibConfig fields that change the algorithm (not the budget).
 ALGORITHM_SWITCHES = ("train_assignments", "train_codebook_soft", "hard_forward", "force_hard_at",
                       "freeze_after", "temperature_end", "commit_until", "finish_repick")
+# VQConfig fields that change the algorithm: how the codebooks and candidates are initialised.
+VQ_SWITCHES = ("activation_aware",)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,7 @@ class MethodSpec:
     description: str       # one line: what it is, and how it differs from the paper
     calib: Optional[dict]  # algorithm switches of its calibration; None = no calibration
     rtn_per_channel: bool = True
+    vq: dict = field(default_factory=dict)  # VQ_SWITCHES it sets (init); unset = VQConfig default
 
     @property
     def calibrated(self) -> bool:
@@ -261,6 +264,9 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
                "while a layer's assignments are soft.", dict(_PAPER, train_codebook_soft=False)),
     MethodSpec("vq4dit-ste", "vq", "Ours: vq4dit with a straight-through forward (the hard weights that ship), "
                "gradients reach the ratios through the soft mix.", dict(_PAPER, hard_forward=True)),
+    MethodSpec("vq4dit-ste-aa", "vq", "Ours, the default: vq4dit-ste with an activation-aware k-means init "
+               "(distances weighted by the layer input's E[x^2], GPTVQ-style).", dict(_PAPER, hard_forward=True),
+               vq=dict(activation_aware=True)),
     MethodSpec("codebook-only", "vq", "Classic VQ calibration: k-means assignments fixed, only codebooks "
                "(and biases) trained.", dict(_PAPER, train_assignments=False)),
     MethodSpec("kmeans", "vq", "k-means codebooks, nearest-codeword assignments, no calibration.", None),
@@ -268,21 +274,39 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("rtn-tensor", "rtn", "Uniform round-to-nearest, one min-max grid per tensor (the paper's UQ).",
                None, rtn_per_channel=False),
 ]}
-DEFAULT_METHOD = "vq4dit-ste"  # best measured on the embedded model (README, results/)
+DEFAULT_METHOD = "vq4dit-ste-aa"  # best measured on the embedded model (README, results/)
 
 
 def method_names(calibrated: Optional[bool] = None) -> list[str]:
     return [n for n, m in METHODS.items() if calibrated is None or m.calibrated == calibrated]
 
 
-def derived_name(method: str, calib: Optional["CalibConfig"]) -> str:
-    """`method` when the calibration's algorithm switches match its registry entry, else
-    `method+switch=value,...` so a changed algorithm is never reported as the method."""
+def derived_name(method: str, calib: Optional["CalibConfig"], vq: Optional[dict] = None) -> str:
+    """The name a run is saved under. Its switches (calibration + init) are compared with the
+    registry: the method's own -> `method`; exactly another entry's -> that entry's name (vq4dit-ste
+    with activation_aware is vq4dit-ste-aa); else `method+switch=value,...`, so a changed algorithm
+    is never reported as a registry method."""
     spec = METHODS[method]
-    if calib is None or spec.calib is None:
+    vq_default = {k: VQConfig.__dataclass_fields__[k].default for k in VQ_SWITCHES}
+    run_vq = {k: (vq or {}).get(k, spec.vq.get(k, vq_default[k])) for k in VQ_SWITCHES}
+
+    def same(other: MethodSpec) -> bool:
+        if other.kind != spec.kind or (other.calib is None) != (calib is None):
+            return False
+        if calib is not None and any(getattr(calib, k) != other.calib[k] for k in ALGORITHM_SWITCHES):
+            return False
+        return all(run_vq[k] == other.vq.get(k, vq_default[k]) for k in VQ_SWITCHES)
+
+    if same(spec):
         return method
-    diff = [f"{k}={getattr(calib, k)}" for k in ALGORITHM_SWITCHES if getattr(calib, k) != spec.calib[k]]
-    return method if not diff else method + "+" + ",".join(diff)
+    match = next((name for name, other in METHODS.items() if same(other)), None)
+    if match:
+        return match
+    diff = [f"{k}={getattr(calib, k)}" for k in ALGORITHM_SWITCHES if calib is not None and spec.calib is not None
+            and getattr(calib, k) != spec.calib[k]]
+    diff += [k if run_vq[k] is True else f"{k}={run_vq[k]}" for k in VQ_SWITCHES
+             if run_vq[k] != spec.vq.get(k, vq_default[k])]
+    return method + "+" + ",".join(diff)
 
 
 def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, recipe: str = "reference", **kw):
@@ -310,5 +334,7 @@ def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, reci
         raise ValueError(f"method {method!r} has no calibration; got calibration settings {sorted(calib)}")
     kw.setdefault("kmeans_iters", RECIPE_KMEANS_ITERS[recipe])
     kw.setdefault("kmeans_points_per_codeword", RECIPE_KMEANS_POINTS[recipe])
-    name = derived_name(method, c) + ("+activation_aware" if kw.get("activation_aware") else "")
-    return VQConfig(bits=bits, calib=c, method=name, **kw)
+    for k in VQ_SWITCHES:  # the method's own init, unless overridden
+        if k in spec.vq:
+            kw.setdefault(k, spec.vq[k])
+    return VQConfig(bits=bits, calib=c, method=derived_name(method, c, kw), **kw)

@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     env = dict(os.environ, VQ4DIT_CACHE="off", PYTHONUNBUFFERED="1")
-    machine = machine_name() if a.device == "cpu" else None
+    machine = machine_name("cpu") if a.device == "cpu" else None
     for stage in a.stages:
         load_before = os.getloadavg()[0]
         print(f"[{stage}]", file=sys.stderr, flush=True)
