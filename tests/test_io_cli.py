@@ -101,6 +101,23 @@ def test_cli_help_documents_every_flag(capsys):
     assert "--iterations" in capsys.readouterr().out
 
 
+def test_cli_init_reproduces_every_bench_row_and_names_it_by_its_switches():
+    """--init gives any k-means-based method the act-aware init (the bench's --init act-aware rows);
+    the config is named by its switches, so vq4dit-ste + act-aware is saved as vq4dit-ste-aa."""
+    from vq4dit.__main__ import config_from_args
+    parse = build_parser().parse_args
+
+    def cfg(*a):
+        return config_from_args(parse(["quantize", "--out", "o", *a]))
+    assert cfg().method == "vq4dit-ste-aa" and cfg().activation_aware           # the default
+    assert cfg("--method", "vq4dit").activation_aware is False                   # the paper: plain k-means
+    c = cfg("--method", "codebook-only", "--init", "act-aware")
+    assert c.activation_aware and c.method == "codebook-only+activation_aware"
+    assert cfg("--method", "vq4dit-ste", "--init", "act-aware").method == "vq4dit-ste-aa"
+    c = cfg("--method", "vq4dit-ste-aa", "--init", "kmeans")
+    assert not c.activation_aware and c.method == "vq4dit-ste"
+
+
 def test_cli_quantize_then_sample(tiny_dit_dir, tmp_path, capsys):
     out = tmp_path / "w3"
     rc = main(["quantize", "--model", str(tiny_dit_dir), "--bits", "3", "--method", "vq4dit", "--out", str(out),

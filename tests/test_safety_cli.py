@@ -104,6 +104,7 @@ def test_cli_sigterm_keeps_partial_trace_like_sigint(tiny_dit_dir, tmp_path):
     (["quantize", "--method", "rtn", "--k", "4", "--d", "4", "--iterations", "4"],
      "--method rtn does not use --k, --d, --iterations"),
     (["quantize", "--method", "kmeans", "--lambda-r", "2"], "--method kmeans does not use --lambda-r"),
+    (["quantize", "--method", "rtn", "--init", "act-aware"], "--method rtn does not use --init"),
 ])
 def test_cli_silent_wrong_results_are_errors(tmp_path, args, msg):
     out = tmp_path / ("g.png" if args[0] == "sample" else "o")

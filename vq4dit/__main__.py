@@ -21,7 +21,7 @@ def _default_model() -> str:
 
 
 # Flags that only some methods use: passing them to another method is an error, not silently ignored.
-VQ_FLAGS = ("k", "d", "candidates", "kmeans_iters")
+VQ_FLAGS = ("k", "d", "candidates", "kmeans_iters", "init")
 CALIB_FLAGS = ("iterations", "sampling_steps", "labels_per_iteration", "lr_logits", "lr_codebook", "lambda_r",
                "max_seconds", "teacher_sampler")
 MAX_SAMPLE_LABELS = 1024  # images per `sample` call (sampled in batches of SAMPLE_BATCH)
@@ -91,8 +91,10 @@ def config_from_args(args, model=None):
                                    lambda_r=args.lambda_r, max_seconds=args.max_seconds,
                                    teacher_sampler=args.teacher_sampler, seed=args.seed,
                                    device=args.device).items() if v is not None}
+    activation_aware = None if args.init is None else args.init == "act-aware"
     vq_kw = {k: v for k, v in dict(k=args.k, d=args.d, n_candidates=args.candidates,
-                                   kmeans_iters=args.kmeans_iters, seed=args.seed).items() if v is not None}
+                                   kmeans_iters=args.kmeans_iters, seed=args.seed,
+                                   activation_aware=activation_aware).items() if v is not None}
     return method_config(args.method, bits=args.bits, recipe=recipe, calib=calib if spec.calibrated else None,
                          **vq_kw)
 
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=bounded_int(2, 65536), help="codewords per layer (overrides the preset)")
     q.add_argument("--d", type=bounded_int(1, 64), help="sub-vector length (overrides the preset)")
     q.add_argument("--candidates", type=bounded_int(1, 16), help="candidate codewords per sub-vector (default 2)")
+    q.add_argument("--init", choices=["kmeans", "act-aware"],
+                   help="codebook init (default: the method's own; act-aware only for vq4dit-ste-aa). Changing "
+                        "it saves the run under the name of those switches (vq4dit-ste + act-aware = vq4dit-ste-aa)")
     q.add_argument("--kmeans-iters", type=bounded_int(1, 10000),
                    help="k-means iterations (default: the recipe's, 50 small / 100 reference)")
     q.add_argument("--iterations", type=bounded_int(1, 1_000_000),
