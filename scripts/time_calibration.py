@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vq4dit.config import SETTINGS  # noqa: E402
+from vq4dit.config import METHODS, SETTINGS  # noqa: E402
 from vq4dit.experiment import run_method  # noqa: E402
 from vq4dit.io import load_dit  # noqa: E402
 from vq4dit.metrics import block_mse  # noqa: E402
@@ -54,14 +54,15 @@ def main(argv=None) -> int:
     vq = dict(SETTINGS[a.setting])
     bits = vq.pop("bits")
     vq["seed"] = a.seed
+    kmeans_vq = dict(vq, **METHODS[a.method].vq)  # the method's own init (act-aware: + the statistics pass)
     teacher = load_dit(DIGITS_DIT_DIR, device="cpu").transformer
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["VQ4DIT_CACHE"] = cache  # cold: nothing cached yet
-        stage("k-means cold", lambda: run_method(teacher, "kmeans", bits, vq=vq, recipe="small", progress=False,
-                                                 measure_block_mse=False), rows, a.threads)
-        stage("k-means warm", lambda: run_method(teacher, "kmeans", bits, vq=vq, recipe="small", progress=False,
-                                                 measure_block_mse=False), rows, a.threads)
+        stage("k-means cold", lambda: run_method(teacher, "kmeans", bits, vq=kmeans_vq, recipe="small",
+                                                 progress=False, measure_block_mse=False), rows, a.threads)
+        stage("k-means warm", lambda: run_method(teacher, "kmeans", bits, vq=kmeans_vq, recipe="small",
+                                                 progress=False, measure_block_mse=False), rows, a.threads)
         res = stage(f"k-means warm + calibrate {a.method}",
                     lambda: run_method(teacher, a.method, bits, vq=vq, calib=dict(seed=a.seed), recipe="small",
                                        progress=False, measure_block_mse=False), rows, a.threads)
