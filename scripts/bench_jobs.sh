@@ -49,4 +49,4 @@ for name, (cols, rows, _) in by_plan.items():
 PY
 tail -n 4 "$W"/*.log > "$OUT/bench_logs_tail.txt"
 tar -czf "$OUT/raw.tar.gz" -C "$W" .
-ls -la "$OUT"   # 7 files at most: what a device call brings back (reports: bench report CSV)
+ls -la "$OUT"   # 7 files at most, what a device call brings back; tables: python -m vq4dit.bench report CSV

@@ -96,7 +96,7 @@ def canonical_label(label: str) -> str:
 
 def baseline_label(label: str) -> str:
     """The codebook-only row a label is paired with: the one with the same init."""
-    if label.endswith(_AA) or METHODS.get(label, METHODS["kmeans"]).vq.get("activation_aware"):
+    if label.endswith(_AA) or (label in METHODS and METHODS[label].vq.get("activation_aware")):
         return "codebook-only" + _AA
     return "codebook-only"
 
@@ -126,7 +126,7 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                     need = [(label, m, dict(init_vq))]
                     if m in CALIBRATED and baseline_label(label) != "codebook-only":
                         # a method with its own init is paired with codebook-only under that init
-                        need.insert(0, (baseline_label(label), "codebook-only", dict(INITS["act-aware"][1])))
+                        need.insert(0, (baseline_label(label), "codebook-only", dict(init_vq or METHODS[m].vq)))
                     for lab, meth, vq in need:
                         if not any((j.setting, j.label, j.seed) == (s, lab, seed) for j in jobs):
                             jobs.append(Job(plan, s, lab, meth, seed, vq=vq, fd=fd))
@@ -335,7 +335,7 @@ def mean_sd(rows, metric, label):
 def _row_order(label: str):
     """Baselines, then each codebook-only baseline followed by the methods paired with it."""
     fixed = BASELINES + [m for m in CALIBRATED if baseline_label(m) == "codebook-only"] + \
-        [b + _AA for b in BASELINES if b != "rtn" and b != "rtn-tensor"] + \
+        [b + _AA for b in BASELINES if METHODS[b].kind == "vq"] + \
         ["codebook-only" + _AA] + [m for m in CALIBRATED if baseline_label(m) != "codebook-only"]
     return (fixed.index(label), "") if label in fixed else (len(fixed), label)
 
