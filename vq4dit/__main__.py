@@ -71,32 +71,18 @@ def _unused_flags(args) -> list[str]:
 
 
 def config_from_args(args, model=None):
-    """The validated method config the flags describe. --recipe auto: `small` for models under
-    SMALL_MODEL_WEIGHTS quantizable weights (the embedded digits DiT), else `reference`; without
-    a model (checking flags before loading) auto validates with the small recipe."""
-    from .config import METHODS, default_recipe, method_config
-    from .layers import default_filter
+    """The validated method config the flags describe (`vq4dit.config.build_config`). --recipe auto:
+    `small` for models under SMALL_MODEL_WEIGHTS quantizable weights (the embedded digits DiT), else
+    `reference`; without a model (checking flags before loading) auto validates with the small recipe."""
+    from .config import build_config
 
-    spec = METHODS[args.method]
-    recipe = args.recipe
-    if recipe == "auto":
-        n = (sum(m.weight.numel() for name, m in model.named_modules() if default_filter(m, name))
-             if model is not None else 0)
-        recipe = default_recipe(n)
-    if spec.kind == "rtn":
-        return method_config(args.method, bits=args.bits)
-    calib = {k: v for k, v in dict(iterations=args.iterations, num_sampling_steps=args.sampling_steps,
-                                   labels_per_iteration=args.labels_per_iteration,
-                                   lr_logits=args.lr_logits, lr_codebook=args.lr_codebook,
-                                   lambda_r=args.lambda_r, max_seconds=args.max_seconds,
-                                   teacher_sampler=args.teacher_sampler, seed=args.seed,
-                                   device=args.device).items() if v is not None}
-    activation_aware = None if args.init is None else args.init == "act-aware"
-    vq_kw = {k: v for k, v in dict(k=args.k, d=args.d, n_candidates=args.candidates,
-                                   kmeans_iters=args.kmeans_iters, seed=args.seed,
-                                   activation_aware=activation_aware).items() if v is not None}
-    return method_config(args.method, bits=args.bits, recipe=recipe, calib=calib if spec.calibrated else None,
-                         **vq_kw)
+    calib = dict(iterations=args.iterations, num_sampling_steps=args.sampling_steps,
+                 labels_per_iteration=args.labels_per_iteration, lr_logits=args.lr_logits,
+                 lr_codebook=args.lr_codebook, lambda_r=args.lambda_r, max_seconds=args.max_seconds,
+                 teacher_sampler=args.teacher_sampler, seed=args.seed, device=args.device)
+    return build_config(args.method, bits=args.bits, k=args.k, d=args.d, init=args.init, recipe=args.recipe,
+                        model=model, n_quantizable_weights=None if model is not None else 0, calib=calib,
+                        n_candidates=args.candidates, kmeans_iters=args.kmeans_iters, seed=args.seed)
 
 
 def cmd_quantize(args) -> int:
@@ -204,7 +190,7 @@ def cmd_sample(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_METHOD, METHODS, RECIPES
+    from .config import DEFAULT_METHOD, INITS, METHODS, RECIPES
     from .safety import bounded_float, bounded_int
     methods_help = "methods:\n" + "\n".join(f"  {n:14s} {m.description}" for n, m in METHODS.items())
     p = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__, epilog=methods_help,
@@ -230,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=bounded_int(2, 65536), help="codewords per layer (overrides the preset)")
     q.add_argument("--d", type=bounded_int(1, 64), help="sub-vector length (overrides the preset)")
     q.add_argument("--candidates", type=bounded_int(1, 16), help="candidate codewords per sub-vector (default 2)")
-    q.add_argument("--init", choices=["kmeans", "act-aware"],
+    q.add_argument("--init", choices=list(INITS),
                    help="codebook init (default: the method's own; act-aware only for vq4dit-ste-aa). Changing "
                         "it saves the run under the name of those switches (vq4dit-ste + act-aware = vq4dit-ste-aa)")
     q.add_argument("--kmeans-iters", type=bounded_int(1, 10000),

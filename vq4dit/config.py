@@ -309,6 +309,42 @@ def derived_name(method: str, calib: Optional["CalibConfig"], vq: Optional[dict]
     return method + "+" + ",".join(diff)
 
 
+INITS = ("kmeans", "act-aware")  # flat names of the codebook init (VQConfig.activation_aware)
+
+
+def build_config(method: str, *, bits: int = 2, k: Optional[int] = None, d: Optional[int] = None,
+                 init: Optional[str] = None, recipe: str = "auto", model=None,
+                 n_quantizable_weights: Optional[int] = None, calib: Optional[dict] = None, **vq):
+    """The one adapter from flat choices to a validated config: the CLI, the bench and the app call it.
+
+    `None` means "not chosen" everywhere (a flag not given, an empty form field). `init` is
+    "kmeans" or "act-aware" (None: the method's own). `recipe="auto"` picks `default_recipe` from
+    `model`'s (or `n_quantizable_weights`') quantizable weights. Settings a method does not have are
+    dropped (calibration settings of uncalibrated methods, codebook settings of RTN); the CLI reports
+    those flags as unused before calling this.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    if recipe == "auto":
+        if n_quantizable_weights is None:
+            if model is None:
+                raise ValueError("recipe='auto' needs the model (or n_quantizable_weights) to pick a recipe")
+            from .layers import default_filter
+            n_quantizable_weights = sum(m.weight.numel() for name, m in model.named_modules()
+                                        if default_filter(m, name))
+        recipe = default_recipe(n_quantizable_weights)
+    spec = METHODS[method]
+    if spec.kind == "rtn":
+        return method_config(method, bits=bits, recipe=recipe)
+    if init is not None and init not in INITS:
+        raise ValueError(f"unknown init {init!r}: choose one of {list(INITS)}")
+    vq_kw = {key: v for key, v in dict(vq, k=k, d=d).items() if v is not None}
+    if init is not None:
+        vq_kw["activation_aware"] = init == "act-aware"
+    calib = {key: v for key, v in (calib or {}).items() if v is not None} if spec.calibrated else None
+    return method_config(method, bits=bits, recipe=recipe, calib=calib, **vq_kw)
+
+
 def method_config(method: str, bits: int = 2, calib: Optional[dict] = None, recipe: str = "reference", **kw):
     """`method_config("vq4dit", bits=2, recipe="small", calib={"iterations": 10})` -> a validated config.
 
