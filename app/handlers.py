@@ -17,7 +17,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from vq4dit.config import METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
-from vq4dit.layers import layer_kind
+from vq4dit.naming import layer_kind
 
 from . import plots
 from .runs import Engine, RunSettings, image_params

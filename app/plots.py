@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from vq4dit.config import METHODS
-from vq4dit.layers import LAYER_KINDS, block_index, layer_kind
+from vq4dit.naming import LAYER_KINDS, block_index, layer_kind
 
 LAYER_COLUMNS = list(LAYER_KINDS)  # one heatmap column per layer kind (q, k, v, out, fc1, fc2, adaLN)
 FP_COLOR = "#444444"

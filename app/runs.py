@@ -29,7 +29,7 @@ import torch
 
 from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
-from vq4dit.experiment import EvalSpec, generate, run_method
+from vq4dit.runner import EvalSpec, generate, run_method
 from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
 from vq4dit.sampling import pick_device, sample
 from vq4dit.testbed import DIGITS_DIT_DIR
@@ -715,7 +715,8 @@ class Engine:
         `rtn_storage_bits`, the numbers the packed model will have) over the layers `quantize`
         targets, and time from earlier runs of the same method and k x d (median per stage)."""
         from vq4dit.config import VQConfig
-        from vq4dit.layers import default_filter, rtn_storage_bits, vq_storage_bits
+        from vq4dit.naming import default_filter
+        from vq4dit.size import rtn_storage_bits, vq_storage_bits
         n = total = 0
         for name, lin in self.teacher.named_modules():
             if not default_filter(lin, name):

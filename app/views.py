@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, MethodSpec, method_names
-from vq4dit.layers import block_index, layer_kind
+from vq4dit.naming import block_index, layer_kind
 
 from . import plots
 from .runs import APP_LIMITS, DEMO_METHOD, Engine, image_params
@@ -49,7 +49,7 @@ class Views:
         if tr is not None:
             return tr.layer_names
         meta = self.store.meta(run_id)
-        from vq4dit.layers import quantized_layers
+        from vq4dit.size import quantized_layers
         return list(quantized_layers(self.store.model(run_id).transformer)) if meta else []
 
     def layer_choices(self, run_id, block: int) -> list[tuple[str, str]]:

@@ -52,7 +52,8 @@ def worker(args):
     calibrate_mod = importlib.import_module("vq4dit.calibrate")  # (the package attribute is the function)
     quant_api = importlib.import_module("vq4dit.quant_api")
     from vq4dit.io import load_dit
-    from vq4dit.layers import VQLinear, quantized_layers
+    from vq4dit.layers import VQLinear
+    from vq4dit.size import quantized_layers
     from vq4dit.testbed import DIGITS_DIT_DIR
     from vq4dit.trace import Recorder
 

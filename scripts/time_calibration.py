@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vq4dit.config import METHODS, SETTINGS  # noqa: E402
-from vq4dit.experiment import run_method  # noqa: E402
+from vq4dit.runner import run_method  # noqa: E402
 from vq4dit.io import load_dit  # noqa: E402
 from vq4dit.metrics import block_mse  # noqa: E402
 from vq4dit.testbed import DIGITS_DIT_DIR  # noqa: E402

@@ -11,8 +11,8 @@ from diffusers import DDIMScheduler
 
 from conftest import make_tiny_dit
 from vq4dit import method_config, quantize, sample
-from vq4dit.calibrate import block_losses, capture_blocks, teacher_trajectory
-from vq4dit.layers import quantized_layers
+from vq4dit.trajectories import block_losses, capture_blocks, teacher_trajectory
+from vq4dit.size import quantized_layers
 from vq4dit.sampling import cfg_batch, combine_cfg, guided_eps, make_scheduler
 
 pytestmark = pytest.mark.core

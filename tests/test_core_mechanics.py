@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from conftest import make_tiny_dit
 from vq4dit import METHODS, VQ_PRESETS, CalibConfig, RTNConfig, VQConfig, method_config, quantize
 from vq4dit.io import load_quantized, save_quantized, unpack_bits
-from vq4dit.layers import RTNLinear, VQLinear, kmeans, quantized_layers
+from vq4dit.kmeans import kmeans
+from vq4dit.layers import RTNLinear, VQLinear
+from vq4dit.size import quantized_layers
 from vq4dit.trace import gradient_conflict
 
 pytestmark = pytest.mark.core

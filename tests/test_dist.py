@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT, free_port, make_tiny_dit
 from vq4dit import distributed, method_config, quantize
-from vq4dit.layers import VQLinear, quantized_layers
+from vq4dit.layers import VQLinear
+from vq4dit.size import quantized_layers
 
 pytestmark = pytest.mark.core
 

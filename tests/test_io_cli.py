@@ -7,7 +7,7 @@ from conftest import make_tiny_dit
 from vq4dit import METHODS, method_config, quantize
 from vq4dit.__main__ import build_parser, main
 from vq4dit.io import load_dit, load_quantized, pack_bits, save_quantized, unpack_bits
-from vq4dit.layers import quantized_layers
+from vq4dit.size import quantized_layers
 
 pytestmark = pytest.mark.core
 

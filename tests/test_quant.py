@@ -9,7 +9,10 @@ from conftest import make_tiny_dit
 from vq4dit import METHODS, VQConfig, RTNConfig, method_config, quantize, size_summary
 from vq4dit.trace import Trace
 from vq4dit.metrics import block_mse
-from vq4dit.layers import VQLinear, kmeans, quantized_layers, vq_storage_bits, layer_type
+from vq4dit.kmeans import kmeans
+from vq4dit.layers import VQLinear
+from vq4dit.naming import layer_type
+from vq4dit.size import quantized_layers, vq_storage_bits
 
 pytestmark = pytest.mark.core
 

@@ -1,4 +1,5 @@
 """Issue 11, library level: no silent hub fallback, no silent data loss, no silent wrong results."""
+import importlib
 import json
 import os
 from pathlib import Path
@@ -10,11 +11,11 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_dit
 from vq4dit import method_config, quantize
 from vq4dit import io as vio
-from vq4dit import safety
+from vq4dit import fs
 from vq4dit.trace import Trace
 from vq4dit.io import load_dit, load_quantized, save_quantized
 from vq4dit.config import CalibConfig
-from vq4dit.layers import kmeans_cached
+from vq4dit.kmeans import kmeans_cached
 from vq4dit.sampling import sample
 
 
@@ -34,7 +35,7 @@ def _leftovers(folder: Path):
 
 def test_missing_local_model_is_an_error_without_hub(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(vio, "_load_from_hub", lambda *a: calls.append(a))
+    monkeypatch.setattr(vio.loading, "_load_from_hub", lambda *a: calls.append(a))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="out/w2 does not exist.*hf:out/w2"):
         load_dit("out/w2")
@@ -91,10 +92,10 @@ def test_failed_replace_keeps_old_output_and_cleans_up(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(safety.os, "replace", flaky)
+    monkeypatch.setattr(fs.os, "replace", flaky)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(m, out, overwrite=True)
-    monkeypatch.setattr(safety.os, "replace", real)
+    monkeypatch.setattr(fs.os, "replace", real)
     assert (out / "marker-old.txt").read_text() == "old"   # old output complete at OUT
     assert load_quantized(out).transformer is not None
     assert _leftovers(tmp_path) == []                       # no .p-tmp*, no backup
@@ -103,7 +104,7 @@ def test_failed_replace_keeps_old_output_and_cleans_up(tmp_path, monkeypatch):
 def test_crash_between_renames_is_restored_by_next_run(tmp_path):
     m, out = _packed(tmp_path)
     (out / "marker-old.txt").write_text("old")
-    os.replace(out, safety.backup_path(out))                # process died right after the first rename
+    os.replace(out, fs.backup_path(out))                # process died right after the first rename
     assert not out.exists()
     with pytest.raises(FileExistsError, match="already exists"):  # next run first restores the backup
         save_quantized(m, out)
@@ -139,10 +140,10 @@ def test_trace_save_is_atomic_and_only_replaces_traces(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real(src, dst)
 
-    monkeypatch.setattr(safety.os, "replace", flaky)
+    monkeypatch.setattr(fs.os, "replace", flaky)
     with pytest.raises(OSError):
         tr2.save(tmp_path / "t")
-    monkeypatch.setattr(safety.os, "replace", real)
+    monkeypatch.setattr(fs.os, "replace", real)
     assert Trace.load(tmp_path / "t").meta == dict(a=1)
     assert _leftovers(tmp_path) == []
     (tmp_path / "docs").mkdir()
@@ -204,7 +205,7 @@ def test_config_weight_mismatch_is_an_error(tiny_dit_dir, layers, msg):
 # -- item 10: k-means cache entries are verified ----------------------------------------------
 
 def test_corrupt_kmeans_cache_entry_is_recomputed(tmp_path, monkeypatch):
-    import vq4dit.layers as q
+    q = importlib.import_module("vq4dit.kmeans")  # the module (vq4dit.kmeans is also the function)
     monkeypatch.setenv("VQ4DIT_CACHE", str(tmp_path / "cache"))
     x = torch.randn(600, 4, generator=torch.Generator().manual_seed(0))
     c0, a0 = kmeans_cached(x, 16, 10, 0)
@@ -304,11 +305,11 @@ def test_packed_loader_validates_rtn(tmp_path):
 
 def test_device_and_writability_checks(tmp_path):
     with pytest.raises(ValueError, match="unknown device 'banana'"):
-        safety.resolve_device("banana")
+        fs.resolve_device("banana")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            safety.resolve_device("cuda")
-    assert safety.resolve_device("cpu") == torch.device("cpu")
+            fs.resolve_device("cuda")
+    assert fs.resolve_device("cpu") == torch.device("cpu")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="cannot write"):      # parent is a file: unwritable

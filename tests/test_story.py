@@ -12,9 +12,10 @@ import torch
 
 from conftest import make_tiny_dit
 from vq4dit import VQLinear, method_config, quantize
-from vq4dit.calibrate import teacher_trajectory
+from vq4dit.trajectories import teacher_trajectory
 from vq4dit.config import METHODS, RECIPES, CalibConfig, VQConfig
-from vq4dit.layers import kmeans, ratio_softmax
+from vq4dit.kmeans import kmeans
+from vq4dit.layers import ratio_softmax
 from vq4dit.sampling import make_scheduler, random_labels_and_noise
 
 pytestmark = pytest.mark.core

@@ -10,7 +10,9 @@ import torch
 
 from vq4dit import method_config, quantize
 from vq4dit.io import load_dit, load_quantized, save_quantized
-from vq4dit.layers import VQLinear, kmeans, kmeans_cached, quantized_layers
+from vq4dit.kmeans import kmeans, kmeans_cached
+from vq4dit.layers import VQLinear
+from vq4dit.size import quantized_layers
 from vq4dit.sampling import sample
 
 

@@ -4,23 +4,31 @@
     trace = quantize(transformer, method_config("vq4dit", bits=2))
 
 Modules, imports flowing one way (each uses only those above it):
-    config      method configs and the METHODS registry
-    distributed torch.distributed helpers for data-parallel calibration (identity on one process)
-    layers      k-means, VQLinear / RTNLinear, bit accounting
-    sampling    the CFG sampler (below everything that runs a model)
-    trace       the calibration record and its typed reads
-    calibrate   zero-data block-wise calibration
-    quant_api   `quantize(model, config)`, size reports
-    metrics     block MSE, image error, Frechet distance
-    io          load DiTs, save / load packed models
-    experiment  one run + evaluation (shared by bench, CLI and app)
-    bench, __main__ (CLI), testbed/ (the embedded digits model)
+    config       method configs and the METHODS registry
+    fs           filesystem guards (atomic replace, protected paths), device and number checks
+    naming       which layers a DiT block has, which ones get quantized
+    kmeans       k-means codebooks and their on-disk cache
+    size         bit accounting of packed layers and models
+    layers       VQLinear / RTNLinear
+    distributed  torch.distributed helpers for data-parallel calibration (identity on one process)
+    sampling     the CFG sampler (below everything that runs a model)
+    trajectories teacher trajectories and block outputs
+    trace        the calibration record and its typed reads
+    calibrate    zero-data block-wise calibration
+    quant_api    `quantize(model, config)`
+    metrics      block MSE, image error, Frechet distance
+    io/          load DiTs (loading), save / load packed models (packed, validation)
+    runner       one run + evaluation (shared by bench, CLI and app)
+    __main__ (CLI), testbed/ (the embedded digits model)
 """
 from .config import CalibConfig, RTNConfig, VQConfig, METHODS, VQ_PRESETS, method_config
-from .layers import VQLinear, RTNLinear, kmeans, quantized_layers, storage_bits
+from .kmeans import kmeans
+from .layers import RTNLinear, VQLinear
+from .size import quantized_layers, storage_bits
 from .trace import Trace
 from .calibrate import calibrate, finalize
-from .quant_api import quantize, size_report, size_summary
+from .quant_api import quantize
+from .size import size_report, size_summary
 from .sampling import sample, make_scheduler
 
 __all__ = ["CalibConfig", "RTNConfig", "VQConfig", "VQLinear", "RTNLinear", "METHODS", "VQ_PRESETS",

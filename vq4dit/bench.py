@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import METHODS, SETTINGS, method_config
-from .experiment import EvalSpec, generate, run_method
+from .runner import EvalSpec, generate, run_method
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
 CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste", "vq4dit-ste-aa"]

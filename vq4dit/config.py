@@ -329,7 +329,7 @@ def build_config(method: str, *, bits: int = 2, k: Optional[int] = None, d: Opti
         if n_quantizable_weights is None:
             if model is None:
                 raise ValueError("recipe='auto' needs the model (or n_quantizable_weights) to pick a recipe")
-            from .layers import default_filter
+            from .naming import default_filter
             n_quantizable_weights = sum(m.weight.numel() for name, m in model.named_modules()
                                         if default_filter(m, name))
         recipe = default_recipe(n_quantizable_weights)

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .calibrate import block_losses, teacher_trajectory
+from .trajectories import block_losses, teacher_trajectory
 from .sampling import random_labels_and_noise
 
 

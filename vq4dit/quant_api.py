@@ -3,12 +3,11 @@ config asks for it, calibration. Every method (VQ4DiT and each baseline) goes th
 
     from vq4dit import quantize, method_config
     trace = quantize(transformer, method_config("vq4dit", bits=2))
-    size_summary(transformer)   # bits/weight and bytes, as packed
+    size_summary(transformer)   # bits/weight and bytes, as packed (vq4dit.size)
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
@@ -16,8 +15,8 @@ import torch.nn as nn
 
 from .calibrate import calibrate, collect_input_moments
 from .config import CalibConfig, RTNConfig, VQConfig
-from .layers import (RTNLinear, VQLinear, block_index, default_filter, layer_type, quantized_layers,
-                     storage_bits)
+from .layers import RTNLinear, VQLinear
+from .naming import default_filter
 
 # ----------------------------------------------------------------------------------------
 # The entry point
@@ -103,33 +102,3 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
 def _progress(it, desc=None):
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, leave=False)
-
-# ----------------------------------------------------------------------------------------
-# Size reports (numbers from `layers.storage_bits`, the one accounting)
-# ----------------------------------------------------------------------------------------
-
-def size_report(model: nn.Module):
-    """Per-layer storage of the quantized layers as packed (pandas DataFrame).
-
-    bits_per_weight counts everything stored for a layer: indices + codebook at its stored dtype
-    (VQ) or codes + fp16 scale and uint8 zero point (RTN), and the layer's fp32 bias.
-    Non-quantized parameters are counted in `attrs["fp_params"]`.
-    """
-    import pandas as pd
-    q = quantized_layers(model)
-    rows = [dict(layer=name, block=block_index(name), type=layer_type(name),
-                 shape=f"{m.out_features}x{m.in_features}", **storage_bits(m)) for name, m in q.items()]
-    df = pd.DataFrame(rows)
-    df.attrs["fp_params"] = sum(p.numel() for n, p in model.named_parameters()
-                                if not any(n.startswith(name + ".") for name in q))
-    return df
-
-
-def size_summary(model: nn.Module) -> dict:
-    df = size_report(model)
-    tot = {c: int(df[c].sum()) if len(df) else 0 for c in ("n_weights", "index_bits", "side_bits", "bias_bits")}
-    n_w = max(tot["n_weights"], 1)
-    return dict(quantized_weights=tot["n_weights"], index_bytes=math.ceil(tot["index_bits"] / 8),
-                side_bytes=math.ceil(tot["side_bits"] / 8), bias_bytes=math.ceil(tot["bias_bits"] / 8),
-                bits_per_weight=(tot["index_bits"] + tot["side_bits"] + tot["bias_bits"]) / n_w,
-                index_bits_per_weight=tot["index_bits"] / n_w, fp_params=df.attrs.get("fp_params", 0))

@@ -169,7 +169,7 @@ def stage_calib(a, r: _Rows):
     from . import method_config, quantize
     from .calibrate import calibrate
     from .io import load_dit
-    from .layers import default_filter
+    from .naming import default_filter
     for method in ("vq4dit", "codebook-only"):
         for dtype in (["fp32", "bf16"] if torch.device(a.device).type == "cuda" else ["fp32"]):
             src = a.work / ("xl" if a.calib_blocks == a.blocks else "xl-calib")
@@ -251,7 +251,8 @@ def stage_quality(a, r: _Rows):
     from . import method_config, quantize
     from .config import setting_kd
     from .io import load_dit
-    from .layers import default_filter, quantized_layers
+    from .naming import default_filter
+    from .size import quantized_layers
     from .metrics import block_mse
     from .testbed import DIGITS_DIT_DIR
     teacher = load_dit(DIGITS_DIT_DIR, device=a.device).transformer

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from .config import CalibConfig
-from .layers import VQLinear, block_index, layer_kind, layer_type
-from .safety import check_replace_target, replace_dir, temp_dir_for
+from .layers import VQLinear
+from .naming import block_index, layer_kind, layer_type
+from .fs import check_replace_target, replace_dir, temp_dir_for
 
 RATIO_BINS = 10      # histogram of top assignment ratio over [1/n, 1]
 COHERENCE_BINS = 10  # histogram of per-codeword gradient coherence over [0, 1]

@@ -2,10 +2,10 @@ import os, sys, time
 import torch
 sys.path.insert(0, ".")
 torch.set_num_threads(1)
-from vq4dit.layers import kmeans
+from vq4dit.kmeans import kmeans
 from vq4dit.testbed.xl import make_xl_transformer
 m = make_xl_transformer(num_layers=1)
-from vq4dit.layers import default_filter
+from vq4dit.naming import default_filter
 tot = 0.0
 for n, lin in m.named_modules():
     if default_filter(lin, n):

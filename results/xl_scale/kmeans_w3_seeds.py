@@ -3,7 +3,8 @@ sys.path.insert(0, ".")  # run from the repository root
 torch.set_num_threads(1)
 from vq4dit import method_config, quantize
 from vq4dit.io import load_dit
-from vq4dit.layers import default_filter, quantized_layers
+from vq4dit.naming import default_filter
+from vq4dit.size import quantized_layers
 from vq4dit.metrics import block_mse
 from vq4dit.testbed import DIGITS_DIT_DIR
 teacher = load_dit(DIGITS_DIT_DIR).transformer

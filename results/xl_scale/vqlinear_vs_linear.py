@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, ".")
 from vq4dit import method_config  # noqa: E402
-from vq4dit.layers import VQLinear  # noqa: E402
+from vq4dit.layers import VQLinear# noqa: E402
 
 torch.set_num_threads(1)
 lin = torch.nn.Linear(1152, 4608)

@@ -24,7 +24,7 @@ def eval_dit(model_dir: Path, classifier_dir: Path, per_class: int, cfgs: list[f
              seed: int, grid: Path | None) -> dict:
     """Sample `per_class` digits per class at each guidance scale (the library's `generate`, so the
     same noise as the benchmark), score them with the classifier, optionally save one grid."""
-    from ..experiment import EvalSpec, generate
+    from ..runner import EvalSpec, generate
     from ..viz import save_grid
 
     model, scheduler = load_digits_dit(model_dir)

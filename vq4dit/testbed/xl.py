@@ -58,7 +58,7 @@ def write_xl_pipeline(out, num_layers: int = 28, seed: int = 0, overwrite: bool 
     Peak memory is about twice the transformer's fp32 size (2.7 GB for 28 blocks)."""
     from diffusers import AutoencoderKL
 
-    from ..safety import replace_dir, temp_dir_for
+    from ..fs import replace_dir, temp_dir_for
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite)")

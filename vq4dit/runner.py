@@ -16,7 +16,8 @@ import torch
 
 from .config import METHODS, method_config
 from .metrics import block_mse
-from .quant_api import quantize, size_summary
+from .quant_api import quantize
+from .size import size_summary
 from .trace import Trace
 from .sampling import sample
 
