@@ -1,13 +1,11 @@
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the repository (pyproject's pytest pythonpath puts it on sys.path)
 os.environ.setdefault("VQ4DIT_CACHE", "off")  # tests measure k-means itself, not a cache hit
 # tiny ops: one thread avoids OpenMP wake-up overhead (35x faster on a busy 2-core box)
 torch.set_num_threads(1)

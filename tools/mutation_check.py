@@ -7,7 +7,7 @@
     python tools/mutation_check.py --dedicated  # each mutant against only the test meant to guard it
 
 Each mutant is a source edit (exact text -> replacement, each text must occur exactly once) applied
-to a temporary copy of vq4dit/ and tests/; the copy's core tests run with the k-means cache off.
+to a temporary copy of vq4dit/, benchmarks/ and tests/; the copy's core tests run with the k-means cache off.
 A mutant is CAUGHT when the tests fail. Not part of CI (it runs the core suite once per mutant).
 """
 from __future__ import annotations
@@ -169,8 +169,9 @@ GUARDS = {
 def make_copy(edits) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="vq4dit-mut-"))
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for d in ("vq4dit", "tests"):
+    for d in ("vq4dit", "benchmarks", "tests"):  # benchmarks: one core test covers the bench's report
         shutil.copytree(ROOT / d, tmp / d, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp / "pyproject.toml")  # pytest settings (pythonpath)
     if (ROOT / "assets").exists():
         os.symlink(ROOT / "assets", tmp / "assets")
     for rel, olds, new in edits:

@@ -1,0 +1,116 @@
+"""The benchmark (benchmarks/bench.py): the quick mode produces every row, plans keep pairs
+complete and share the init, the paired report says "beats" only when the interval excludes 0."""
+import csv
+import math
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    import os
+    from benchmarks import bench
+    tmp = tmp_path_factory.mktemp("bench")
+    old = os.environ.get("VQ4DIT_CACHE")
+    os.environ["VQ4DIT_CACHE"] = str(tmp / "cache")  # k-means once per setting, shared by the methods
+    try:
+        rows = bench.run(quick=True, out_csv=str(tmp / "quick.csv"), log=lambda s: None)
+    finally:
+        os.environ["VQ4DIT_CACHE"] = old if old is not None else "off"
+    return rows, tmp / "quick.csv"
+
+
+def test_bench_quick_has_every_row(quick_bench):
+    from benchmarks import bench
+    rows, out = quick_bench
+    with open(out) as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["method"] == "fp32"
+    expected = {(j.setting, j.label) for j in bench.plan_jobs("quick", ["W2", "XL-sharing"], None, [0])}
+    assert {(r["setting"], r["label"]) for r in got[1:]} == expected
+    for r in got[1:]:
+        assert 0 <= float(r["acc_cfg4"]) <= 1 and math.isfinite(float(r["img_mse_cfg4"]))
+        assert math.isfinite(float(r["block_mse"])) and float(r["bits_per_weight"]) > 0
+        assert r["machine"]
+    calibrated = [r for r in got if r["method"] in bench.CALIBRATED]
+    assert all(0 <= float(r["conflict_share"]) <= 1 for r in calibrated)
+
+
+def test_bench_quick_orderings(quick_bench):
+    """Robust orderings even at the smoke budget: calibrated < k-means < per-tensor RTN at W2, and at
+    the XL-sharing setting the default method beats codebook-only by a wide margin."""
+    from vq4dit.config import DEFAULT_METHOD
+    rows, _ = quick_bench
+    w2 = {r["label"]: r for r in rows if r["setting"] == "W2"}
+    xl = {r["label"]: r for r in rows if r["setting"] == "XL-sharing"}
+    assert w2[DEFAULT_METHOD]["block_mse"] < w2["kmeans"]["block_mse"] < w2["rtn-tensor"]["block_mse"]
+    assert w2["codebook-only"]["block_mse"] < w2["kmeans"]["block_mse"]
+    assert w2["rtn"]["block_mse"] < w2["rtn-tensor"]["block_mse"]
+    assert xl[DEFAULT_METHOD]["block_mse"] < 0.7 * xl["codebook-only"]["block_mse"]
+    assert w2[DEFAULT_METHOD]["acc_cfg4"] > w2["rtn-tensor"]["acc_cfg4"]
+
+
+def test_bench_plan_is_seed_major_so_a_stopped_run_leaves_complete_pairs():
+    """Every method of seed 3 comes before any row of seed 4: stopping after the first pair still
+    gives a paired comparison. Baselines run once, at the first seed."""
+    from benchmarks import bench
+    jobs = bench.plan_jobs("main", ["W2-budget"], ["codebook-only", "vq4dit-ste", "kmeans"], [3, 4, 5])
+    assert [(j.label, j.seed) for j in jobs] == [("codebook-only", 3), ("vq4dit-ste", 3), ("kmeans", 3),
+                                               ("codebook-only", 4), ("vq4dit-ste", 4),
+                                               ("codebook-only", 5), ("vq4dit-ste", 5)]
+    abl = bench.plan_jobs("ablations", ["XL-sharing"], None, [0, 1], labels=["vq4dit-ste", "vq4dit-ste n=1"])
+    assert [(j.label, j.seed) for j in abl] == [("vq4dit-ste", 0), ("vq4dit-ste n=1", 0),
+                                              ("vq4dit-ste", 1), ("vq4dit-ste n=1", 1)]
+
+
+def test_bench_act_aware_init_gives_both_sides_of_the_pair_the_same_init(tmp_path):
+    """--init act-aware: every k-means-based method (the codebook-only baseline included) gets the
+    act-aware init and a label saying so; the report pairs each row with the baseline of the same
+    init, never with the plain-k-means codebook-only row."""
+    from benchmarks import bench
+    jobs = bench.plan_jobs("main", ["W2"], ["codebook-only", "vq4dit-ste", "kmeans", "rtn"], [3, 4], init="act-aware")
+    assert [(j.label, j.seed) for j in jobs] == [
+        ("codebook-only +act-aware init", 3), ("vq4dit-ste-aa", 3), ("kmeans +act-aware init", 3),
+        ("codebook-only +act-aware init", 4), ("vq4dit-ste-aa", 4)]  # no RTN: no codebook
+    assert all(j.vq == {"activation_aware": True} for j in jobs)
+    assert all(j.vq == {} for j in bench.plan_jobs("main", ["W2"], ["codebook-only"], [3]))
+    # a method that owns the act-aware init brings its baseline with the same init into the plan
+    own = bench.plan_jobs("main", ["W2"], ["vq4dit-ste-aa"], [3])
+    assert [(j.label, j.method, j.vq) for j in own] == [
+        ("codebook-only +act-aware init", "codebook-only", {"activation_aware": True}), ("vq4dit-ste-aa", "vq4dit-ste-aa", {})]
+    with pytest.raises(ValueError, match="init"):
+        bench.plan_jobs("main", ["W2"], None, [3], init="random")
+    # the report's pairing: a plain row against plain codebook-only, an act-aware row against act-aware
+    rows = []
+    for seed, (cb, ste, cb_aa, ste_aa) in {3: (1.0, 0.5, 0.4, 0.3), 4: (1.0, 0.6, 0.4, 0.3)}.items():
+        for label, v in [("codebook-only", cb), ("vq4dit-ste", ste), ("codebook-only +act-aware init", cb_aa),
+                         ("vq4dit-ste +act-aware init", ste_aa)]:  # an older CSV's label for vq4dit-ste-aa
+            rows.append(dict(plan="main", setting="W2", label=label, method=label.split()[0], seed=seed,
+                             k=256, d=4, bits_per_weight=2.2, block_mse=v))
+    bench.write_csv(rows, tmp_path / "b.csv")
+    assert bench.paired(rows, "block_mse", "vq4dit-ste +act-aware init")[0] == pytest.approx(-25.0)
+    assert bench.baseline_label("vq4dit-ste-aa") == "codebook-only +act-aware init"
+    assert bench.paired(rows, "block_mse", "vq4dit-ste")[0] == pytest.approx(-45.0)
+    text = bench.report(tmp_path / "b.csv")
+    assert text.count("(baseline)") == 6  # 3 metrics x 2 codebook-only rows
+    assert "| vq4dit-ste-aa | 2 |" in text and "-25.0% [-25.0, -25.0] **beats**" in text
+
+
+@pytest.mark.core
+def test_paired_interval_says_beats_only_when_it_excludes_zero(tmp_path):
+    from benchmarks.bench import COLUMNS, paired, report, write_csv
+    rows = []
+    for seed, (cb, a, b) in enumerate([(1.0, 0.50, 0.9), (1.2, 0.62, 1.3), (0.9, 0.44, 0.85)]):
+        for label, v in (("codebook-only", cb), ("ours", a), ("noise", b)):
+            rows.append(dict(plan="main", setting="W2", label=label, method=label, seed=seed, k=256, d=4,
+                             bits_per_weight=2.2, block_mse=v, machine="test"))
+    m, lo, hi, n = paired(rows, "block_mse", "ours")
+    assert n == 3 and m == pytest.approx(-49.5, abs=0.5) and hi < 0
+    m2, lo2, hi2, _ = paired(rows, "block_mse", "noise")
+    assert lo2 < 0 < hi2
+    write_csv(rows, tmp_path / "b.csv", COLUMNS)
+    text = report(tmp_path / "b.csv")
+    line = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "**beats**" in line["ours"] and "beats" not in line["noise"]
+    assert math.isfinite(float(line["ours"].split("|")[4].split("±")[0]))
+    assert list(csv.DictReader(open(tmp_path / "b.csv")))[0]["label"] == "codebook-only"
