@@ -289,6 +289,7 @@ def main(argv=None) -> int:
     if "--stage" in argv:
         return _stage_main(argv)
     a = _parse(argv)
+    torch.set_num_threads(a.threads)  # as in the stages, so machine_name reports their threads
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     root = str(Path(__file__).resolve().parents[1])  # so `-m benchmarks.scale_bench` resolves from any cwd
