@@ -10,12 +10,11 @@
    click (or Enter) until every visible view is updated (the cluster plot's title and the
    selection line show the new selection and no loading overlay is left).
 3. Tabs: time from a tab click until its plots are drawn and no loading overlay is left.
-The machine's load average is recorded with the numbers (`uptime`), since it shares CPUs.
+The machine's load average is recorded with the numbers, since it shares CPUs.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import re
@@ -28,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -49,7 +50,8 @@ def free_port() -> int:
 
 
 def load() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+    """The 1, 5 and 15-minute load averages, as `uptime` prints them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def start(runs_dir: str, log):
@@ -196,10 +198,8 @@ def main(argv=None) -> int:
 
     # table + CSVs
     machine = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    with open(out.with_name(out.stem + "_raw.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["measure", "seconds", "load_avg_1_5_15"])
-        w.writerows(rows)
+    raw_columns = ["measure", "seconds", "load_avg_1_5_15"]
+    write_csv([dict(zip(raw_columns, r)) for r in rows], out.with_name(out.stem + "_raw.csv"), raw_columns)
     summary = []
     for m in dict.fromkeys(r[0] for r in rows):
         x = np.array([r[1] for r in rows if r[0] == m])
@@ -208,10 +208,7 @@ def main(argv=None) -> int:
                             p95_s=round(float(np.percentile(x, 95)), 3), max_s=round(float(x.max()), 3),
                             load_1min_mean=round(float(np.mean(loads)), 2), machine=machine,
                             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+    write_csv(summary, out, list(summary[0]))
     print(f"\n{'measure':<42} {'n':>3} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'load':>5}")
     for s in summary:
         print(f"{s['measure']:<42} {s['n']:>3} {s['p50_s']:>7.3f} {s['p95_s']:>7.3f} {s['max_s']:>7.3f} "

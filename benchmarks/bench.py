@@ -9,16 +9,14 @@ comparisons with confidence intervals. Writes one CSV row per run (resumable) an
     python -m benchmarks.bench merge --out all.csv a.csv b.csv   # several CSVs in one (first row wins)
 
 Every row of a plan is `python -m vq4dit quantize --recipe small --method M --seed S ...` with the
-same settings (the CLI and the bench share `run_method`). The seed sets both k-means and the
+same settings (both build the config with `vq4dit.config.build_config`). The seed sets both k-means and the
 calibration data, so methods compared at one seed share both. Rows already in the CSV are skipped.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,12 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq4dit.config import METHODS, SETTINGS, method_config
-from vq4dit.runner import EvalSpec, generate, run_method
+from vq4dit import quantize, size_summary
+from vq4dit.config import METHODS, SETTINGS, build_config, method_config, method_names
+from vq4dit.runner import EvalSpec, RunResult, generate
+from vq4dit.metrics import block_mse
+
+from .common import machine_name, read_rows, write_csv
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
-CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste", "vq4dit-ste-aa"]
-BASELINES = ["rtn-tensor", "rtn", "kmeans"]   # deterministic given the seed: one run each
+# From the registry, in row order: the uncalibrated baselines weakest first (deterministic given
+# the seed: one run each), then the calibrated methods, the one that keeps its k-means assignments
+# (codebook-only: every other method is paired with it) first.
+BASELINES = method_names(calibrated=False)[::-1]
+CALIBRATED = sorted(method_names(calibrated=True), key=lambda m: METHODS[m].trains_assignments)
+PAIRED_BASELINE = CALIBRATED[0]
 
 # Ablations of the soft-to-hard gap (block MSE only): (label, method, calib overrides, vq overrides).
 ABLATIONS = [
@@ -100,8 +106,8 @@ def canonical_label(label: str) -> str:
 def baseline_label(label: str) -> str:
     """The codebook-only row a label is paired with: the one with the same init."""
     if label.endswith(_AA) or (label in METHODS and METHODS[label].vq.get("activation_aware")):
-        return "codebook-only" + _AA
-    return "codebook-only"
+        return PAIRED_BASELINE + _AA
+    return PAIRED_BASELINE
 
 
 def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=None,
@@ -127,9 +133,9 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                     fd = plan == "main" and with_fd and s in ("W2", "XL-sharing") and m in CALIBRATED
                     label = canonical_label(m + suffix)
                     need = [(label, m, dict(init_vq))]
-                    if m in CALIBRATED and baseline_label(label) != "codebook-only":
+                    if m in CALIBRATED and baseline_label(label) != PAIRED_BASELINE:
                         # a method with its own init is paired with codebook-only under that init
-                        need.insert(0, (baseline_label(label), "codebook-only", dict(init_vq or METHODS[m].vq)))
+                        need.insert(0, (baseline_label(label), PAIRED_BASELINE, dict(init_vq or METHODS[m].vq)))
                     for lab, meth, vq in need:
                         if not any((j.setting, j.label, j.seed) == (s, lab, seed) for j in jobs):
                             jobs.append(Job(plan, s, lab, meth, seed, vq=vq, fd=fd))
@@ -148,13 +154,6 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
 # ----------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------
-
-def machine_name(device=None) -> str:
-    """What ran the rows: the GPU for CUDA runs, else the CPU (also on a host that has a GPU)."""
-    if torch.cuda.is_available() and str(device or "cuda").startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)} (CUDA)"
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"
-
 
 class Evaluator:
     """FP references computed once: images from the same noise for every model."""
@@ -200,14 +199,35 @@ class Evaluator:
         return row
 
 
-def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
-            vq_extra: dict | None = None) -> dict:
+def job_config(job: Job, recipe: str = "small", calib_extra: dict | None = None, device="cpu",
+               vq_extra: dict | None = None):
+    """The method config of one row, built by the library's one adapter (`build_config`, as the CLI
+    builds it from its flags): the setting's bits / k / d, the row's seed, init and overrides."""
     vq = dict(SETTINGS[job.setting])
     bits = vq.pop("bits")
-    vq.update(vq_extra or {}, **job.vq, seed=job.seed)
-    calib = dict(calib_extra, **job.calib, seed=job.seed, device=str(device))
+    vq.update(vq_extra or {}, **job.vq)
+    calib = dict(calib_extra or {}, **job.calib, seed=job.seed, device=str(device))
+    return build_config(job.method, bits=bits, recipe=recipe, calib=calib, seed=job.seed, **vq)
+
+
+def run_config(teacher, config, measure_block_mse: bool = True) -> RunResult:
+    """Quantize a copy of `teacher` with `config` (the teacher is left untouched), then its block MSE."""
+    model = copy.deepcopy(teacher).eval()
     t0 = time.time()
-    res = run_method(teacher, job.method, bits=bits, recipe=recipe, calib=calib, vq=vq, progress=False)
+    trace = quantize(model, config, teacher=teacher, progress=False)
+    seconds = time.time() - t0
+    model.eval()
+    res = RunResult(config.method, config.bits, model, config, trace, seconds, size_summary(model))
+    if measure_block_mse:
+        m = block_mse(model, teacher)
+        res.block_mse, res.per_block_mse = m["mean"], m["per_block"]
+    return res
+
+
+def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
+            vq_extra: dict | None = None) -> dict:
+    t0 = time.time()
+    res = run_config(teacher, job_config(job, recipe, calib_extra, device, vq_extra))
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
@@ -227,24 +247,6 @@ def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: d
     row["_conflicts"] = res.trace.conflict_summary() if res.trace is not None else None
     row["_wall"] = time.time() - t0
     return row
-
-
-def read_rows(path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def write_csv(rows, path, columns=COLUMNS):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
@@ -278,7 +280,7 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
     if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations":
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
                          machine=machine))
-        write_csv(rows, out_csv)
+        write_csv(rows, out_csv, COLUMNS)
     for j, job in enumerate(todo):
         row = run_job(job, teacher, evaluator, "small", calib_extra, device,
                       dict(kmeans_iters=5) if quick else None)
@@ -286,7 +288,7 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
         wall = row.pop("_wall")
         row["machine"] = machine
         rows.append(row)
-        write_csv(rows, out_csv)  # after every row: an interrupted run keeps what it measured
+        write_csv(rows, out_csv, COLUMNS)  # after every row: an interrupted run keeps what it measured
         if cs is not None and len(cs):
             for r in cs.to_dict("records"):
                 conflict_rows.append(dict(plan=job.plan, setting=job.setting, label=job.label, seed=job.seed, **r))
@@ -326,7 +328,7 @@ def merge(csv_paths, out=None, by_plan=None) -> dict:
             if (dest, (r["setting"], r["label"], r["seed"])) in taken:
                 groups[dest][1].append(r)
     for dest, (rows, conflicts, _) in groups.items():
-        write_csv(rows, dest)
+        write_csv(rows, dest, COLUMNS)
         if conflicts:
             write_csv(conflicts, conflicts_path(dest), CONFLICT_COLUMNS)
     return {str(dest): len(rows) for dest, (rows, _, _) in groups.items()}
@@ -371,9 +373,9 @@ def mean_sd(rows, metric, label):
 
 def _row_order(label: str):
     """Baselines, then each codebook-only baseline followed by the methods paired with it."""
-    fixed = BASELINES + [m for m in CALIBRATED if baseline_label(m) == "codebook-only"] + \
+    fixed = BASELINES + [m for m in CALIBRATED if baseline_label(m) == PAIRED_BASELINE] + \
         [b + _AA for b in BASELINES if METHODS[b].kind == "vq"] + \
-        ["codebook-only" + _AA] + [m for m in CALIBRATED if baseline_label(m) != "codebook-only"]
+        [PAIRED_BASELINE + _AA] + [m for m in CALIBRATED if baseline_label(m) != PAIRED_BASELINE]
     return (fixed.index(label), "") if label in fixed else (len(fixed), label)
 
 

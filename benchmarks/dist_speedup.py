@@ -14,7 +14,6 @@ the calibrated model (fp32 codebooks) so 1-vs-2-process results can be compared 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import Timer, load_avg, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,13 +120,11 @@ def run(procs: int, threads: int, labels: int, args, tmp: Path, cache: str) -> d
                    "--iterations", str(args.iterations), "--method", args.method, "--out", str(out)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
            if procs > 1 else [sys.executable]) + worker_args  # torchrun takes -m MODULE too
-    load0 = os.getloadavg()[0]
-    t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t
+    with Timer() as t:
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     row = json.loads(Path(str(out) + ".json").read_text())
-    row.update(procs=procs, threads=threads, labels=labels, wall_s=wall, load_before=load0,
-               load_after=os.getloadavg()[0], model=str(out) + ".pt")
+    row.update(procs=procs, threads=threads, labels=labels, wall_s=t.wall, load_before=t.load_start,
+               load_after=t.load_end, model=str(out) + ".pt")
     row["rest_s"] = row["calib_s"] - row["teacher_s"] - row["comm_s"] - row["stats_s"]
     row["ms_per_step"] = 1000 * row["calib_s"] / row["steps"]
     return row
@@ -176,7 +175,7 @@ def main():
              progress=False)
     kmeans_cold = time.perf_counter() - t
     print(f"k-means ({cfg.kmeans_iters} iterations) before the runs, 1 process x 2 threads: {kmeans_cold:.1f} s "
-          f"(load {os.getloadavg()[0]:.1f}; cold unless --kmeans-cache was filled before)", flush=True)
+          f"(load {load_avg():.1f}; cold unless --kmeans-cache was filled before)", flush=True)
     rows = []
     for labels in args.labels:
         # 1 x 2 threads (baseline), 2 x 1 thread (data parallel); 1 x 1 thread at the full and half
@@ -204,17 +203,13 @@ def main():
             "teacher_s", "comm_s", "stats_s", "rest_s", "baseline", "speedup_calib_vs_baseline",
             "speedup_total_vs_baseline", "codebook_max_rel_diff_vs_baseline", "assign_diff_share_vs_baseline", "final_loss", "load_before",
             "load_after", "wall_s"]
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        f.write(f"# {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; method {args.method}, "
-                f"recipe small, {args.iterations} iterations x 25 steps, W2 (k=256, d=4), gloo; "
-                f"load = 1-min load average before/after each run (shared machine); k-means ({KMEANS_ITERS} iterations) "
-                f"before the runs (1 x 2 threads; cold unless --kmeans-cache was filled) "
-                f"{kmeans_cold:.1f} s, cached in every run (kmeans_s = cache read + layer swap)\n")
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()})
+    comment = (f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}; method {args.method}, "
+               f"recipe small, {args.iterations} iterations x 25 steps, W2 (k=256, d=4), gloo; "
+               f"load = 1-min load average before/after each run (shared machine); k-means ({KMEANS_ITERS} iterations) "
+               f"before the runs (1 x 2 threads; cold unless --kmeans-cache was filled) "
+               f"{kmeans_cold:.1f} s, cached in every run (kmeans_s = cache read + layer swap)")
+    write_csv([{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+              args.csv, cols, comment=comment)
     print("\nms per step; teacher, comm (collectives), stats (trace) and rest are its parts")
     print(f"{'batch':>5} {'procs x thr':>11} {'labels':>6} {'ms/step':>8} {'teacher':>8} {'comm':>6} {'stats':>6} "
           f"{'rest':>6} {'kmeans':>7} {'speedup':>7} {'load':>9}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,46 +28,17 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import Rows, gpu_name, load_avg, machine_name, peak_rss_gb, rss_now_gb, sync, write_csv
+
 STAGES = ("write", "load", "kmeans", "load_packed", "sample", "calib", "digits", "quality")
 COLUMNS = ["stage", "what", "value", "unit", "blocks", "device", "machine", "load_avg"]
-
-
-def _rss_now_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-class _Rows:
-    def __init__(self, stage, device):
-        self.stage, self.device, self.rows = stage, device, []
-
-    def add(self, what, value, unit):
-        self.rows.append(dict(stage=self.stage, what=what, value=value, unit=unit))
-        print(f"  {self.stage:12s} {what:44s} {value:12.4g} {unit}", file=sys.stderr, flush=True)
-
-    def memory(self):
-        self.add("peak RSS (process)", _peak_rss_gb(), "GiB")
-        if torch.device(self.device).type == "cuda":
-            self.add("peak GPU memory", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
 
 
 # ----------------------------------------------------------------------------------------
 # Stages (each in its own process)
 # ----------------------------------------------------------------------------------------
 
-def stage_write(a, r: _Rows):
+def stage_write(a, r: Rows):
     from vq4dit.testbed.xl import write_xl_pipeline
     t = time.time()
     write_xl_pipeline(a.work / "xl", num_layers=a.blocks, overwrite=True)
@@ -80,26 +50,26 @@ def stage_write(a, r: _Rows):
     r.memory()
 
 
-def stage_load(a, r: _Rows):
+def stage_load(a, r: Rows):
     from vq4dit.io import load_dit
     t = time.time()
     load_dit(a.work / "xl", device=a.device)
-    _sync(a.device)
+    sync(a.device)
     r.add("load FP pipeline", time.time() - t, "s")
-    r.add("RSS after load", _rss_now_gb(), "GiB")
+    r.add("RSS after load", rss_now_gb(), "GiB")
     r.memory()
 
 
-def stage_kmeans(a, r: _Rows):
+def stage_kmeans(a, r: Rows):
     from vq4dit import method_config, quantize
     from vq4dit.io import dir_bytes, load_dit, save_quantized
     bundle = load_dit(a.work / "xl", device=a.device)
     cfg = method_config("kmeans", bits=2, kmeans_iters=a.kmeans_iters)
     t = time.time()
     quantize(bundle.transformer, cfg, progress=False)
-    _sync(a.device)
+    sync(a.device)
     r.add(f"k-means W2, {a.kmeans_iters} iters, all layers", time.time() - t, "s")
-    r.add("peak RSS through k-means", _peak_rss_gb(), "GiB")
+    r.add("peak RSS through k-means", peak_rss_gb(), "GiB")
     t = time.time()
     out = save_quantized(bundle.transformer, a.work / "xl-w2", scheduler=bundle.scheduler, overwrite=True)
     r.add("save packed", time.time() - t, "s")
@@ -110,20 +80,20 @@ def stage_kmeans(a, r: _Rows):
     r.memory()
 
 
-def stage_load_packed(a, r: _Rows):
+def stage_load_packed(a, r: Rows):
     from vq4dit.io import load_quantized
     t = time.time()
     bundle = load_quantized(a.work / "xl-w2", device=a.device)
-    _sync(a.device)
+    sync(a.device)
     r.add("load packed", time.time() - t, "s")
-    r.add("RSS at rest after load", _rss_now_gb(), "GiB")
+    r.add("RSS at rest after load", rss_now_gb(), "GiB")
     m = bundle.transformer
     c = m.config
     with torch.no_grad():
         m(torch.randn(2, c.in_channels, c.sample_size, c.sample_size, device=a.device),
           timestep=torch.tensor([500, 500], device=a.device), class_labels=torch.tensor([1, 1000], device=a.device))
-    _sync(a.device)
-    r.add("RSS at rest after first forward (cache)", _rss_now_gb(), "GiB")
+    sync(a.device)
+    r.add("RSS at rest after first forward (cache)", rss_now_gb(), "GiB")
     r.memory()
 
 
@@ -136,15 +106,15 @@ def _time_sampling(models: dict, scheduler, steps, device, repeats, labels) -> d
         sample(model, labels[:1], num_steps=1, scheduler=scheduler, seed=0, device=device)
     for _ in range(repeats):
         for name, model in models.items():
-            _sync(device)
+            sync(device)
             t = time.time()
             latents = sample(model, labels, num_steps=steps, scheduler=scheduler, seed=0, device=device)
-            _sync(device)
+            sync(device)
             best[name] = min(best[name], (time.time() - t, latents), key=lambda v: v[0])
     return best
 
 
-def stage_sample(a, r: _Rows):
+def stage_sample(a, r: Rows):
     from vq4dit.io import load_dit, load_quantized
     fp = load_dit(a.work / "xl", device=a.device)
     vq = load_quantized(a.work / "xl-w2", device=a.device).transformer
@@ -157,13 +127,13 @@ def stage_sample(a, r: _Rows):
     t = time.time()
     with torch.no_grad():
         img = fp.vae.decode(lat[:1].to(a.device) / fp.vae.config.scaling_factor).sample
-    _sync(a.device)
+    sync(a.device)
     r.add("VAE decode, 1 image 256x256", time.time() - t, "s")
     r.add("image finite", float(torch.isfinite(img).all()), "bool")
     r.memory()
 
 
-def stage_calib(a, r: _Rows):
+def stage_calib(a, r: Rows):
     import copy
 
     from vq4dit import method_config, quantize
@@ -202,7 +172,7 @@ def stage_calib(a, r: _Rows):
     r.memory()
 
 
-def stage_digits(a, r: _Rows):
+def stage_digits(a, r: Rows):
     """Item 6: sampling the packed model vs FP on the embedded model (the decoded-weight cache)."""
     from vq4dit import method_config, quantize
     from vq4dit.io import load_dit, load_quantized, save_quantized
@@ -243,7 +213,7 @@ class _NoCache(torch.nn.Module):
             return self.model(*args, **kw)
 
 
-def stage_quality(a, r: _Rows):
+def stage_quality(a, r: Rows):
     """Item 2: the subsample (256 points per codeword) vs full Lloyd on the embedded model. At W2
     (k=256) only the adaLN layers (98,304 sub-vectors) exceed 256 * 256 and are subsampled; at W3
     and XL-sharing every layer is. Weight error = mean squared error of W_hat vs W over all
@@ -289,7 +259,7 @@ def flop_estimate(n_weights: int = 668_860_416, tokens: int = 256, hidden: int =
 def _stage_main(argv) -> int:
     a = _parse(argv)
     torch.set_num_threads(a.threads)
-    r = _Rows(a.stage, a.device)
+    r = Rows(a.stage, a.device)
     globals()[f"stage_{a.stage}"](a, r)
     print("ROWS " + json.dumps(r.rows), flush=True)
     return 0
@@ -320,7 +290,7 @@ def main(argv=None) -> int:
     if "--stage" in argv:
         return _stage_main(argv)
     a = _parse(argv)
-    from benchmarks.bench import machine_name, write_csv
+    torch.set_num_threads(a.threads)  # as in the stages, so machine_name reports their threads
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     root = str(Path(__file__).resolve().parents[1])  # so `-m benchmarks.scale_bench` resolves from any cwd
@@ -328,7 +298,7 @@ def main(argv=None) -> int:
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     machine = machine_name("cpu") if a.device == "cpu" else None
     for stage in a.stages:
-        load_before = os.getloadavg()[0]
+        load_before = load_avg()
         print(f"[{stage}]", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.scale_bench", *argv, "--stage", stage],
                               env=env, stdout=subprocess.PIPE, text=True)
@@ -338,8 +308,8 @@ def main(argv=None) -> int:
         else:
             rows += json.loads(lines[-1][5:])
         for row in rows:
-            row.setdefault("load_avg", round(max(load_before, os.getloadavg()[0]), 2))
-        write_csv([dict(row, blocks=a.blocks, device=a.device, machine=machine or _gpu_name()) for row in rows],
+            row.setdefault("load_avg", round(max(load_before, load_avg()), 2))
+        write_csv([dict(row, blocks=a.blocks, device=a.device, machine=machine or gpu_name()) for row in rows],
                   a.out, COLUMNS)
     est = flop_estimate()
     print(f"\nXL/2 W2 calibration, reference budget (NOT MEASURED, arithmetic): {est['per_step'] / 1e12:.1f} TFLOP "
@@ -351,14 +321,6 @@ def main(argv=None) -> int:
               else f"| {row['stage']} | {row['what']} | {v} | {row['unit']} |", file=sys.stderr)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0 if all(r["what"] != "FAILED" for r in rows) else 1
-
-
-def _gpu_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip() or "unknown GPU"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown GPU"
 
 
 if __name__ == "__main__":

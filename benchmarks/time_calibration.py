@@ -11,30 +11,30 @@ average is recorded with every row. Prints a table and writes a CSV (atomically)
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 from vq4dit.config import METHODS, SETTINGS
-from vq4dit.runner import run_method
 from vq4dit.io import load_dit
 from vq4dit.metrics import block_mse
 from vq4dit.testbed import DIGITS_DIT_DIR
 
+from benchmarks.bench import Job, job_config, run_config
+from benchmarks.common import Timer, write_csv
+
+COLUMNS = ["method", "setting", "seed", "stage", "wall_s", "cpu_s", "cpu_s_per_thread", "threads", "load_start",
+           "load_end", "torch"]
+
 
 def stage(name, fn, rows, threads):
-    load0 = os.getloadavg()[0]
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    rows.append(dict(stage=name, wall_s=round(wall, 2), cpu_s=round(cpu, 2),
-                     cpu_s_per_thread=round(cpu / threads, 2), threads=threads,
-                     load_start=round(load0, 2), load_end=round(os.getloadavg()[0], 2)))
-    print(f"{name:28s} wall {wall:8.1f} s   cpu {cpu:8.1f} s   load {load0:.1f}->{os.getloadavg()[0]:.1f}",
+    with Timer() as t:
+        out = fn()
+    rows.append(dict(stage=name, wall_s=round(t.wall, 2), cpu_s=round(t.cpu, 2),
+                     cpu_s_per_thread=round(t.cpu / threads, 2), threads=threads,
+                     load_start=round(t.load_start, 2), load_end=round(t.load_end, 2)))
+    print(f"{name:28s} wall {t.wall:8.1f} s   cpu {t.cpu:8.1f} s   load {t.load_start:.1f}->{t.load_end:.1f}",
           flush=True)
     return out
 
@@ -48,21 +48,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/benchmarks/time_calibration.csv")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    vq = dict(SETTINGS[a.setting])
-    bits = vq.pop("bits")
-    vq["seed"] = a.seed
-    kmeans_vq = dict(vq, **METHODS[a.method].vq)  # the method's own init (act-aware: + the statistics pass)
+    # the benchmark's rows (same configs as `python -m benchmarks.bench`): k-means with the method's
+    # own init (act-aware: + the statistics pass), then the method itself
+    kmeans_job = Job("timing", a.setting, "kmeans", "kmeans", a.seed, vq=dict(METHODS[a.method].vq))
+    method_job = Job("timing", a.setting, a.method, a.method, a.seed)
     teacher = load_dit(DIGITS_DIT_DIR, device="cpu").transformer
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["VQ4DIT_CACHE"] = cache  # cold: nothing cached yet
-        stage("k-means cold", lambda: run_method(teacher, "kmeans", bits, vq=kmeans_vq, recipe="small",
-                                                 progress=False, measure_block_mse=False), rows, a.threads)
-        stage("k-means warm", lambda: run_method(teacher, "kmeans", bits, vq=kmeans_vq, recipe="small",
-                                                 progress=False, measure_block_mse=False), rows, a.threads)
+        for name in ("k-means cold", "k-means warm"):
+            stage(name, lambda: run_config(teacher, job_config(kmeans_job), measure_block_mse=False), rows, a.threads)
         res = stage(f"k-means warm + calibrate {a.method}",
-                    lambda: run_method(teacher, a.method, bits, vq=vq, calib=dict(seed=a.seed), recipe="small",
-                                       progress=False, measure_block_mse=False), rows, a.threads)
+                    lambda: run_config(teacher, job_config(method_job), measure_block_mse=False), rows, a.threads)
     calib_wall = res.trace.meta["seconds"] if res.trace is not None else float("nan")
     rows.append(dict(stage=f"calibration loop only ({res.trace.meta.get('steps_done')} steps, wall)",
                      wall_s=round(calib_wall, 2), threads=a.threads))
@@ -70,17 +67,8 @@ def main(argv=None) -> int:
     stage("block MSE evaluation", lambda: block_mse(res.model, teacher), rows, a.threads)
     for r in rows:
         r.update(method=a.method, setting=a.setting, seed=a.seed, torch=torch.__version__.split("+")[0])
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    cols = ["method", "setting", "seed", "stage", "wall_s", "cpu_s", "cpu_s_per_thread", "threads", "load_start",
-            "load_end", "torch"]
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_csv(rows, a.out, COLUMNS)
+    print(f"wrote {a.out}")
     return 0
 
 

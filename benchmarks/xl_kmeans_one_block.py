@@ -3,7 +3,6 @@ thread, timed per layer; extrapolated to 28 blocks. Prints only (a probe, no CSV
 
     python -m benchmarks.xl_kmeans_one_block
 """
-import os
 import time
 
 import torch
@@ -11,6 +10,8 @@ import torch
 from vq4dit import kmeans
 from vq4dit.naming import default_filter
 from vq4dit.testbed.xl import make_xl_transformer
+
+from benchmarks.common import load_avg
 
 
 def main():
@@ -24,7 +25,7 @@ def main():
             kmeans(x, 256, 100, seed=0)
             dt = time.time() - t
             total += dt
-            print(f"{name} {tuple(lin.weight.shape)} S={len(x)} {dt:.2f}s load={os.getloadavg()[0]:.1f}", flush=True)
+            print(f"{name} {tuple(lin.weight.shape)} S={len(x)} {dt:.2f}s load={load_avg():.1f}", flush=True)
     print(f"one block (7 layers) {total:.1f}s -> x28 = {total * 28 / 60:.1f} min (1 thread)", flush=True)
 
 

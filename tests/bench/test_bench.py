@@ -87,7 +87,7 @@ def test_bench_act_aware_init_gives_both_sides_of_the_pair_the_same_init(tmp_pat
                          ("vq4dit-ste +act-aware init", ste_aa)]:  # an older CSV's label for vq4dit-ste-aa
             rows.append(dict(plan="main", setting="W2", label=label, method=label.split()[0], seed=seed,
                              k=256, d=4, bits_per_weight=2.2, block_mse=v))
-    bench.write_csv(rows, tmp_path / "b.csv")
+    bench.write_csv(rows, tmp_path / "b.csv", bench.COLUMNS)
     assert bench.paired(rows, "block_mse", "vq4dit-ste +act-aware init")[0] == pytest.approx(-25.0)
     assert bench.baseline_label("vq4dit-ste-aa") == "codebook-only +act-aware init"
     assert bench.paired(rows, "block_mse", "vq4dit-ste")[0] == pytest.approx(-45.0)
@@ -114,3 +114,47 @@ def test_paired_interval_says_beats_only_when_it_excludes_zero(tmp_path):
     assert "**beats**" in line["ours"] and "beats" not in line["noise"]
     assert math.isfinite(float(line["ours"].split("|")[4].split("±")[0]))
     assert list(csv.DictReader(open(tmp_path / "b.csv")))[0]["label"] == "codebook-only"
+
+
+def test_every_main_plan_row_is_the_cli_config_of_the_same_flags():
+    """A main-plan row's config is `python -m vq4dit quantize --recipe small --method M --seed S
+    [--k K --d D] [--init act-aware]` exactly: both are built by vq4dit.config.build_config."""
+    from benchmarks import bench
+    from vq4dit.__main__ import build_parser, config_from_args
+    from vq4dit.config import SETTINGS
+    jobs = [j for init in bench.INITS for j in bench.plan_jobs("main", list(SETTINGS), None, [3, 4], init=init)]
+    assert len(jobs) > 40
+    for job in jobs:
+        flags = ["quantize", "--out", "o", "--recipe", "small", "--method", job.method, "--seed", str(job.seed),
+                 "--bits", str(SETTINGS[job.setting]["bits"]), "--device", "cpu"]
+        if "k" in SETTINGS[job.setting]:
+            flags += ["--k", str(SETTINGS[job.setting]["k"]), "--d", str(SETTINGS[job.setting]["d"])]
+        if job.vq.get("activation_aware"):
+            flags += ["--init", "act-aware"]
+        cli = config_from_args(build_parser().parse_args(flags))
+        assert bench.job_config(job, device="cpu") == cli, (job, flags)
+
+
+def test_merge_keeps_the_first_row_and_its_conflicts(tmp_path):
+    """`bench merge`: the first CSV's row of a (setting, label, seed) wins, with that CSV's conflict
+    rows; older labels are read under the registry name; --by-plan writes one CSV per plan."""
+    from benchmarks import bench
+
+    def write(name, rows):
+        bench.write_csv([dict(plan=p, setting="W2", label=lab, method=lab.split()[0], seed=s, block_mse=v)
+                         for p, lab, s, v in rows], tmp_path / f"{name}.csv", bench.COLUMNS)
+        bench.write_csv([dict(plan=p, setting="W2", label=lab, seed=s, layer="l0", conflict_share=v)
+                         for p, lab, s, v in rows], tmp_path / f"{name}_conflicts.csv", bench.CONFLICT_COLUMNS)
+    write("a", [("main", "codebook-only", 3, 1.0), ("main", "vq4dit-ste +act-aware init", 3, 0.5)])
+    write("b", [("main", "codebook-only", 3, 9.0), ("main", "codebook-only", 4, 2.0),
+                ("ablations", "vq4dit-ste n=3", 0, 0.7)])
+    n = bench.merge([tmp_path / "a.csv", tmp_path / "b.csv"], out=tmp_path / "m.csv")
+    assert n == {str(tmp_path / "m.csv"): 4}
+    rows = bench.read_rows(tmp_path / "m.csv")
+    assert [(r["label"], r["seed"], float(r["block_mse"])) for r in rows] == [
+        ("codebook-only", "3", 1.0), ("vq4dit-ste-aa", "3", 0.5), ("codebook-only", "4", 2.0), ("vq4dit-ste n=3", "0", 0.7)]
+    conflicts = bench.read_rows(tmp_path / "m_conflicts.csv")
+    assert [float(r["conflict_share"]) for r in conflicts] == [1.0, 0.5, 2.0, 0.7]  # b's 9.0 lost with its row
+    bench.merge([tmp_path / "a.csv", tmp_path / "b.csv"], by_plan=tmp_path / "plans")
+    assert len(bench.read_rows(tmp_path / "plans" / "bench_main.csv")) == 3
+    assert [r["label"] for r in bench.read_rows(tmp_path / "plans" / "bench_ablations.csv")] == ["vq4dit-ste n=3"]
