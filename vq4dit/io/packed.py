@@ -29,7 +29,7 @@ from ..config import RTNConfig, VQConfig
 from ..layers import RTNLinear, VQLinear
 from ..quant_api import _replace
 from ..sampling import make_scheduler
-from ..safety import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
+from ..fs import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
 from ..size import quantized_layers, size_summary
 from .loading import DiTBundle, scheduler_from
 from .validation import (FORMAT_VERSION, PACKED_CONFIG, PACKED_WEIGHTS, restore_aliases, validate_packed,
