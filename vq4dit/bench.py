@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from .config import METHODS, SETTINGS, method_config
+from .fs import atomic_file
 from .runner import EvalSpec, generate, run_method
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
@@ -236,25 +236,23 @@ def read_rows(path) -> list[dict]:
 def write_csv(rows, path, columns=COLUMNS):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
         n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None, init="kmeans") -> list[dict]:
     from .io import load_dit
-    from .sampling import pick_device
+    from .checks import resolve_device
     from .testbed import DIGITS_DIT_DIR
 
     settings = settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
-    device = pick_device(device)
+    device = resolve_device(device)
     teacher = load_dit(DIGITS_DIT_DIR, device=device).transformer
     jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0, labels=labels,
                      init=init)

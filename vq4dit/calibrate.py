@@ -19,7 +19,8 @@ from . import distributed
 from .config import VQConfig
 from .layers import VQLinear
 from .naming import block_index, layer_type
-from .sampling import has_learned_sigma, make_scheduler, pick_device, random_labels_and_noise
+from .checks import resolve_device
+from .sampling import has_learned_sigma, make_scheduler, random_labels_and_noise
 from .size import quantized_layers
 from .trace import Recorder, Trace, gradient_conflict
 from .trajectories import block_losses, teacher_trajectory
@@ -107,7 +108,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
 def setup(student: nn.Module, teacher: nn.Module, config: VQConfig, originals: dict) -> Calibration:
     """Both models on the device, soft assignments initialised, the optimizer and the trace."""
     cfg = config.calib
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     student.to(device).eval()
     teacher.to(device).eval()
     layers = {n: m for n, m in quantized_layers(student).items() if isinstance(m, VQLinear)}

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import DIGITS_DIT_DIR, IMAGE_SIZE, NUM_CLASSES
+from ..fs import atomic_file
 from .data import load_digit_images, random_shift
 
 # ----------------------------------------------------------------------------------------------
@@ -151,12 +152,10 @@ def ema_update(ema, model, decay: float) -> None:
 # ---- checkpoints: ckpt-<step>.safetensors (tensors) + ckpt-<step>.json (everything else) -------
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, cfg: DiTTrainConfig, model, ema, opt,
