@@ -32,7 +32,7 @@ from ..quant_api import replace_module
 from ..sampling import make_scheduler
 from ..fs import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
 from ..size import quantized_layers, size_summary
-from .loading import DiTBundle, scheduler_from
+from .bundle import DiTBundle, scheduler_from
 from .validation import (FORMAT_VERSION, PACKED_CONFIG, PACKED_WEIGHTS, restore_aliases, validate_packed,
                          check_safetensors)
 
