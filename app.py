@@ -68,7 +68,7 @@ class ServerSettings:
 def resolve_server(args, env=None) -> ServerSettings:
     """Bind address, port and credentials from flags, then the project's and Gradio's variables.
     ValueError (one clear line) for a bad port, bad credentials or an exposed address without them."""
-    from vq4dit.fs import is_loopback
+    from vq4dit.checks import is_loopback
     env = os.environ if env is None else env
     host = args.host or env.get("VQ4DIT_HOST") or env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
     src, raw = next(((n, v) for n, v in (("--port", args.port), ("VQ4DIT_PORT", env.get("VQ4DIT_PORT")),
@@ -112,7 +112,7 @@ def check_port_free(host: str, port: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vq4dit.fs import resolve_device
+    from vq4dit.checks import resolve_device
     try:  # everything that can fail is checked before the model is loaded
         server = resolve_server(args)
         device = resolve_device(args.device)

@@ -5,7 +5,7 @@
 
 `build` runs each DEMO_RUNS entry through the same worker as the app's Run button (the library's
 `run_method`, the app's evaluation), into a scratch runs dir, then writes a compact copy of each
-run (see `vq4dit.trace.Trace.save(compact=True)` and `vq4dit.io.save_quantized(fp_base=...)`)
+run (see `vq4dit.trace.Trace.compact(...).save(path)` and `vq4dit.io.save_quantized(fp_base=...)`)
 into assets/demo_runs/<id>/. The app lists them read-only next to the runs dir (RunStore's
 `demo_root`): labelled "demo", never deleted or overwritten.
 """

@@ -31,7 +31,8 @@ from vq4dit.config import DEFAULT_METHOD, CalibConfig, METHODS, method_config
 from vq4dit.config import RECIPES, SMALL_MODEL_KMEANS_ITERS
 from vq4dit.runner import EvalSpec, generate, run_method
 from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
-from vq4dit.sampling import pick_device, sample
+from vq4dit.checks import resolve_device
+from vq4dit.sampling import sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
 
@@ -600,7 +601,7 @@ class Engine:
 
     def __init__(self, cfg: AppConfig):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.bundle = load_dit(cfg.model, device=self.device)
         self.teacher = self.bundle.transformer
         tc = self.teacher.config

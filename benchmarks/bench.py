@@ -252,14 +252,14 @@ def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: d
 def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
         n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None, init="kmeans") -> list[dict]:
     from vq4dit.io import load_dit
-    from vq4dit.sampling import pick_device
+    from vq4dit.checks import resolve_device
     from vq4dit.testbed import DIGITS_DIT_DIR
 
     settings = settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
-    device = pick_device(device)
+    device = resolve_device(device)
     teacher = load_dit(DIGITS_DIT_DIR, device=device).transformer
     jobs = plan_jobs("quick" if quick else plan, settings, methods, list(seeds), with_fd=n_fd > 0, labels=labels,
                      init=init)

@@ -151,7 +151,7 @@ def stage_calib(a, r: Rows):
                                            device=str(a.device)))
             t = time.time()
             quantize(model, method_config("kmeans", bits=2, kmeans_iters=a.kmeans_iters), progress=False)
-            model._vq4dit_config = cfg
+            model.vq4dit_config = cfg
             t_km = time.time() - t
             ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bf16"
                    else torch.autocast("cpu", enabled=False))

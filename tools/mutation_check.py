@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, what it breaks (method.md step), [(file, exact old text, new text), ...])
 MUTANTS = [
     ("kmeans-no-lloyd", "step 1: k-means returns its k-means++ init, no Lloyd iterations",
-     [("vq4dit/kmeans.py", "    for _ in range(iters):\n", "    for _ in range(0):\n")]),
+     [("vq4dit/kmeans.py", "    for it in range(iters):\n", "    for it in range(0):\n")]),
     ("kmeans-empty-cluster-at-zero", "step 1: empty clusters are not re-seeded (centroid left at 0)",
      [("vq4dit/kmeans.py", "        if empty.any():  # re-seed", "        if False:  # re-seed")]),
     ("candidates-farthest", "step 2: second candidate is the farthest codeword, not the 2nd nearest",

@@ -4,8 +4,9 @@
     trace = quantize(transformer, method_config("vq4dit", bits=2))
 
 Modules, imports flowing one way (each uses only those above it):
-    config       method configs and the METHODS registry
-    fs           filesystem guards (atomic replace, protected paths), device and number checks
+    checks       the one number check, the device resolver, loopback hosts
+    config       method configs, the METHODS registry, build_config (flat choices -> a config)
+    fs           filesystem guards: atomic file and dir replace, protected paths
     naming       which layers a DiT block has, which ones get quantized
     kmeans       k-means codebooks and their on-disk cache
     size         bit accounting of packed layers and models
@@ -17,7 +18,7 @@ Modules, imports flowing one way (each uses only those above it):
     calibrate    zero-data block-wise calibration
     quant_api    `quantize(model, config)`
     metrics      block MSE, image error, Frechet distance
-    io/          load DiTs (loading), save / load packed models (packed, validation)
+    io/          load DiTs (loading), save / load packed models (packed, validation, bundle)
     runner       one run + evaluation (shared by bench, CLI and app)
     __main__ (CLI), testbed/ (the embedded digits model)
 """

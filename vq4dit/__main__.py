@@ -89,7 +89,7 @@ def cmd_quantize(args) -> int:
     import torch
     from . import distributed
     from .io import check_output
-    from .fs import resolve_device
+    from .checks import resolve_device
 
     out = Path(args.out)
     unused = _unused_flags(args)
@@ -159,7 +159,8 @@ def _quantize(args, out: Path, device) -> int:
 
 def cmd_sample(args) -> int:
     from .io import load_dit
-    from .fs import check_writable, resolve_device
+    from .checks import resolve_device
+    from .fs import check_writable
     from .sampling import sample
     from .viz import save_grid
 
@@ -192,7 +193,7 @@ def cmd_sample(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_METHOD, INITS, METHODS, RECIPES
-    from .fs import bounded_float, bounded_int
+    from .checks import bounded_float, bounded_int
     methods_help = "methods:\n" + "\n".join(f"  {n:14s} {m.description}" for n, m in METHODS.items())
     p = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__, epilog=methods_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

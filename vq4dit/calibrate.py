@@ -8,6 +8,7 @@ optimizer step on  L = mean_b MSE(student_b, teacher_b) + lambda_r * L_r.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,18 +19,40 @@ from . import distributed
 from .config import VQConfig
 from .layers import VQLinear
 from .naming import block_index, layer_type
-from .sampling import has_learned_sigma, make_scheduler, pick_device, random_labels_and_noise
+from .checks import resolve_device
+from .sampling import has_learned_sigma, make_scheduler, random_labels_and_noise
 from .size import quantized_layers
 from .trace import Recorder, Trace, gradient_conflict
 from .trajectories import block_losses, teacher_trajectory
 
 # ----------------------------------------------------------------------------------------
-# Calibration
+# Calibration: set up, one step, freeze / hard switch, finish
 # ----------------------------------------------------------------------------------------
 
 
 class CalibrationStopped(Exception):
     pass
+
+
+@dataclass
+class Calibration:
+    """What a calibration run holds between steps (built by `setup`)."""
+    config: VQConfig
+    student: nn.Module
+    teacher: nn.Module
+    originals: dict                 # layer name -> FP weight (candidate sets, finishing pass, trace)
+    device: torch.device
+    layers: dict                    # layer name -> VQLinear being calibrated
+    opt: torch.optim.Optimizer
+    logit_owner: dict               # id(logits) -> its layer, to drop logits of layers gone hard
+    trace: Trace
+    recorder: Recorder
+    weight: float                   # this rank's share of each batch (1 on one process)
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def cfg(self):
+        return self.config.calib
 
 
 def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, originals: dict,
@@ -43,8 +66,49 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     `vq4dit.distributed`): each rank runs its rows of every batch, gradients and recorded losses
     are all-reduced to the full batch's, so every rank holds the same model at every step.
     """
+    run = setup(student, teacher, config, originals)
+    cfg = run.cfg
+    g = torch.Generator().manual_seed(cfg.seed)
+    scheduler = make_scheduler(kind=cfg.teacher_sampler, learned_sigma=has_learned_sigma(teacher))
+    bar = None
+    if progress and distributed.is_main():
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.total_steps, desc=f"calibrate {config.method}", leave=False)
+    step, stopped, device = 0, None, run.device
+    try:
+        for it in range(cfg.iterations):
+            labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
+            for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
+                                                                 cfg.guidance_scale, scheduler, g, split=True):
+                step += 1
+                row = calibration_step(run, step, it, x_in, t_in, y_in, targets)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3g}", frozen=f"{row['frozen_frac']:.2f}")
+                stop = None
+                if on_step is not None and on_step(dict(row, total_steps=cfg.total_steps, trace=run.trace)) is False:
+                    stop = "cancelled"
+                elif cfg.max_seconds is not None and time.time() - run.t0 > cfg.max_seconds:
+                    stop = "time budget"
+                if distributed.any_rank(stop is not None, device):  # all ranks stop at the same step
+                    raise CalibrationStopped(stop or "stopped by another rank")
+    except CalibrationStopped as e:
+        stopped = str(e)
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+        finalize(student)
+        for m in run.layers.values():
+            m.record_weight_grad, m.last_weight = False, None
+    return finish(run, step, stopped)
+
+
+def setup(student: nn.Module, teacher: nn.Module, config: VQConfig, originals: dict) -> Calibration:
+    """Both models on the device, soft assignments initialised, the optimizer and the trace."""
     cfg = config.calib
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     student.to(device).eval()
     teacher.to(device).eval()
     layers = {n: m for n, m in quantized_layers(student).items() if isinstance(m, VQLinear)}
@@ -80,116 +144,98 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                                        shape=[m.out_features, m.in_features]) for n, m in layers.items()}))
     rec = Recorder(trace, layers, cfg, originals)
     rec.record_layers(0, {})
+    return Calibration(config, student, teacher, originals, device, layers, opt, logit_owner, trace, rec, weight)
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    scheduler = make_scheduler(kind=cfg.teacher_sampler, learned_sigma=has_learned_sigma(teacher))
-    bar = None
-    if progress and distributed.is_main():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.total_steps, desc=f"calibrate {config.method}", leave=False)
-    step, stopped, t0 = 0, None, time.time()
-    try:
-        for it in range(cfg.iterations):
-            labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
-            for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
-                                                                 cfg.guidance_scale, scheduler, g, split=True):
-                step += 1
-                if cfg.temperature_end is not None:  # annealed ratios: T goes 1 -> temperature_end
-                    for m in layers.values():
-                        m.temperature = cfg.temperature_end ** (step / cfg.total_steps)
-                want_stats = rec.wants_layer_stats(step)
-                for m in layers.values():
-                    m.record_weight_grad = want_stats
-                # 2. Loss: mean block MSE + lambda_r * L_r  (spec steps 4-5)
-                losses = block_losses(student, x_in, t_in, y_in, targets)
-                block_loss = torch.stack(losses).mean()
-                soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
-                l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
-                loss = block_loss + cfg.lambda_r * l_r
-                # the full batch's block losses (this rank's on one process), recorded below
-                losses = distributed.all_reduce_mean(torch.stack(losses).detach(), weight).unbind()
-                block_loss = torch.stack(losses).mean()
-                loss_value = block_loss + cfg.lambda_r * l_r.detach()
-                if not torch.isfinite(loss_value):
-                    raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
-                                             f"lower the learning rates")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # data parallel: the full batch's gradients (and weight gradients for the stats)
-                distributed.all_reduce_mean_grads(
-                    [p for grp in opt.param_groups for p in grp["params"]]
-                    + [m.last_weight for m in layers.values() if m.last_weight is not None], weight)
-                conflicts = {}
-                if want_stats:
-                    conflicts = {n: gradient_conflict(m) for n, m in layers.items()}
-                    conflicts = {n: v for n, v in conflicts.items() if v is not None}
-                opt.step()
-                # 3. Progressive freezing and the switch to hard assignments (spec step 7)
-                newly_hard = []
-                force = cfg.force_hard_at is not None and step >= cfg.force_hard_at * cfg.total_steps
-                commit = (None if cfg.commit_until is None
-                          else min(1.0, step / (cfg.commit_until * cfg.total_steps)))
-                if step > cfg.freeze_after or force:
-                    for n, m in layers.items():
-                        if m.hard:
-                            continue
-                        if force:
-                            m.make_hard()
-                        elif not (m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold)
-                                  or (commit is not None and m.commit_most_confident(commit, cfg.hard_threshold))):
-                            continue
-                        m.codebook.requires_grad_(True)  # hard layers train their codebook
-                        newly_hard.append(n)
-                for n in newly_hard:
-                    trace.add("events", dict(step=step, layer=n, event="hard"))
-                if newly_hard:
-                    release_hard_logits(opt, logit_owner)
-                for m in layers.values():
-                    m.record_weight_grad, m.last_weight = False, None
-                frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item()
-                                        for m in layers.values()]))
-                row = dict(step=step, iteration=it, timestep=int(t_in[0]), loss=loss_value.item(),
-                           block_loss=block_loss.item(), l_r=l_r.item(), frozen_frac=frozen,
-                           hard_layers=sum(m.hard for m in layers.values()), seconds=time.time() - t0)
-                row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
-                trace.add("steps", row)
-                if want_stats:
-                    rec.record_layers(step, conflicts)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value.item():.3g}", frozen=f"{frozen:.2f}")
-                stop = None
-                if on_step is not None and on_step(dict(row, total_steps=cfg.total_steps, trace=trace)) is False:
-                    stop = "cancelled"
-                elif cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds:
-                    stop = "time budget"
-                if distributed.any_rank(stop is not None, device):  # all ranks stop at the same step
-                    raise CalibrationStopped(stop or "stopped by another rank")
-    except CalibrationStopped as e:
-        stopped = str(e)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    finally:
-        if bar is not None:
-            bar.close()
-        finalize(student)
+
+def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_in, targets) -> dict:
+    """One optimizer step on one timestep of the teacher's trajectory; returns the step's row
+    (also added to the trace)."""
+    cfg, layers = run.cfg, run.layers
+    if cfg.temperature_end is not None:  # annealed ratios: T goes 1 -> temperature_end
         for m in layers.values():
-            m.record_weight_grad, m.last_weight = False, None
-    # 4. Optional discrete finishing pass (codebook fixed), then the final record
+            m.temperature = cfg.temperature_end ** (step / cfg.total_steps)
+    want_stats = run.recorder.wants_layer_stats(step)
+    for m in layers.values():
+        m.record_weight_grad = want_stats
+    # 2. Loss: mean block MSE + lambda_r * L_r  (spec steps 4-5)
+    losses = block_losses(run.student, x_in, t_in, y_in, targets)
+    block_loss = torch.stack(losses).mean()
+    soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
+    l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
+    loss = block_loss + cfg.lambda_r * l_r
+    # the full batch's block losses (this rank's on one process), recorded below
+    losses = distributed.all_reduce_mean(torch.stack(losses).detach(), run.weight).unbind()
+    block_loss = torch.stack(losses).mean()
+    loss_value = block_loss + cfg.lambda_r * l_r.detach()
+    if not torch.isfinite(loss_value):
+        raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
+                                 f"lower the learning rates")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # data parallel: the full batch's gradients (and weight gradients for the stats)
+    distributed.all_reduce_mean_grads(
+        [p for grp in run.opt.param_groups for p in grp["params"]]
+        + [m.last_weight for m in layers.values() if m.last_weight is not None], run.weight)
+    conflicts = {}
+    if want_stats:
+        conflicts = {n: gradient_conflict(m) for n, m in layers.items()}
+        conflicts = {n: v for n, v in conflicts.items() if v is not None}
+    run.opt.step()
+    freeze_and_switch(run, step)
+    for m in layers.values():
+        m.record_weight_grad, m.last_weight = False, None
+    frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item() for m in layers.values()]))
+    row = dict(step=step, iteration=iteration, timestep=int(t_in[0]), loss=loss_value.item(), block_loss=block_loss.item(), l_r=l_r.item(),
+               frozen_frac=frozen, hard_layers=sum(m.hard for m in layers.values()),
+               seconds=time.time() - run.t0)
+    row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
+    run.trace.add("steps", row)
+    if want_stats:
+        run.recorder.record_layers(step, conflicts)
+    return row
+
+
+def freeze_and_switch(run: Calibration, step: int) -> list[str]:
+    """3. Progressive freezing and the switch to hard assignments (spec step 7); returns the layers
+    that went hard at this step (an event each in the trace)."""
+    cfg = run.cfg
+    newly_hard = []
+    force = cfg.force_hard_at is not None and step >= cfg.force_hard_at * cfg.total_steps
+    commit = (None if cfg.commit_until is None
+              else min(1.0, step / (cfg.commit_until * cfg.total_steps)))
+    if step > cfg.freeze_after or force:
+        for n, m in run.layers.items():
+            if m.hard:
+                continue
+            if force:
+                m.make_hard()
+            elif not (m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold)
+                      or (commit is not None and m.commit_most_confident(commit, cfg.hard_threshold))):
+                continue
+            m.codebook.requires_grad_(True)  # hard layers train their codebook
+            newly_hard.append(n)
+    for n in newly_hard:
+        run.trace.add("events", dict(step=step, layer=n, event="hard"))
+    if newly_hard:
+        release_hard_logits(run.opt, run.logit_owner)
+    return newly_hard
+
+
+def finish(run: Calibration, step: int, stopped: Optional[str]) -> Trace:
+    """4. Optional discrete finishing pass (codebook fixed), then the final record."""
+    cfg, layers = run.cfg, run.layers
     if cfg.finish_repick and stopped is None:
-        moments = collect_input_moments(teacher, list(layers), cfg, device)
-        changed = {n: m.repick(originals[n].to(device), moments[n]) for n, m in layers.items()}
-        trace.meta["repick_changed"] = changed
+        moments = collect_input_moments(run.teacher, list(layers), cfg, run.device)
+        changed = {n: m.repick(run.originals[n].to(run.device), moments[n]) for n, m in layers.items()}
+        run.trace.meta["repick_changed"] = changed
     if stopped != "interrupted":  # an interrupted rank may not reach this collective
         distributed.check_same_on_all_ranks([t for m in layers.values() for t in (m.codebook, m.assignment)],
                                             "codebooks or assignments")
-    rec.snap_steps.add(step)
-    trace._layers = [r for r in trace._layers if r["step"] != step]  # final state replaces step's record
-    trace._ratios = [r for r in trace._ratios if r["step"] != step]
-    trace._frames.clear()
-    rec.record_layers(step, {})
-    trace.meta.update(steps_done=step, seconds=time.time() - t0, stopped=stopped)
-    return trace
+    run.recorder.snap_steps.add(step)
+    run.trace.drop_layer_records(step)  # the final state replaces step's record
+    run.recorder.record_layers(step, {})
+    run.trace.meta.update(steps_done=step, seconds=time.time() - run.t0, stopped=stopped)
+    return run.trace
 
 
 def release_hard_logits(opt: torch.optim.Optimizer, logit_owner: dict):

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from .checks import check_number
+
 # ----------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------
@@ -96,32 +98,27 @@ class CalibConfig:
 
     def __post_init__(self):
         for name in ("iterations", "labels_per_iteration", "num_sampling_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CalibConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_logits", "lr_codebook", "lr_bias"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"CalibConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.teacher_sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"teacher_sampler must be 'ddim' or 'ddpm', got {self.teacher_sampler!r}")
-        if self.temperature_end is not None and not 0.0 < self.temperature_end <= 1.0:
-            raise ValueError(f"temperature_end must be in (0, 1], got {self.temperature_end}")
-        if self.commit_until is not None and not 0.0 < self.commit_until <= 1.0:
-            raise ValueError(f"commit_until must be a fraction in (0, 1], got {self.commit_until}")
-        if self.force_hard_at is not None and not 0.0 <= self.force_hard_at <= 1.0:
-            raise ValueError(f"force_hard_at must be a fraction in [0, 1], got {self.force_hard_at}")
-        if not 0.5 <= self.freeze_threshold <= 1.0 or not 0.0 <= self.hard_threshold <= 1.0:
-            raise ValueError("freeze_threshold must be in [0.5, 1] and hard_threshold in [0, 1]")
+            check_number(f"CalibConfig.{name}", getattr(self, name), 1, integer=True)
         # bounded, finite numbers (a huge lr or a NaN lambda_r ends in NaN losses)
         for name in ("lr_logits", "lr_codebook", "lr_bias"):
-            if getattr(self, name) > MAX_LR:
-                raise ValueError(f"CalibConfig.{name} must be <= {MAX_LR}, got {getattr(self, name)}")
-        if not (math.isfinite(self.lambda_r) and 0 <= self.lambda_r <= MAX_LAMBDA_R):
-            raise ValueError(f"CalibConfig.lambda_r must be a finite number in [0, {MAX_LAMBDA_R}], got {self.lambda_r}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"CalibConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            check_number(f"CalibConfig.{name}", getattr(self, name), 0, MAX_LR)
+        check_number("CalibConfig.lambda_r", self.lambda_r, 0, MAX_LAMBDA_R)
+        check_number("CalibConfig.guidance_scale", self.guidance_scale, 0)
+        check_number("CalibConfig.freeze_threshold", self.freeze_threshold, 0.5, 1.0)
+        check_number("CalibConfig.hard_threshold", self.hard_threshold, 0.0, 1.0)
+        check_number("CalibConfig.freeze_after", self.freeze_after, 0, integer=True)
+        if self.teacher_sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"teacher_sampler must be 'ddim' or 'ddpm', got {self.teacher_sampler!r}")
+        if self.force_hard_at is not None:
+            check_number("CalibConfig.force_hard_at", self.force_hard_at, 0.0, 1.0)
+        # open intervals: 0 is not a temperature, a commit schedule or a time budget
+        if self.temperature_end is not None and not 0.0 < check_number("temperature_end", self.temperature_end, 0.0, 1.0):
+            raise ValueError(f"temperature_end must be in (0, 1], got {self.temperature_end}")
+        if self.commit_until is not None and not 0.0 < check_number("commit_until", self.commit_until, 0.0, 1.0):
+            raise ValueError(f"commit_until must be a fraction in (0, 1], got {self.commit_until}")
+        if self.max_seconds is not None and not 0 < check_number("CalibConfig.max_seconds", self.max_seconds, 0):
             raise ValueError(f"CalibConfig.max_seconds must be a finite number > 0 (or None), got {self.max_seconds}")
-        if not 0 < self.rmsprop_alpha < 1:
+        if not 0 < check_number("CalibConfig.rmsprop_alpha", self.rmsprop_alpha, 0, 1) < 1:
             raise ValueError(f"CalibConfig.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha}")
 
     @property
@@ -154,16 +151,14 @@ class VQConfig:
             pk, pd = VQ_PRESETS[self.bits]
             self.k = self.k if self.k is not None else pk
             self.d = self.d if self.d is not None else pd
-        if not (2 <= self.k <= 65536) or self.k & (self.k - 1):
+        if check_number("k", self.k, 2, 65536, integer=True) & (self.k - 1):
             raise ValueError(f"k must be a power of two in [2, 65536], got k={self.k}")
-        if not 1 <= self.d <= 64:
-            raise ValueError(f"d (sub-vector length) must be in [1, 64], got d={self.d}")
-        if not 1 <= self.n_candidates <= self.k:
-            raise ValueError(f"n_candidates must be in [1, k={self.k}], got {self.n_candidates}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        if self.kmeans_points_per_codeword is not None and self.kmeans_points_per_codeword < 1:
-            raise ValueError(f"kmeans_points_per_codeword must be >= 1 or None, got {self.kmeans_points_per_codeword}")
+        check_number("d (sub-vector length)", self.d, 1, 64, integer=True)
+        check_number(f"n_candidates (k={self.k})", self.n_candidates, 1, self.k, integer=True)
+        check_number("kmeans_iters", self.kmeans_iters, 1, integer=True)
+        if self.kmeans_points_per_codeword is not None:
+            check_number("kmeans_points_per_codeword", self.kmeans_points_per_codeword, 1, integer=True)
+        check_number("seed", self.seed, integer=True)
         if self.codebook_dtype not in ("float16", "float32"):
             raise ValueError(f"codebook_dtype must be 'float16' or 'float32', got {self.codebook_dtype!r}")
 
@@ -183,11 +178,20 @@ class RTNConfig:
     method: str = "rtn"
 
     def __post_init__(self):
-        if self.bits not in RTN_BITS:
+        if isinstance(self.bits, bool) or self.bits not in RTN_BITS:
             raise ValueError(f"unsupported bits={self.bits} for RTN: choose one of {RTN_BITS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def config_from_dict(d: dict):
+    """The config a `to_dict()` came from: a VQConfig (with its CalibConfig) or an RTNConfig.
+    TypeError / ValueError for fields this version does not have or values it refuses."""
+    if "k" in d:
+        calib = d.get("calib")
+        return VQConfig(**dict(d, calib=None if calib is None else CalibConfig(**calib)))
+    return RTNConfig(**d)
 
 
 # ----------------------------------------------------------------------------------------

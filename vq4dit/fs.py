@@ -1,4 +1,4 @@
-"""Guards for everything that writes or replaces files, picks a device, or takes numbers from users.
+"""Filesystem guards: every writer in vq4dit writes to a temp file or dir and renames it into place.
 
 - `check_replace_target(out, marker, protect)`: an existing OUT may only be replaced when it holds
   a previous vq4dit output (its marker file) and is not an input model, the working directory or
@@ -7,20 +7,18 @@
   old or the complete new content, or the old one sits in `.OUT.vq4dit-backup`, which
   `recover_backup(out)` (called before every write) restores.
 - `temp_dir_for(out)`: the temp dir next to OUT; stale ones of dead processes are removed.
+- `atomic_file(path)`: a temp path next to a file, renamed onto it when the block succeeds.
 - `check_writable(path)`: probe a directory before hours of compute.
-- `resolve_device(name)`: one clear error for unknown or unavailable devices.
-- `bounded_int` / `bounded_float`: argparse types that refuse nan, inf and values out of range.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 BACKUP_SUFFIX = ".vq4dit-backup"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)-tmp(?P<pid>\d+)-[^/]*$")
@@ -88,6 +86,25 @@ def temp_dir_for(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp{os.getpid()}-", dir=out.parent))
 
 
+@contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """Yield a temp path next to `path` (same filesystem); when the block succeeds it is renamed onto
+    `path`, so readers see the old file or the new one, never half of one. On any error, or an
+    interrupt, the temp file is removed and `path` is untouched.
+
+        with atomic_file(out) as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def replace_dir(tmp: Path, out: Path):
     """Rename the complete dir `tmp` to `out`, replacing an old `out` without a moment of nothing.
 
@@ -151,64 +168,3 @@ def check_writable(directory) -> None:
         os.unlink(name)
     except OSError as e:
         raise PermissionError(f"cannot write to {d}: {e.strerror or e}") from None
-
-
-def resolve_device(name: Optional[str] = None):
-    """torch.device for `name` (None: CUDA when available). ValueError for unknown/unavailable ones."""
-    import torch
-    if name is None or str(name).strip() == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(name))
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine: use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return dev
-    if dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"device {name!r} requested but MPS is not available on this machine")
-        return dev
-    raise ValueError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
-
-
-def _number(kind, lo, hi, text):
-    try:
-        v = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text!r}")
-    return v
-
-
-def bounded_int(lo: Optional[int] = None, hi: Optional[int] = None):
-    def parse(text):
-        return _number(int, lo, hi, text)
-    parse.__name__ = "int"
-    return parse
-
-
-def bounded_float(lo: Optional[float] = None, hi: Optional[float] = None):
-    def parse(text):
-        return _number(float, lo, hi, text)
-    parse.__name__ = "float"
-    return parse
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-    h = (host or "").strip().strip("[]")
-    if h in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .config import KMEANS_POINTS_PER_CODEWORD
+from .fs import atomic_file
 
 _PACKED_INDEX_BITS = 8  # k <= 256: the index rides in the low mantissa bits (distance kept to 2^-15)
 
@@ -183,15 +184,14 @@ def kmeans_cached(x: torch.Tensor, k: int, iters: int, seed: int, weights: Optio
             return hit[0].to(x.device), hit[1].to(x.device)
         # corrupt, tampered or unreadable entry: recompute and overwrite
     c, a = kmeans(x, k, iters, seed, weights=weights, points_per_codeword=points_per_codeword)
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
     try:
         root.mkdir(parents=True, exist_ok=True)
         c_cpu, a_cpu = c.cpu().contiguous(), a.cpu().contiguous()
-        save_file({"codebook": c_cpu, "assignment": a_cpu}, str(tmp),
-                  metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
-        os.replace(tmp, f)
+        with atomic_file(f) as tmp:
+            save_file({"codebook": c_cpu, "assignment": a_cpu}, str(tmp),
+                      metadata={"sha256": _kmeans_digest(c_cpu, a_cpu)})
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only cache is not an error
+        pass  # a read-only cache is not an error
     return c, a
 
 

@@ -57,7 +57,7 @@ class VQLinear(PackedLayer):
         self.hard = True
         self.hard_forward = False  # straight-through soft phase (CalibConfig.hard_forward)
         self.input_power: Optional[torch.Tensor] = None  # (in,) E[x^2], activation-aware distances
-        self.temperature = 1.0     # softmax temperature of the ratios (1 = paper; annealed by vq4dit-anneal)
+        self.temperature = 1.0     # softmax temperature of the ratios (1 = paper; annealed by CalibConfig.temperature_end)
         self.record_weight_grad = False
         self.last_weight: Optional[torch.Tensor] = None  # w_hat of the last forward, for conflict stats
 
@@ -199,7 +199,8 @@ class VQLinear(PackedLayer):
         """Discrete finishing pass (PV-tuning style), codebook fixed: greedily re-pick each
         sub-vector's codeword among its `n_candidates` nearest to lower the layer's output error
         tr((W_hat - W) H (W_hat - W)^T), H = E[x x^T] of the layer input. Returns the share changed."""
-        assert self.hard, "repick runs on hard layers (after calibration)"
+        if not self.hard:
+            raise ValueError(f"layer {self.name or '?'}: repick runs on hard layers (after calibration)")
         out_f, in_f, d = self.out_features, self.in_features, self.d
         w = weight.detach().float().to(self.codebook.device)                 # (out, in)
         h = hessian.float().to(self.codebook.device)                          # (in, in)

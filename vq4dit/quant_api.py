@@ -29,7 +29,8 @@ def check_finite(model: nn.Module):
             raise ValueError(f"parameter {name} has {bad} NaN/Inf values: refusing to quantize")
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module):
+def replace_module(model: nn.Module, fqn: str, new: nn.Module):
+    """Put `new` at the dotted name `fqn` of `model` (quantize and the packed loader swap layers so)."""
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -58,13 +59,13 @@ def _quantize_vq(model, cfg: VQConfig, targets, progress):
         q = VQLinear.from_linear(lin, cfg, name=name, seed=cfg.seed + i, input_power=power.get(name))
         if cfg.calib is not None:
             originals[name] = lin.weight.detach()
-        _replace(model, name, q)
+        replace_module(model, name, q)
     return originals
 
 
 def _quantize_rtn(model, cfg: RTNConfig, targets, progress):
     for name, lin in progress(targets, desc=f"RTN {cfg.bits}-bit"):
-        _replace(model, name, RTNLinear.from_linear(lin, cfg, name=name))
+        replace_module(model, name, RTNLinear.from_linear(lin, cfg, name=name))
     return {}
 
 
@@ -80,6 +81,9 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
     calibration step; returning False (or raising KeyboardInterrupt) stops calibration cleanly.
     `progress`: True = tqdm bars, False = silent, or a callable `progress(iterable, desc)` that wraps
     the per-layer quantization loop (k-means) and yields its items (the app uses it for its status).
+
+    Sets `model.vq4dit_config = config`: the config this model was quantized with, which
+    `save_quantized` records in the packed directory and `load_quantized` restores.
     """
     if type(config) not in _QUANTIZERS:
         raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...)")
@@ -93,7 +97,7 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
         teacher = copy.deepcopy(model).eval()
     bar = progress if callable(progress) else _progress if progress else (lambda it, desc=None: it)
     originals = _QUANTIZERS[type(config)](model, config, targets, bar)
-    model._vq4dit_config = config
+    model.vq4dit_config = config  # what save_quantized records (see the docstring)
     if not needs_teacher:
         return None
     return calibrate(model, teacher, config, originals, on_step=on_step, progress=progress is True)

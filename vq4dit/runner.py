@@ -1,7 +1,7 @@
 """One quantization run and its evaluation: the shared path of the benchmark and the app.
 
     teacher = load_dit(DIGITS_DIT_DIR).transformer
-    result = run_method(teacher, "vq4dit", bits=2, recipe="small")
+    result = run_method(teacher, "vq4dit", bits=2)   # recipe "auto": the model's own
     fp = generate(teacher, EvalSpec())
     q = generate(result.model, EvalSpec())
 """
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import METHODS, method_config
+from .config import build_config
 from .metrics import block_mse
 from .quant_api import quantize
 from .size import size_summary
@@ -41,15 +41,20 @@ class RunResult:
                     stopped=(self.trace.meta.get("stopped") if self.trace is not None else None))
 
 
-def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None, vq: Optional[dict] = None,
-               recipe: str = "reference", on_step: Optional[Callable[[dict], Optional[bool]]] = None,
-               progress=True, measure_block_mse: bool = True) -> RunResult:
+def run_method(teacher, method: Optional[str] = None, bits: int = 2, calib: Optional[dict] = None,
+               vq: Optional[dict] = None, recipe: str = "auto",
+               on_step: Optional[Callable[[dict], Optional[bool]]] = None, progress=True,
+               measure_block_mse: bool = True, config=None) -> RunResult:
     """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched.
-    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN)."""
-    spec = METHODS[method]
-    config = method_config(method, bits=bits, recipe=recipe,
-                           calib=calib if spec.calibrated else None,
-                           **((vq or {}) if spec.kind == "vq" else {}))
+
+    The config comes from `build_config` (the one adapter every front end uses): `recipe="auto"`
+    is the teacher's own recipe (small models get "small"), `calib` and `vq` override it and are
+    ignored for methods without calibration / codebooks (RTN). Or pass a built `config`."""
+    if config is None:
+        if method is None:
+            raise ValueError("run_method needs a method name or a built config")
+        config = build_config(method, bits=bits, recipe=recipe, model=teacher, calib=calib, **(vq or {}))
+    bits = config.bits if config.bits is not None else bits
     model = copy.deepcopy(teacher).eval()
     t0 = time.time()
     trace = quantize(model, config, teacher=teacher, on_step=on_step, progress=progress)

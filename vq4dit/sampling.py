@@ -43,13 +43,6 @@ def null_class_id(transformer) -> int:
     return int(n)
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    """The device asked for, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ----------------------------------------------------------------------------------------
 # Classifier-free guidance: the one place. `guided_eps` (sampling) and the calibration's teacher
 # trajectory (which needs the 2N-batch block outputs) both build the batch with `cfg_batch` and

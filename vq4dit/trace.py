@@ -95,6 +95,14 @@ class Trace:
         getattr(self, "_" + kind).append(row)
         self._frames.pop(kind, None)
 
+    def drop_layer_records(self, step: int):
+        """Remove the per-layer statistics and ratio rows logged at `step` (calibration's final
+        record replaces the last step's)."""
+        self._layers = [r for r in self._layers if r["step"] != step]
+        self._ratios = [r for r in self._ratios if r["step"] != step]
+        self._frames.pop("layers", None)
+        self._frames.pop("ratios", None)
+
     # -- run-level reads --------------------------------------------------------------------
     method = property(lambda self: self.meta.get("method"))
     config = property(lambda self: dict(self.meta.get("config") or {}))

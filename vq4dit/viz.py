@@ -1,11 +1,12 @@
 """Image helpers (no plotting library): grids for the CLI, the benchmark and the app."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .fs import atomic_file
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -38,10 +39,5 @@ def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 0):
     scale = scale or max(1, 64 // h)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:  # no half-written PNG, no temp file left behind
         Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written temp file left behind
-        raise

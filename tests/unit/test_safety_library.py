@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_dit
 from vq4dit import method_config, quantize
 from vq4dit import io as vio
-from vq4dit import fs
+from vq4dit import checks, fs
 from vq4dit.trace import Trace
 from vq4dit.io import load_dit, load_quantized, save_quantized
 from vq4dit.config import CalibConfig
@@ -305,11 +305,11 @@ def test_packed_loader_validates_rtn(tmp_path):
 
 def test_device_and_writability_checks(tmp_path):
     with pytest.raises(ValueError, match="unknown device 'banana'"):
-        fs.resolve_device("banana")
+        checks.resolve_device("banana")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            fs.resolve_device("cuda")
-    assert fs.resolve_device("cpu") == torch.device("cpu")
+            checks.resolve_device("cuda")
+    assert checks.resolve_device("cpu") == torch.device("cpu")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="cannot write"):      # parent is a file: unwritable

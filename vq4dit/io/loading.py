@@ -6,25 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from ..quant_api import check_finite
 from ..sampling import make_scheduler
+from .packed import load_quantized
+from .bundle import DiTBundle, scheduler_from
 from .validation import PACKED_CONFIG, check_safetensors
-
-
-@dataclass
-class DiTBundle:
-    """A transformer plus what sampling needs. `vae` is None for pixel-space models."""
-    transformer: Any
-    scheduler: Any
-    vae: Any = None
-    source: str = ""
-    quantized_meta: Optional[dict] = None
 
 
 def _load_transformer(folder: Path, device, dtype):
@@ -63,18 +54,6 @@ def _check_loading_info(folder, info: dict):
                          + " (a missing weight would be randomly initialised)")
 
 
-def scheduler_from(folder: Path):
-    from diffusers import DDIMScheduler
-    f = folder / "scheduler_config.json"
-    if not f.is_file():
-        return make_scheduler()
-    cfg = json.loads(f.read_text())
-    # Every model is sampled with DDIM (x0 clipping off) so step counts mean the same thing.
-    cfg.update(clip_sample=False)
-    cfg.pop("_class_name", None)
-    return DDIMScheduler.from_config(cfg)
-
-
 HUB_PREFIX = "hf:"  # `hf:facebook/DiT-XL-2-256` loads from the Hugging Face Hub; anything else is local
 
 
@@ -99,7 +78,6 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
     if not p.is_dir():
         raise ValueError(f"{p} is a file: pass a model directory (diffusers format)")
     if (p / PACKED_CONFIG).is_file():
-        from .packed import load_quantized  # a packed dir reloads through the packed format
         return load_quantized(p, device=device, fp_base=fp_base)
     if (p / "config.json").is_file():
         bundle = DiTBundle(_load_transformer(p, device, dtype), scheduler_from(p / "scheduler"), None, str(p))

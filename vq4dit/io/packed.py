@@ -19,19 +19,20 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..config import RTNConfig, VQConfig
+from ..config import config_from_dict
 from ..layers import RTNLinear, VQLinear
-from ..quant_api import _replace
+from ..quant_api import replace_module
 from ..sampling import make_scheduler
 from ..fs import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
 from ..size import quantized_layers, size_summary
-from .loading import DiTBundle, scheduler_from
+from .bundle import DiTBundle, scheduler_from
 from .validation import (FORMAT_VERSION, PACKED_CONFIG, PACKED_WEIGHTS, restore_aliases, validate_packed,
                          check_safetensors)
 
@@ -96,14 +97,13 @@ def _atomic_dir(out: Path, overwrite: bool, protect=()):
     return temp_dir_for(out)
 
 
-def _commit_dir(tmp: Path, out: Path):
-    replace_dir(tmp, out)
-
-
 def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None,
                    protect=(), write_extra: Optional[Callable[[Path], None]] = None,
-                   fp_base: Optional[torch.nn.Module] = None) -> Path:
+                   fp_base: Optional[torch.nn.Module] = None, config=None) -> Path:
     """Write the packed model. Layers must be hard (calibration's `finalize` does that).
+
+    config: the method config recorded in the JSON; default `model.vq4dit_config`, which
+    `vq4dit.quantize` sets (None: no config recorded).
 
     fp_base: the full-precision model this one was quantized from. Its full-precision parts are
     then not written (they must equal the base's exactly); the config records their names and a
@@ -121,27 +121,11 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     for name, m in qlayers.items():
         if isinstance(m, VQLinear) and not m.hard:
             raise ValueError(f"layer {name} still has soft assignments: call vq4dit.finalize(model) first")
-    cfg = getattr(model, "_vq4dit_config", None)
+    cfg = config if config is not None else getattr(model, "vq4dit_config", None)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, m in qlayers.items():
-        bias = None if m.bias is None else m.bias.detach().float().cpu()
-        if isinstance(m, VQLinear):
-            tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().to(getattr(torch, m.codebook_dtype))
-            tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, m.index_bits)
-            layout[name] = dict(kind="vq", k=m.k, d=m.d, n_candidates=m.n_candidates,
-                                shape=[m.out_features, m.in_features], bias=bias is not None,
-                                codebook_dtype=m.codebook_dtype)
-            if bias is not None:
-                tensors[f"vq/{name}/bias"] = bias
-        else:
-            tensors[f"rtn/{name}/codes"] = pack_bits(m.qweight.reshape(-1), m.bits)
-            tensors[f"rtn/{name}/scale"] = m.scale.detach().cpu().half()
-            tensors[f"rtn/{name}/zero"] = m.zero.detach().cpu().to(torch.uint8)
-            layout[name] = dict(kind="rtn", bits=m.bits, per_channel=m.per_channel,
-                                shape=[m.out_features, m.in_features], bias=bias is not None)
-            if bias is not None:
-                tensors[f"rtn/{name}/bias"] = bias
+        layout[name] = _pack_layer(name, m, tensors)
     fp = {key: t.detach().cpu().contiguous() for key, t in model.state_dict().items()
           if not any(key.startswith(q + ".") for q in qlayers)}
     shared = None
@@ -171,11 +155,53 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
             write_extra(tmp)
         meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
         _write_config_with_dir_bytes(tmp, meta)
-        _commit_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _pack_layer(name: str, m, tensors: dict) -> dict:
+    """Add layer `name`'s packed tensors to `tensors`; returns its layout entry for the JSON."""
+    bias = None if m.bias is None else m.bias.detach().float().cpu()
+    shape = [m.out_features, m.in_features]
+    if isinstance(m, VQLinear):
+        tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().to(getattr(torch, m.codebook_dtype))
+        tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, m.index_bits)
+        lay = dict(kind="vq", k=m.k, d=m.d, n_candidates=m.n_candidates, shape=shape, bias=bias is not None,
+                   codebook_dtype=m.codebook_dtype)
+    elif isinstance(m, RTNLinear):
+        tensors[f"rtn/{name}/codes"] = pack_bits(m.qweight.reshape(-1), m.bits)
+        tensors[f"rtn/{name}/scale"] = m.scale.detach().cpu().half()
+        tensors[f"rtn/{name}/zero"] = m.zero.detach().cpu().to(torch.uint8)
+        lay = dict(kind="rtn", bits=m.bits, per_channel=m.per_channel, shape=shape, bias=bias is not None)
+    else:
+        raise TypeError(f"layer {name}: the packed format stores VQLinear and RTNLinear, not {type(m).__name__}")
+    if bias is not None:
+        tensors[f"{lay['kind']}/{name}/bias"] = bias
+    return lay
+
+
+def _unpack_layer(name: str, lay: dict, t: dict):
+    """The VQLinear / RTNLinear of layer `name` from its (validated) layout and tensors."""
+    out_f, in_f = lay["shape"]
+    if lay["kind"] == "vq":
+        cb = t[f"vq/{name}/codebook"]
+        q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
+                     codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
+        q.codebook.data = cb.float()
+        q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
+        q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
+    else:
+        q = RTNLinear(in_f, out_f, lay["bits"], lay["per_channel"], lay["bias"], name)
+        q.qweight.copy_(unpack_bits(t[f"rtn/{name}/codes"], lay["bits"], out_f * in_f)
+                        .reshape(out_f, in_f).to(torch.uint8))
+        q.scale.copy_(t[f"rtn/{name}/scale"].float())
+        q.zero.copy_(t[f"rtn/{name}/zero"].float())
+    if lay["bias"]:
+        q.bias.data = t[f"{lay['kind']}/{name}/bias"].float()
+    return q
 
 
 def _fp_digest(tensors: dict) -> str:
@@ -263,46 +289,33 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
     restore_aliases(meta, t, wfile)
     validate_packed(meta, t, wfile)
     model = DiTTransformer2DModel.from_config(meta["transformer_config"])
-    cfg_d = meta.get("config") or {}
-    if not isinstance(cfg_d, dict):
-        cfg_d = {}
     for name, lay in meta["layers"].items():
-        out_f, in_f = lay["shape"]
         try:
-            if lay["kind"] == "vq":
-                cb = t[f"vq/{name}/codebook"]
-                q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
-                             codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
-                q.codebook.data = cb.float()
-                q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
-                q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
-                if lay["bias"]:
-                    q.bias.data = t[f"vq/{name}/bias"].float()
-            else:
-                q = RTNLinear(in_f, out_f, lay["bits"], lay["per_channel"], lay["bias"], name)
-                q.qweight.copy_(unpack_bits(t[f"rtn/{name}/codes"], lay["bits"], out_f * in_f)
-                                .reshape(out_f, in_f).to(torch.uint8))
-                q.scale.copy_(t[f"rtn/{name}/scale"].float())
-                q.zero.copy_(t[f"rtn/{name}/zero"].float())
-                if lay["bias"]:
-                    q.bias.data = t[f"rtn/{name}/bias"].float()
+            replace_module(model, name, _unpack_layer(name, lay, t))
         except KeyError as e:
             raise ValueError(f"{wfile} lacks tensor {e} for layer {name}") from e
-        _replace(model, name, q)
     fp = {k[3:]: v for k, v in t.items() if k.startswith("fp/")}
     missing, unexpected = model.load_state_dict(fp, strict=False)
     missing = [k for k in missing if not any(k.startswith(q + ".") for q in meta["layers"])]
     if missing or unexpected:
         raise ValueError(f"{wfile} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if cfg_d:
-        cls = VQConfig if "k" in cfg_d else RTNConfig
-        try:
-            model._vq4dit_config = cls(**cfg_d) if cls is RTNConfig else VQConfig(
-                **{k: v for k, v in cfg_d.items() if k != "calib"})
-        except (TypeError, ValueError):
-            pass
+    model.vq4dit_config = _saved_config(meta.get("config"), path / PACKED_CONFIG)
     for p in model.parameters():
         p.requires_grad_(False)
     device = torch.device(device) if device else torch.device("cpu")
     return DiTBundle(model.to(device).eval(), scheduler_from(path / "scheduler"), None, str(path), meta)
 
+
+def _saved_config(cfg_d, where: Path):
+    """The method config a packed model recorded, or None. A config this version cannot rebuild
+    (written by another version, or edited) is a warning naming the file: the weights still load."""
+    if cfg_d is None:
+        return None
+    try:
+        if not isinstance(cfg_d, dict):
+            raise TypeError(f"expected an object, got {type(cfg_d).__name__}")
+        return config_from_dict(cfg_d)
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"{where}: its method config could not be rebuilt ({e}); the model loads with "
+                      f"vq4dit_config=None", stacklevel=3)
+        return None

@@ -77,6 +77,25 @@ def validate_packed(meta: dict, t: dict, wfile: Path):
         bad("transformer_config is not an object")
     if not isinstance(layers, dict) or not layers:
         bad("layers is not a non-empty object")
+    skeleton = _check_transformer_config(tc, t, bad)
+    modules = dict(skeleton.named_modules())
+    expected_keys = set()
+    for name, lay in layers.items():
+        expected_keys |= _check_layer(name, lay, modules.get(name) if isinstance(name, str) else None, t, bad)
+    qnames = tuple(n + "." for n in layers)
+    for key, ref in skeleton.state_dict().items():
+        if key.startswith(qnames):
+            continue
+        _tensor(t, f"fp/{key}", tuple(ref.shape), float, bad)
+        expected_keys.add(f"fp/{key}")
+    extra = sorted(set(t) - expected_keys)
+    if extra:
+        bad(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+
+
+def _check_transformer_config(tc: dict, t: dict, bad):
+    """The transformer config's fields against the tensors present; returns the DiT's module
+    structure built on the meta device (no memory), to compare names and shapes against."""
     for f in _INT_FIELDS:
         if not _is_int(tc.get(f)) or not 1 <= tc[f] <= 1 << 16:
             bad(f"transformer_config.{f} must be an integer in [1, 65536], got {tc.get(f)!r}")
@@ -95,75 +114,73 @@ def validate_packed(meta: dict, t: dict, wfile: Path):
         bad(f"fp/pos_embed.proj.weight has shape {None if pe is None else tuple(pe.shape)}, config implies {want}")
     if (tc["sample_size"] // tc["patch_size"]) ** 2 * hidden > _MAX_POS_ELEMENTS:
         bad(f"sample_size={tc['sample_size']} is too large for this model")
-    # the module structure on the meta device (no memory): names and shapes to compare against
     from diffusers import DiTTransformer2DModel
     try:
         with torch.device("meta"):
-            skeleton = DiTTransformer2DModel.from_config(tc)
+            return DiTTransformer2DModel.from_config(tc)
     except Exception as e:
         bad(f"transformer_config cannot build a DiT: {type(e).__name__}: {e}")
-    modules = dict(skeleton.named_modules())
-    expected_keys = set()
-    for name, lay in layers.items():
-        where = f"layer {name!r}"
-        lin = modules.get(name) if isinstance(name, str) else None
-        if not isinstance(lin, torch.nn.Linear):
-            bad(f"{where} is not a Linear layer of this DiT")
-        if not isinstance(lay, dict):
-            bad(f"{where}: layout is not an object")
-        shape = lay.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(v) for v in shape)
-                or tuple(shape) != (lin.out_features, lin.in_features)):
-            bad(f"{where}: shape {shape!r} does not match the DiT's ({lin.out_features}, {lin.in_features})")
-        out_f, in_f = shape
-        has_bias = lay.get("bias")
-        if not isinstance(has_bias, bool) or has_bias != (lin.bias is not None):
-            bad(f"{where}: bias must be {lin.bias is not None}, got {has_bias!r}")
-        kind = lay.get("kind")
-        if kind == "vq":
-            k, d, n = lay.get("k"), lay.get("d"), lay.get("n_candidates", 2)
-            if not _is_int(k) or not 2 <= k <= 65536 or k & (k - 1):
-                bad(f"{where}: k must be a power of two in [2, 65536], got {k!r}")
-            if not _is_int(d) or not 1 <= d <= 64 or in_f % d:
-                bad(f"{where}: d must be an integer in [1, 64] dividing {in_f}, got {d!r}")
-            if not _is_int(n) or not 1 <= n <= k:
-                bad(f"{where}: n_candidates must be an integer in [1, k], got {n!r}")
-            cb = _tensor(t, f"vq/{name}/codebook", (k, d), float, bad)
-            s_count = out_f * in_f // d
-            idx = _tensor(t, f"vq/{name}/indices", (math.ceil(s_count * index_bits(k) / 8),), torch.uint8, bad)
-            del cb, idx
-            keys = ["codebook", "indices"] + (["bias"] if has_bias else [])
-            prefix = "vq"
-        elif kind == "rtn":
-            bits, per_channel = lay.get("bits"), lay.get("per_channel")
-            if bits not in RTN_BITS or not _is_int(bits):
-                bad(f"{where}: bits must be one of {RTN_BITS}, got {bits!r}")
-            if not isinstance(per_channel, bool):
-                bad(f"{where}: per_channel must be true or false, got {per_channel!r}")
-            rows = out_f if per_channel else 1
-            _tensor(t, f"rtn/{name}/codes", (math.ceil(out_f * in_f * bits / 8),), torch.uint8, bad)
-            scale = _tensor(t, f"rtn/{name}/scale", (rows, 1), float, bad)
-            zero = _tensor(t, f"rtn/{name}/zero", (rows, 1), torch.uint8, bad)
-            if (scale <= 0).any():
-                bad(f"{where}: scales must be positive")
-            if zero.numel() and int(zero.max()) > 2 ** bits - 1:
-                bad(f"{where}: zero points exceed {2 ** bits - 1}")
-            keys = ["codes", "scale", "zero"] + (["bias"] if has_bias else [])
-            prefix = "rtn"
-        else:
-            bad(f"{where}: kind must be 'vq' or 'rtn', got {kind!r}")
-        if has_bias:
-            _tensor(t, f"{prefix}/{name}/bias", (out_f,), float, bad)
-        expected_keys.update(f"{prefix}/{name}/{k}" for k in keys)
-    qnames = tuple(n + "." for n in layers)
-    for key, ref in skeleton.state_dict().items():
-        if key.startswith(qnames):
-            continue
-        _tensor(t, f"fp/{key}", tuple(ref.shape), float, bad)
-        expected_keys.add(f"fp/{key}")
-    extra = sorted(set(t) - expected_keys)
-    if extra:
-        bad(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+
+
+def _check_layer(name, lay, lin, t: dict, bad) -> set:
+    """One quantized layer's layout against the DiT's Linear `lin` and its tensors; returns its keys."""
+    where = f"layer {name!r}"
+    if not isinstance(lin, torch.nn.Linear):
+        bad(f"{where} is not a Linear layer of this DiT")
+    if not isinstance(lay, dict):
+        bad(f"{where}: layout is not an object")
+    shape = lay.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(v) for v in shape)
+            or tuple(shape) != (lin.out_features, lin.in_features)):
+        bad(f"{where}: shape {shape!r} does not match the DiT's ({lin.out_features}, {lin.in_features})")
+    out_f, in_f = shape
+    has_bias = lay.get("bias")
+    if not isinstance(has_bias, bool) or has_bias != (lin.bias is not None):
+        bad(f"{where}: bias must be {lin.bias is not None}, got {has_bias!r}")
+    kind = lay.get("kind")
+    if kind == "vq":
+        keys = _check_vq_tensors(name, lay, out_f, in_f, t, bad)
+    elif kind == "rtn":
+        keys = _check_rtn_tensors(name, lay, out_f, in_f, t, bad)
+    else:
+        bad(f"{where}: kind must be 'vq' or 'rtn', got {kind!r}")
+    if has_bias:
+        _tensor(t, f"{kind}/{name}/bias", (out_f,), float, bad)
+        keys.append("bias")
+    return {f"{kind}/{name}/{k}" for k in keys}
+
+
+def _check_vq_tensors(name, lay: dict, out_f: int, in_f: int, t: dict, bad) -> list[str]:
+    where = f"layer {name!r}"
+    k, d, n = lay.get("k"), lay.get("d"), lay.get("n_candidates", 2)
+    if not _is_int(k) or not 2 <= k <= 65536 or k & (k - 1):
+        bad(f"{where}: k must be a power of two in [2, 65536], got {k!r}")
+    if not _is_int(d) or not 1 <= d <= 64 or in_f % d:
+        bad(f"{where}: d must be an integer in [1, 64] dividing {in_f}, got {d!r}")
+    if not _is_int(n) or not 1 <= n <= k:
+        bad(f"{where}: n_candidates must be an integer in [1, k], got {n!r}")
+    _tensor(t, f"vq/{name}/codebook", (k, d), float, bad)
+    s_count = out_f * in_f // d
+    _tensor(t, f"vq/{name}/indices", (math.ceil(s_count * index_bits(k) / 8),), torch.uint8, bad)
+    return ["codebook", "indices"]
+
+
+def _check_rtn_tensors(name, lay: dict, out_f: int, in_f: int, t: dict, bad) -> list[str]:
+    where = f"layer {name!r}"
+    bits, per_channel = lay.get("bits"), lay.get("per_channel")
+    if bits not in RTN_BITS or not _is_int(bits):
+        bad(f"{where}: bits must be one of {RTN_BITS}, got {bits!r}")
+    if not isinstance(per_channel, bool):
+        bad(f"{where}: per_channel must be true or false, got {per_channel!r}")
+    rows = out_f if per_channel else 1
+    _tensor(t, f"rtn/{name}/codes", (math.ceil(out_f * in_f * bits / 8),), torch.uint8, bad)
+    scale = _tensor(t, f"rtn/{name}/scale", (rows, 1), float, bad)
+    zero = _tensor(t, f"rtn/{name}/zero", (rows, 1), torch.uint8, bad)
+    if (scale <= 0).any():
+        bad(f"{where}: scales must be positive")
+    if zero.numel() and int(zero.max()) > 2 ** bits - 1:
+        bad(f"{where}: zero points exceed {2 ** bits - 1}")
+    return ["codes", "scale", "zero"]
 
 
 def _tensor(t: dict, key: str, shape: tuple, dtype, bad):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import DIGITS_DIT_DIR, IMAGE_SIZE, NUM_CLASSES
+from ..fs import atomic_file
 from .data import load_digit_images, random_shift
 
 # ----------------------------------------------------------------------------------------------
@@ -151,12 +152,10 @@ def ema_update(ema, model, decay: float) -> None:
 # ---- checkpoints: ckpt-<step>.safetensors (tensors) + ckpt-<step>.json (everything else) -------
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, cfg: DiTTrainConfig, model, ema, opt,
@@ -232,6 +231,33 @@ def export_model(model, out_dir: Path, info: Optional[dict] = None) -> None:
         _atomic_write_bytes(out_dir / "training_info.json", json.dumps(info, indent=1, default=str).encode())
 
 
+def _resume(checkpoint: Path, model, ema, opt, gen: torch.Generator) -> tuple[int, float]:
+    """Load model, EMA, optimizer and RNG states from a checkpoint; returns (step, train_seconds)."""
+    meta, tensors = _load_checkpoint_tensors(checkpoint)
+    model.load_state_dict(_sub_state(tensors, "model."))
+    ema.load_state_dict(_sub_state(tensors, "ema."))
+    state = {}
+    for k, v in _sub_state(tensors, "opt.").items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), float(meta.get("train_seconds", 0.0))
+
+
+def _draw_batch(x_all, y_all, cfg: DiTTrainConfig, gen: torch.Generator, null_id: int):
+    """A training batch: shifted images, labels with dropout to the null class, noise, timesteps."""
+    idx = torch.randint(0, len(y_all), (cfg.batch_size,), generator=gen)
+    x0 = random_shift(x_all[idx], cfg.max_shift, gen)  # (B, 1, 16, 16)
+    labels = y_all[idx].clone()  # (B,)
+    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+    labels[drop] = null_id
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+    return x0, labels, noise, t
+
+
 def train_dit(cfg: DiTTrainConfig, ckpt_dir: Optional[Path] = None, out_dir: Optional[Path] = None,
               data: Optional[tuple[torch.Tensor, torch.Tensor]] = None, log_path: Optional[Path] = None,
               verbose: bool = True) -> dict:
@@ -256,17 +282,7 @@ def train_dit(cfg: DiTTrainConfig, ckpt_dir: Optional[Path] = None, out_dir: Opt
 
     resume = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if resume is not None:
-        meta, tensors = _load_checkpoint_tensors(resume)
-        model.load_state_dict(_sub_state(tensors, "model."))
-        ema.load_state_dict(_sub_state(tensors, "ema."))
-        state = {}
-        for k, v in _sub_state(tensors, "opt.").items():
-            pid, name = k.split(".", 1)
-            state.setdefault(int(pid), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
-        gen.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        step, train_seconds = int(meta["step"]), float(meta.get("train_seconds", 0.0))
+        step, train_seconds = _resume(resume, model, ema, opt, gen)
         if verbose:
             print(f"resumed from {resume} at step {step}", flush=True)
 
@@ -285,13 +301,7 @@ def train_dit(cfg: DiTTrainConfig, ckpt_dir: Optional[Path] = None, out_dir: Opt
     t_window = time.perf_counter()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        idx = torch.randint(0, len(y_all), (cfg.batch_size,), generator=gen)
-        x0 = random_shift(x_all[idx], cfg.max_shift, gen)  # (B, 1, 16, 16)
-        labels = y_all[idx].clone()  # (B,)
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
-        labels[drop] = null_id
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        x0, labels, noise, t = _draw_batch(x_all, y_all, cfg, gen, null_id)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         loss = dit_loss(model, x0, labels, noise, t, ddpm)
