@@ -5,6 +5,7 @@ comparisons with confidence intervals. Writes one CSV row per run (resumable) an
     python -m vq4dit.bench --plan main --seeds 3 4 5      # the reported table (seeds 3-5)
     python -m vq4dit.bench --plan ablations --seeds 0 1 2 # tuning / ablations (seeds 0-2)
     python -m vq4dit.bench --plan main --shard 0/4        # one of 4 processes (e.g. on one GPU)
+    python -m vq4dit.bench --plan peers --out results/bench_peers.csv   # HQQ, GGUF, torchao, quanto
     python -m vq4dit.bench report results/bench_main.csv  # paired intervals vs codebook-only
 
 Every row of a plan is `python -m vq4dit quantize --recipe small --method M --seed S ...` with the
@@ -28,6 +29,7 @@ import torch
 
 from .config import METHODS, SETTINGS, method_config
 from .experiment import EvalSpec, generate, run_method
+from .peers import PEERS
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
 CALIBRATED = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste", "vq4dit-ste-aa"]
@@ -137,6 +139,11 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                     if (methods and m not in methods) or (labels and label not in labels):
                         continue
                     jobs.append(Job(plan, s, label, m, seed, dict(calib), dict(vq), images=False))
+    elif plan == "peers":
+        # Peer libraries (vq4dit.peers) are calibration-free and deterministic: one row each, at the
+        # first seed, under the setting "peers" (the report places them by their bits/weight).
+        for name in methods or PEERS:
+            jobs.append(Job(plan, "peers", name, name, seeds[0]))
     else:
         raise ValueError(f"unknown plan {plan!r}")
     return jobs
@@ -199,12 +206,15 @@ class Evaluator:
 
 def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
             vq_extra: dict | None = None) -> dict:
-    vq = dict(SETTINGS[job.setting])
-    bits = vq.pop("bits")
-    vq.update(vq_extra or {}, **job.vq, seed=job.seed)
-    calib = dict(calib_extra, **job.calib, seed=job.seed, device=str(device))
     t0 = time.time()
-    res = run_method(teacher, job.method, bits=bits, recipe=recipe, calib=calib, vq=vq, progress=False)
+    if job.method in PEERS:  # a peer library's fixed scheme: nothing to set
+        res = run_method(teacher, job.method, progress=False)
+    else:
+        vq = dict(SETTINGS[job.setting])
+        bits = vq.pop("bits")
+        vq.update(vq_extra or {}, **job.vq, seed=job.seed)
+        calib = dict(calib_extra, **job.calib, seed=job.seed, device=str(device))
+        res = run_method(teacher, job.method, bits=bits, recipe=recipe, calib=calib, vq=vq, progress=False)
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
@@ -250,7 +260,7 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
     from .sampling import pick_device
     from .testbed import DIGITS_DIT_DIR
 
-    settings = settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
+    settings = [] if plan == "peers" else settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
@@ -422,10 +432,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vq4dit.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny budgets, W2 + XL-sharing, 1 seed")
-    p.add_argument("--plan", default="main", choices=["main", "ablations"])
+    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers"],
+                   help="peers: HQQ / GGUF / torchao / quanto rows (vq4dit.peers.PEERS; --methods picks some)")
     p.add_argument("--out", default="bench.csv", help="CSV path; existing rows are kept and skipped")
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
-    p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)}")
+    p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)} (plan peers: of {list(PEERS)})")
     p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
     p.add_argument("--labels", nargs="*", help="ablations: only these row labels (see ABLATIONS)")
     p.add_argument("--init", default="kmeans", choices=list(INITS),
@@ -440,9 +451,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    bad = set(a.methods or []) - set(METHODS)
+    known = PEERS if a.plan == "peers" else METHODS
+    bad = set(a.methods or []) - set(known)
     if bad:
-        print(f"error: unknown methods {sorted(bad)}; choose from {list(METHODS)}", file=sys.stderr)
+        print(f"error: unknown methods {sorted(bad)}; choose from {list(known)}", file=sys.stderr)
         return 2
     try:
         i, n = (int(x) for x in a.shard.split("/"))

@@ -16,6 +16,7 @@ import torch
 
 from .config import METHODS, method_config
 from .metrics import block_mse
+from .peers import PEERS, peer_config
 from .quant_api import quantize, size_summary
 from .trace import Trace
 from .sampling import sample
@@ -44,11 +45,15 @@ def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None
                recipe: str = "reference", on_step: Optional[Callable[[dict], Optional[bool]]] = None,
                progress=True, measure_block_mse: bool = True) -> RunResult:
     """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched.
-    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN)."""
-    spec = METHODS[method]
-    config = method_config(method, bits=bits, recipe=recipe,
-                           calib=calib if spec.calibrated else None,
-                           **((vq or {}) if spec.kind == "vq" else {}))
+    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN, peers).
+    `method` is a METHODS name or a peer name (vq4dit.peers.PEERS, e.g. "hqq-w2-g64")."""
+    if method in PEERS:  # a peer library's scheme: fixed bits, no calibration (bits, calib, vq unused)
+        config = peer_config(method)
+    else:
+        spec = METHODS[method]
+        config = method_config(method, bits=bits, recipe=recipe,
+                               calib=calib if spec.calibrated else None,
+                               **((vq or {}) if spec.kind == "vq" else {}))
     model = copy.deepcopy(teacher).eval()
     t0 = time.time()
     trace = quantize(model, config, teacher=teacher, on_step=on_step, progress=progress)

@@ -275,6 +275,9 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     if not qlayers:
         raise ValueError("model has no quantized layers: run vq4dit.quantize(model, config) first")
     for name, m in qlayers.items():
+        if not isinstance(m, (VQLinear, RTNLinear)):
+            raise ValueError(f"layer {name} is a {type(m).__name__} (fake-quantized by a peer library): "
+                             f"save it with that library; vq4dit packs only VQ and RTN layers")
         if isinstance(m, VQLinear) and not m.hard:
             raise ValueError(f"layer {name} still has soft assignments: call vq4dit.finalize(model) first")
     cfg = getattr(model, "_vq4dit_config", None)

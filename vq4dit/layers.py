@@ -643,8 +643,12 @@ def storage_bits(layer: nn.Module) -> dict:
     if isinstance(layer, RTNLinear):
         return rtn_storage_bits(layer.out_features, layer.in_features, layer.bits, layer.per_channel,
                                 layer.bias is not None)
+    from .peers import PeerLinear  # a peer library's layer counts what that library stores
+    if isinstance(layer, PeerLinear):
+        return dict(layer.stored)
     raise TypeError(f"not a quantized layer: {type(layer).__name__}")
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (VQLinear, RTNLinear))}
+    from .peers import PeerLinear
+    return {n: m for n, m in model.named_modules() if isinstance(m, (VQLinear, RTNLinear, PeerLinear))}
