@@ -7,6 +7,7 @@ A peer whose library is not installed is skipped, naming the pip package.
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,54 @@ def test_bench_peer_plan_one_row_per_peer_at_first_seed():
     assert [j.label for j in jobs] == list(PEERS) and {j.seed for j in jobs} == {3}
     assert {j.setting for j in jobs} == {"peers"} and all(j.images and not j.fd for j in jobs)
     assert [j.label for j in bench.plan_jobs("peers", [], ["gguf-q4_0"], [3])] == ["gguf-q4_0"]
+
+
+def _row(setting, label, seed, bpw, block, img4, img1):
+    return dict(plan="main", setting=setting, label=label, method=label, seed=str(seed), k="", d="",
+                bits_per_weight=str(bpw), block_mse=str(block), img_mse_cfg4=str(img4), img_mse_cfg1=str(img1),
+                acc_cfg4="0.9", machine="test")
+
+
+def _report_rows():
+    ours = [_row("W2", "vq4dit-ste-aa", s, 2.2, b, i4, i1)
+            for s, b, i4, i1 in [(3, 0.002, 0.004, 0.001), (4, 0.003, 0.005, 0.002), (5, 0.0025, 0.006, 0.0015)]]
+    peers = [_row("peers", "hqq-w2-g128", 3, 2.1, 0.02, 0.02, 0.01),   # fits, best at <= 2.2
+             _row("peers", "gguf-tq2_0", 3, 2.17, 0.3, 0.3, 0.2),      # fits, worse
+             _row("peers", "hqq-w2-g64", 3, 2.6, 0.01, 0.01, 0.005)]   # better but more bits: excluded
+    return ours + peers
+
+
+def test_peer_report_picks_best_peer_at_or_below_our_bits_and_ratio_interval():
+    from vq4dit import bench
+    lines = bench.peer_report(_report_rows())
+    w2 = next(line for line in lines if line.startswith("| W2 |"))
+    cells = [c.strip() for c in w2.strip("|").split("|")]
+    assert cells[3] == "hqq-w2-g128" and cells[4] == "2.100"
+    r = np.array([0.004, 0.005, 0.006]) / 0.02           # ours / peer per seed, by hand
+    h = 4.303 * r.std(ddof=1) / np.sqrt(3)
+    assert cells[6] == f"{r.mean():.3f} [{r.mean() - h:.3f}, {r.mean() + h:.3f}] **ours lower**"
+    assert any(line.startswith("| hqq-w2-g64 | 2.600 |") for line in lines)  # every peer in its table
+    # no peer at or below our bits: said so, not a ratio against a bigger peer
+    rows = [dict(r, bits_per_weight="1.2") if r["label"] == "vq4dit-ste-aa" else r for r in _report_rows()]
+    assert any("none at <= 1.200" in line for line in bench.peer_report(rows))
+
+
+def test_rate_distortion_chart_points_and_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib: pip install matplotlib")
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "scripts"))
+    import rate_distortion as rd
+    from vq4dit.bench import write_csv
+    write_csv(_report_rows(), tmp_path / "rows.csv")
+    rows = rd.load([tmp_path / "rows.csv"])
+    pts = rd.points(rows, "img_mse_cfg4")
+    bw, mean, half, n = pts[("W2", "vq4dit-ste-aa")]
+    v = np.array([0.004, 0.005, 0.006])
+    assert (bw, n) == (pytest.approx(2.2), 3) and mean == pytest.approx(v.mean())
+    assert half == pytest.approx(4.303 * v.std(ddof=1) / np.sqrt(3))
+    assert pts[("peers", "gguf-tq2_0")][2] == 0.0  # one deterministic run: no interval
+    out = tmp_path / "rd.png"
+    assert rd.main([str(tmp_path / "rows.csv"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert rd.main([str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS, SETTINGS, method_config
+from .config import DEFAULT_METHOD, METHODS, SETTINGS, method_config
 from .experiment import EvalSpec, generate, run_method
 from .peers import PEERS
 
@@ -399,6 +399,7 @@ def report(*csv_paths) -> str:
             cells.append(f"{t[0]:.0f}" if t else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out += peer_report(rows)
     fd = [r for r in rows if _num(r.get("fd_cfg4")) is not None]
     if fd:
         out += ["### FD-digits (classifier features)", "",
@@ -411,6 +412,53 @@ def report(*csv_paths) -> str:
                            f"{b[0]:.1f} ± {b[1]:.1f} |")
         out.append("")
     return "\n".join(out)
+
+
+def ratio_interval(ours: list, peer: float):
+    """ours / peer per seed (the peer is deterministic): (mean, lo, hi, n) with a 95% t-interval."""
+    r = [v / peer for v in ours if v is not None]
+    if not r:
+        return None
+    m = float(np.mean(r))
+    h = T975.get(len(r) - 1, 1.96) * float(np.std(r, ddof=1)) / math.sqrt(len(r)) if len(r) > 1 else float("nan")
+    return m, m - h, m + h, len(r)
+
+
+def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
+    """Peer rows (setting "peers") in one table, then per setting the best peer at <= our default's
+    bits/weight (lowest image MSE at CFG 4) and ours / it per seed, with 95% intervals over our seeds."""
+    peers = [r for r in rows if r["setting"] == "peers" and _num(r.get("img_mse_cfg4")) is not None]
+    if not peers:
+        return []
+    peers.sort(key=lambda r: float(r["bits_per_weight"]))
+    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
+    out = ["### Peers (calibration-free, deterministic: one run each)", "",
+           "| peer | bits/w | " + " | ".join(n for _, n in metrics) + " | acc CFG4 |", "|---|---|---|---|---|---|"]
+    for r in peers:
+        out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " +
+                   " | ".join(f"{float(r[k]):.4g}" for k, _ in metrics) + f" | {float(r['acc_cfg4']):.3f} |")
+    out += ["", f"### `{ours}` vs the best peer at <= its bits/weight (best = lowest image MSE CFG4)", "",
+            f"| setting | {ours} bits/w | seeds | best peer | peer bits/w | " +
+            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 8]
+    for setting in SETTINGS:
+        mine = [r for r in rows if r["setting"] == setting and r["label"] == ours]
+        if not mine:
+            continue
+        bw = float(np.mean([float(r["bits_per_weight"]) for r in mine]))
+        fits = [r for r in peers if float(r["bits_per_weight"]) <= bw + 1e-9]
+        if not fits:
+            out.append(f"| {setting} | {bw:.3f} | {len(mine)} | none at <= {bw:.3f} bits/w | - | - | - | - |")
+            continue
+        best = min(fits, key=lambda r: float(r["img_mse_cfg4"]))
+        cells = []
+        for key, _ in metrics:
+            ri = ratio_interval([_num(r.get(key)) for r in mine], float(best[key]))
+            cells.append("-" if ri is None else f"{ri[0]:.3f} [{ri[1]:.3f}, {ri[2]:.3f}]" +
+                         (" **ours lower**" if ri[2] < 1 else " peer lower" if ri[1] > 1 else ""))
+        out.append(f"| {setting} | {bw:.3f} | {len(mine)} | {best['label']} | {float(best['bits_per_weight']):.3f} | "
+                   + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 # ----------------------------------------------------------------------------------------
