@@ -270,6 +270,9 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
                      init=init)
     i, n = shard
     jobs = jobs[i::n]
+    if n_images == 0:  # block MSE and bits only (no FP images needed)
+        for job in jobs:
+            job.images = False
     rows = read_rows(out_csv)
     done = {(r["plan"], r["setting"], canonical_label(r["label"]), r["seed"]) for r in rows}
     todo = [j for j in jobs if j.key not in done]
@@ -282,7 +285,7 @@ def run(plan: str = "main", out_csv="bench.csv", settings=None, methods=None, se
     conflicts_csv = Path(out_csv).with_name(Path(out_csv).stem + "_conflicts.csv")
     conflict_rows = read_rows(conflicts_csv)
     machine = machine_name(device)
-    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations":
+    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations" and n_images:
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
                          machine=machine))
         write_csv(rows, out_csv)
@@ -491,7 +494,8 @@ def main(argv=None) -> int:
                    help="main plan: codebook init for every k-means-based method (act-aware: weight k-means by "
                         "the layer input's E[x^2]; rows are labelled '<method> +act-aware init')")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
-    p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG")
+    p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG "
+                   "(0: block MSE and bits only)")
     p.add_argument("--fd-images", type=int, default=1000, help="images for FD-digits (main plan, W2 + XL-sharing)")
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps for generated images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
