@@ -23,11 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 from vq4dit.bench import T975, canonical_label, read_rows  # noqa: E402
 
-# The main table's sources (results/bench_report.md), then the peer rows.
+# The main table's sources (results/bench_report.md), then the peer rows (with images first).
 DEFAULT_CSVS = ["results/bench_main.csv", "results/bench_main_w2.csv", "results/bench_w2budget.csv",
                 "results/gpu_run1/bench_main.csv", "results/gpu_run3/bench_main.csv", "results/gpu_run4/bench_main.csv",
                 "results/bench_w3_aa.csv", "results/bench_paper_rows.csv", "results/bench_w2budget_aa.csv",
-                "results/bench_w4_aa_0.csv", "results/bench_w4_aa_1.csv", "results/bench_peers.csv"]
+                "results/bench_w4_aa_0.csv", "results/bench_w4_aa_1.csv", "results/bench_peers.csv",
+                "results/bench_peers_block.csv"]  # peers' block MSE and bits where images are not done
 METRICS = [("img_mse_cfg4", "image MSE vs FP, CFG 4"), ("block_mse", "block MSE (held-out trajectories)")]
 OURS = {"vq4dit-ste-aa": "tab:red", "vq4dit-ste": "tab:orange", "vq4dit": "tab:purple", "vq4dit-ref": "tab:pink",
         "codebook-only": "tab:blue", "codebook-only +act-aware init": "tab:cyan", "kmeans": "tab:olive",

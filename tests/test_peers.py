@@ -181,7 +181,8 @@ def _report_rows():
             for s, b, i4, i1 in [(3, 0.002, 0.004, 0.001), (4, 0.003, 0.005, 0.002), (5, 0.0025, 0.006, 0.0015)]]
     peers = [_row("peers", "hqq-w2-g128", 3, 2.1, 0.02, 0.02, 0.01),   # fits, best at <= 2.2
              _row("peers", "gguf-tq2_0", 3, 2.17, 0.3, 0.3, 0.2),      # fits, worse
-             _row("peers", "hqq-w2-g64", 3, 2.6, 0.01, 0.01, 0.005)]   # better but more bits: excluded
+             _row("peers", "hqq-w2-g64", 3, 2.6, 0.01, 0.01, 0.005),   # better but more bits: excluded
+             dict(_row("peers", "quanto-qint2-g128", 3, 2.0, 0.001, "", ""), acc_cfg4="")]  # no images: not ranked
     return ours + peers
 
 
@@ -195,6 +196,7 @@ def test_peer_report_picks_best_peer_at_or_below_our_bits_and_ratio_interval():
     h = 4.303 * r.std(ddof=1) / np.sqrt(3)
     assert cells[6] == f"{r.mean():.3f} [{r.mean() - h:.3f}, {r.mean() + h:.3f}] **ours lower**"
     assert any(line.startswith("| hqq-w2-g64 | 2.600 |") for line in lines)  # every peer in its table
+    assert "| quanto-qint2-g128 | 2.000 | 0.001 | - | - | - |" in lines
     # no peer at or below our bits: said so, not a ratio against a bigger peer
     rows = [dict(r, bits_per_weight="1.2") if r["label"] == "vq4dit-ste-aa" else r for r in _report_rows()]
     assert any("none at <= 1.200" in line for line in bench.peer_report(rows))

@@ -429,17 +429,18 @@ def ratio_interval(ours: list, peer: float):
 
 def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
     """Peer rows (setting "peers") in one table, then per setting the best peer at <= our default's
-    bits/weight (lowest image MSE at CFG 4) and ours / it per seed, with 95% intervals over our seeds."""
-    peers = [r for r in rows if r["setting"] == "peers" and _num(r.get("img_mse_cfg4")) is not None]
-    if not peers:
+    bits/weight (lowest image MSE at CFG 4; rows without images, `--images 0`, are not ranked) and
+    ours / it per seed, with 95% intervals over our seeds."""
+    table = sorted((r for r in rows if r["setting"] == "peers"), key=lambda r: float(r["bits_per_weight"]))
+    peers = [r for r in table if _num(r.get("img_mse_cfg4")) is not None]
+    if not table:
         return []
-    peers.sort(key=lambda r: float(r["bits_per_weight"]))
     metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     out = ["### Peers (calibration-free, deterministic: one run each)", "",
            "| peer | bits/w | " + " | ".join(n for _, n in metrics) + " | acc CFG4 |", "|---|---|---|---|---|---|"]
-    for r in peers:
-        out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " +
-                   " | ".join(f"{float(r[k]):.4g}" for k, _ in metrics) + f" | {float(r['acc_cfg4']):.3f} |")
+    for r in table:
+        out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " + " | ".join(
+            "-" if _num(r.get(k)) is None else f"{float(r[k]):.4g}" for k, _ in metrics + [("acc_cfg4", "")]) + " |")
     out += ["", f"### `{ours}` vs the best peer at <= its bits/weight (best = lowest image MSE CFG4)", "",
             f"| setting | {ours} bits/w | seeds | best peer | peer bits/w | " +
             " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 8]
