@@ -189,12 +189,21 @@ def _report_rows():
 def test_peer_report_picks_best_peer_at_or_below_our_bits_and_ratio_interval():
     from vq4dit import bench
     lines = bench.peer_report(_report_rows())
-    w2 = next(line for line in lines if line.startswith("| W2 |"))
-    cells = [c.strip() for c in w2.strip("|").split("|")]
-    assert cells[3] == "hqq-w2-g128" and cells[4] == "2.100"
+
+    def cells(window, crit):
+        line = next(x for x in lines if x.startswith(f"| W2 | 2.200 | 3 | {window} | {crit} |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+    img = cells("<= ours", "image MSE CFG4")
+    assert img[5:7] == ["hqq-w2-g128", "2.100"]  # the block-only quanto row has no images: not ranked by them
     r = np.array([0.004, 0.005, 0.006]) / 0.02           # ours / peer per seed, by hand
     h = 4.303 * r.std(ddof=1) / np.sqrt(3)
-    assert cells[6] == f"{r.mean():.3f} [{r.mean() - h:.3f}, {r.mean() + h:.3f}] **ours lower**"
+    assert img[8] == f"{r.mean():.3g} [{r.mean() - h:.3g}, {r.mean() + h:.3g}] **ours lower**"
+    blk = cells("<= ours", "block MSE")
+    assert blk[5] == "quanto-qint2-g128" and blk[8] == "-"  # lowest block MSE; its image cells stay empty
+    r = np.array([0.002, 0.003, 0.0025]) / 0.001
+    h = 4.303 * r.std(ddof=1) / np.sqrt(3)
+    assert blk[7] == f"{r.mean():.3g} [{r.mean() - h:.3g}, {r.mean() + h:.3g}] peer lower"
+    assert cells("<= ours + 0.5", "image MSE CFG4")[5] == "hqq-w2-g64"  # 2.6 <= 2.7: in the wider window
     assert any(line.startswith("| hqq-w2-g64 | 2.600 |") for line in lines)  # every peer in its table
     assert "| quanto-qint2-g128 | 2.000 | 0.001 | - | - | - |" in lines
     # no peer at or below our bits: said so, not a ratio against a bigger peer

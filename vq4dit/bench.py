@@ -427,12 +427,16 @@ def ratio_interval(ours: list, peer: float):
     return m, m - h, m + h, len(r)
 
 
+# Peer windows of the comparison: at or below our bits/weight (the claim), and up to 0.5 bits above
+# (context: real packing puts HQQ/quanto/torchao 2-bit at 2.35-2.6 bits/w, just above our W2).
+PEER_WINDOWS = [("<= ours", 0.0), ("<= ours + 0.5", 0.5)]
+
+
 def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
-    """Peer rows (setting "peers") in one table, then per setting the best peer at <= our default's
-    bits/weight (lowest image MSE at CFG 4; rows without images, `--images 0`, are not ranked) and
-    ours / it per seed, with 95% intervals over our seeds."""
+    """Peer rows (setting "peers") in one table, then per setting and bits window the best peer
+    (lowest image MSE CFG4 among rows with images; lowest block MSE among all rows, `--images 0`
+    included) and ours / it per seed, with 95% intervals over our seeds."""
     table = sorted((r for r in rows if r["setting"] == "peers"), key=lambda r: float(r["bits_per_weight"]))
-    peers = [r for r in table if _num(r.get("img_mse_cfg4")) is not None]
     if not table:
         return []
     metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
@@ -441,26 +445,30 @@ def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
     for r in table:
         out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " + " | ".join(
             "-" if _num(r.get(k)) is None else f"{float(r[k]):.4g}" for k, _ in metrics + [("acc_cfg4", "")]) + " |")
-    out += ["", f"### `{ours}` vs the best peer at <= its bits/weight (best = lowest image MSE CFG4)", "",
-            f"| setting | {ours} bits/w | seeds | best peer | peer bits/w | " +
-            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 8]
+    out += ["", f"### `{ours}` vs the best peer in a bits/weight window (ratio < 1: ours closer to FP)", "",
+            f"| setting | {ours} bits/w | seeds | peers at | best by | best peer | peer bits/w | " +
+            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 10]
     for setting in SETTINGS:
         mine = [r for r in rows if r["setting"] == setting and r["label"] == ours]
         if not mine:
             continue
         bw = float(np.mean([float(r["bits_per_weight"]) for r in mine]))
-        fits = [r for r in peers if float(r["bits_per_weight"]) <= bw + 1e-9]
-        if not fits:
-            out.append(f"| {setting} | {bw:.3f} | {len(mine)} | none at <= {bw:.3f} bits/w | - | - | - | - |")
-            continue
-        best = min(fits, key=lambda r: float(r["img_mse_cfg4"]))
-        cells = []
-        for key, _ in metrics:
-            ri = ratio_interval([_num(r.get(key)) for r in mine], float(best[key]))
-            cells.append("-" if ri is None else f"{ri[0]:.3f} [{ri[1]:.3f}, {ri[2]:.3f}]" +
-                         (" **ours lower**" if ri[2] < 1 else " peer lower" if ri[1] > 1 else ""))
-        out.append(f"| {setting} | {bw:.3f} | {len(mine)} | {best['label']} | {float(best['bits_per_weight']):.3f} | "
-                   + " | ".join(cells) + " |")
+        for window, extra in PEER_WINDOWS:
+            for crit, crit_name in (("img_mse_cfg4", "image MSE CFG4"), ("block_mse", "block MSE")):
+                fits = [r for r in table if float(r["bits_per_weight"]) <= bw + extra + 1e-9
+                        and _num(r.get(crit)) is not None]
+                head = f"| {setting} | {bw:.3f} | {len(mine)} | {window} | {crit_name} | "
+                if not fits:
+                    out.append(head + f"none at <= {bw + extra:.3f} bits/w | - | - | - | - |")
+                    continue
+                best = min(fits, key=lambda r: float(r[crit]))
+                cells = []
+                for key, _ in metrics:
+                    ri = None if _num(best.get(key)) is None else ratio_interval([_num(r.get(key)) for r in mine],
+                                                                               float(best[key]))
+                    cells.append("-" if ri is None else f"{ri[0]:.3g} [{ri[1]:.3g}, {ri[2]:.3g}]" +
+                                 (" **ours lower**" if ri[2] < 1 else " peer lower" if ri[1] > 1 else ""))
+                out.append(head + f"{best['label']} | {float(best['bits_per_weight']):.3f} | " + " | ".join(cells) + " |")
     out.append("")
     return out
 
