@@ -92,6 +92,11 @@ def draw(rows, out_path):
             for v, lb in p:
                 ax.annotate(lb.split("-", 1)[1], (v[0], v[1]), textcoords="offset points", xytext=(5, 3),
                             fontsize=7, color=color)
+        n_peers = len({lb for (st, lb) in points(rows, "block_mse") if st == "peers"})
+        n_here = len({lb for (st, lb) in pts if st == "peers"})
+        if n_here < n_peers:  # say what is missing rather than let an absent peer read as "not run"
+            ax.text(0.02, 0.02, f"peers with this metric: {n_here} of {n_peers} (image rows still running)",
+                    transform=ax.transAxes, fontsize=8, color="gray")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ticks = [1, 1.5, 2, 3, 4, 5, 6, 8, 10]
@@ -101,8 +106,11 @@ def draw(rows, out_path):
         ax.set_ylabel(title)
         ax.set_title(f"{title}: lower left is better")
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    legend = {}  # both panels' entries (a peer without image rows is only in the block panel)
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=7, fontsize=8, frameon=False)
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     fig.suptitle("Embedded digits DiT: rate-distortion of vq4dit methods and peer libraries "
                  "(error bars: 95% t-interval over seeds)", fontsize=11)
