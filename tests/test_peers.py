@@ -230,3 +230,17 @@ def test_rate_distortion_chart_points_and_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert rd.main([str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_peer_rows_without_images_have_bits_and_block_mse(tmp_path):
+    """`--plan peers --images 0`: block MSE and bits only, no FP row (no images generated)."""
+    need("gguf")
+    from vq4dit import bench
+    out = tmp_path / "peers.csv"
+    rows = bench.run("peers", str(out), methods=["gguf-q8_0"], seeds=[3], n_images=0, log=lambda s: None)
+    assert [(r["setting"], r["label"]) for r in rows] == [("peers", "gguf-q8_0")]
+    (r,) = bench.read_rows(out)
+    assert float(r["bits_per_weight"]) == pytest.approx(rows[0]["bits_per_weight"]) and 8.5 < float(r["bits_per_weight"]) < 9
+    assert 0 < float(r["block_mse"]) < 1e-4 and r["img_mse_cfg4"] == ""
+    # resumable: a second run finds the row done and adds nothing
+    assert len(bench.run("peers", str(out), methods=["gguf-q8_0"], seeds=[3], n_images=0, log=lambda s: None)) == 1
