@@ -110,7 +110,8 @@ def draw(rows, out_path):
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=7, fontsize=8, frameon=False)
+    order = [lab for lab in legend if not lab.startswith("peer:")] + [lab for lab in legend if lab.startswith("peer:")]
+    fig.legend([legend[lab] for lab in order], order, loc="lower center", ncol=7, fontsize=8, frameon=False)
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     fig.suptitle("Embedded digits DiT: rate-distortion of vq4dit methods and peer libraries "
                  "(error bars: 95% t-interval over seeds)", fontsize=11)
