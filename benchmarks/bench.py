@@ -5,6 +5,7 @@ comparisons with confidence intervals. Writes one CSV row per run (resumable) an
     python -m benchmarks.bench --plan main --seeds 3 4 5      # the reported table (seeds 3-5)
     python -m benchmarks.bench --plan ablations --seeds 0 1 2 # tuning / ablations (seeds 0-2)
     python -m benchmarks.bench --plan main --shard 0/4        # one of 4 processes (e.g. on one GPU)
+    python -m benchmarks.bench --plan peers --out benchmarks/results/digits/peers.csv   # HQQ, GGUF, torchao, quanto
     python -m benchmarks.bench report benchmarks/results/digits/main.csv  # paired intervals vs codebook-only
     python -m benchmarks.bench merge --out all.csv a.csv b.csv   # several CSVs in one (first row wins)
 
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 
 from vq4dit import quantize, size_summary
-from vq4dit.config import METHODS, SETTINGS, build_config, method_config, method_names
+from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, build_config, method_config, method_names
 from vq4dit.runner import EvalSpec, RunResult, generate
 from vq4dit.metrics import block_mse
+from vq4dit.peers import PEERS
 
 from .common import machine_name, read_rows, write_csv
 
@@ -146,6 +148,11 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                     if (methods and m not in methods) or (labels and label not in labels):
                         continue
                     jobs.append(Job(plan, s, label, m, seed, dict(calib), dict(vq), images=False))
+    elif plan == "peers":
+        # Peer libraries (vq4dit.peers) are calibration-free and deterministic: one row each, at the
+        # first seed, under the setting "peers" (the report places them by their bits/weight).
+        for name in methods or PEERS:
+            jobs.append(Job(plan, "peers", name, name, seeds[0]))
     else:
         raise ValueError(f"unknown plan {plan!r}")
     return jobs
@@ -203,6 +210,8 @@ def job_config(job: Job, recipe: str = "small", calib_extra: dict | None = None,
                vq_extra: dict | None = None):
     """The method config of one row, built by the library's one adapter (`build_config`, as the CLI
     builds it from its flags): the setting's bits / k / d, the row's seed, init and overrides."""
+    if job.method in PEERS:  # a peer library's fixed scheme: nothing to set
+        return build_config(job.method)
     vq = dict(SETTINGS[job.setting])
     bits = vq.pop("bits")
     vq.update(vq_extra or {}, **job.vq)
@@ -255,7 +264,7 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
     from vq4dit.checks import resolve_device
     from vq4dit.testbed import DIGITS_DIT_DIR
 
-    settings = settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
+    settings = [] if plan == "peers" else settings or (["W2", "XL-sharing"] if quick else list(SETTINGS))
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}: choose from {list(SETTINGS)}")
@@ -265,6 +274,9 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
                      init=init)
     i, n = shard
     jobs = jobs[i::n]
+    if n_images == 0:  # block MSE and bits only (no FP images needed)
+        for job in jobs:
+            job.images = False
     rows = read_rows(out_csv)
     done = {(r["plan"], r["setting"], canonical_label(r["label"]), r["seed"]) for r in rows}
     todo = [j for j in jobs if j.key not in done]
@@ -277,7 +289,7 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
     conflicts_csv = conflicts_path(out_csv)
     conflict_rows = read_rows(conflicts_csv)
     machine = machine_name(device)
-    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations":
+    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations" and n_images:
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
                          machine=machine))
         write_csv(rows, out_csv, COLUMNS)
@@ -428,6 +440,7 @@ def report(*csv_paths) -> str:
             cells.append(f"{t[0]:.0f}" if t else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out += peer_report(rows)
     fd = [r for r in rows if _num(r.get("fd_cfg4")) is not None]
     if fd:
         out += ["### FD-digits (classifier features)", "",
@@ -440,6 +453,62 @@ def report(*csv_paths) -> str:
                            f"{b[0]:.1f} ± {b[1]:.1f} |")
         out.append("")
     return "\n".join(out)
+
+
+def ratio_interval(ours: list, peer: float):
+    """ours / peer per seed (the peer is deterministic): (mean, lo, hi, n) with a 95% t-interval."""
+    r = [v / peer for v in ours if v is not None]
+    if not r:
+        return None
+    m = float(np.mean(r))
+    h = T975.get(len(r) - 1, 1.96) * float(np.std(r, ddof=1)) / math.sqrt(len(r)) if len(r) > 1 else float("nan")
+    return m, m - h, m + h, len(r)
+
+
+# Peer windows of the comparison: at or below our bits/weight (the claim), and up to 0.5 bits above
+# (context: real packing puts HQQ/quanto/torchao 2-bit at 2.35-2.6 bits/w, just above our W2).
+PEER_WINDOWS = [("<= ours", 0.0), ("<= ours + 0.5", 0.5)]
+
+
+def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
+    """Peer rows (setting "peers") in one table, then per setting and bits window the best peer
+    (lowest image MSE CFG4 among rows with images; lowest block MSE among all rows, `--images 0`
+    included) and ours / it per seed, with 95% intervals over our seeds."""
+    table = sorted((r for r in rows if r["setting"] == "peers"), key=lambda r: float(r["bits_per_weight"]))
+    if not table:
+        return []
+    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
+    out = ["### Peers (calibration-free, deterministic: one run each)", "",
+           "| peer | bits/w | " + " | ".join(n for _, n in metrics) + " | acc CFG4 |", "|---|---|---|---|---|---|"]
+    for r in table:
+        out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " + " | ".join(
+            "-" if _num(r.get(k)) is None else f"{float(r[k]):.4g}" for k, _ in metrics + [("acc_cfg4", "")]) + " |")
+    out += ["", f"### `{ours}` vs the best peer in a bits/weight window (ratio < 1: ours closer to FP)", "",
+            f"| setting | {ours} bits/w | seeds | peers at | best by | best peer | peer bits/w | " +
+            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 10]
+    for setting in SETTINGS:
+        mine = [r for r in rows if r["setting"] == setting and r["label"] == ours]
+        if not mine:
+            continue
+        bw = float(np.mean([float(r["bits_per_weight"]) for r in mine]))
+        for window, extra in PEER_WINDOWS:
+            for crit, crit_name in (("img_mse_cfg4", "image MSE CFG4"), ("block_mse", "block MSE")):
+                fits = [r for r in table if float(r["bits_per_weight"]) <= bw + extra + 1e-9
+                        and _num(r.get(crit)) is not None]
+                head = f"| {setting} | {bw:.3f} | {len(mine)} | {window} | {crit_name} | "
+                if not fits:
+                    out.append(head + f"none at <= {bw + extra:.3f} bits/w | - | - | - | - |")
+                    continue
+                best = min(fits, key=lambda r: float(r[crit]))
+                cells = []
+                for key, _ in metrics:
+                    ri = None if _num(best.get(key)) is None else ratio_interval([_num(r.get(key)) for r in mine],
+                                                                               float(best[key]))
+                    cells.append("-" if ri is None else f"{ri[0]:.3g} [{ri[1]:.3g}, {ri[2]:.3g}]" +
+                                 (" **ours lower**" if ri[2] < 1 else " peer lower" if ri[1] > 1 else ""))
+                out.append(head + f"{best['label']} | {float(best['bits_per_weight']):.3f} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -472,17 +541,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny budgets, W2 + XL-sharing, 1 seed")
-    p.add_argument("--plan", default="main", choices=["main", "ablations"])
+    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers"],
+                   help="peers: HQQ / GGUF / torchao / quanto rows (vq4dit.peers.PEERS; --methods picks some)")
     p.add_argument("--out", default="out/benchmarks/bench.csv", help="CSV path; existing rows are kept and skipped")
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
-    p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)}")
+    p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)} (plan peers: of {list(PEERS)})")
     p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
     p.add_argument("--labels", nargs="*", help="ablations: only these row labels (see ABLATIONS)")
     p.add_argument("--init", default="kmeans", choices=list(INITS),
                    help="main plan: codebook init for every k-means-based method (act-aware: weight k-means by "
                         "the layer input's E[x^2]; rows are labelled '<method> +act-aware init')")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
-    p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG")
+    p.add_argument("--images", type=int, default=200, help="images for image MSE / PSNR vs FP per CFG "
+                   "(0: block MSE and bits only)")
     p.add_argument("--fd-images", type=int, default=1000, help="images for FD-digits (main plan, W2 + XL-sharing)")
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps for generated images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -490,9 +561,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    bad = set(a.methods or []) - set(METHODS)
+    known = PEERS if a.plan == "peers" else METHODS
+    bad = set(a.methods or []) - set(known)
     if bad:
-        print(f"error: unknown methods {sorted(bad)}; choose from {list(METHODS)}", file=sys.stderr)
+        print(f"error: unknown methods {sorted(bad)}; choose from {list(known)}", file=sys.stderr)
         return 2
     try:
         i, n = (int(x) for x in a.shard.split("/"))

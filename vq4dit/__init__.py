@@ -11,6 +11,7 @@ Modules, imports flowing one way (each uses only those above it):
     kmeans       k-means codebooks and their on-disk cache
     size         bit accounting of packed layers and models
     layers       VQLinear / RTNLinear
+    peers        HQQ / GGUF / torchao / quanto through their own libraries (PeerConfig, PeerLinear)
     distributed  torch.distributed helpers for data-parallel calibration (identity on one process)
     sampling     the CFG sampler (below everything that runs a model)
     trajectories teacher trajectories and block outputs
@@ -28,11 +29,12 @@ from .layers import RTNLinear, VQLinear
 from .size import quantized_layers, storage_bits
 from .trace import Trace
 from .calibrate import calibrate, finalize
+from .peers import PEERS, PeerConfig, peer_config
 from .quant_api import quantize
 from .size import size_report, size_summary
 from .sampling import sample, make_scheduler
 
 __all__ = ["CalibConfig", "RTNConfig", "VQConfig", "VQLinear", "RTNLinear", "METHODS", "VQ_PRESETS",
            "method_config", "quantize", "size_report", "size_summary", "kmeans", "quantized_layers",
-           "storage_bits", "Trace", "calibrate", "finalize", "sample", "make_scheduler"]
+           "storage_bits", "PeerConfig", "PEERS", "peer_config", "Trace", "calibrate", "finalize", "sample", "make_scheduler"]
 __version__ = "0.2.0"

@@ -324,11 +324,15 @@ def build_config(method: str, *, bits: int = 2, k: Optional[int] = None, d: Opti
     `None` means "not chosen" everywhere (a flag not given, an empty form field). `init` is
     "kmeans" or "act-aware" (None: the method's own). `recipe="auto"` picks `default_recipe` from
     `model`'s (or `n_quantizable_weights`') quantizable weights. Settings a method does not have are
-    dropped (calibration settings of uncalibrated methods, codebook settings of RTN); the CLI reports
+    dropped (calibration settings of uncalibrated methods, codebook settings of RTN, everything for a
+    peer name from `vq4dit.peers.PEERS`, e.g. "hqq-w2-g64"); the CLI reports
     those flags as unused before calling this.
     """
+    from .peers import PEERS, peer_config  # peers import size, which imports this module
+    if method in PEERS:  # a peer library's fixed scheme: no bits/recipe/calibration choices
+        return peer_config(method)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)} or a peer {list(PEERS)}")
     if recipe == "auto":
         if n_quantizable_weights is None:
             if model is None:

@@ -17,6 +17,7 @@ from .calibrate import calibrate, collect_input_moments
 from .config import CalibConfig, RTNConfig, VQConfig
 from .layers import RTNLinear, VQLinear
 from .naming import default_filter
+from .peers import PeerConfig, peer_linear
 
 # ----------------------------------------------------------------------------------------
 # The entry point
@@ -69,7 +70,13 @@ def _quantize_rtn(model, cfg: RTNConfig, targets, progress):
     return {}
 
 
-_QUANTIZERS = {VQConfig: _quantize_vq, RTNConfig: _quantize_rtn}
+def _quantize_peer(model, cfg: PeerConfig, targets, progress):
+    for name, lin in progress(targets, desc=cfg.method):  # a peer library's fake quantization
+        replace_module(model, name, peer_linear(lin, cfg, name=name))
+    return {}
+
+
+_QUANTIZERS = {VQConfig: _quantize_vq, RTNConfig: _quantize_rtn, PeerConfig: _quantize_peer}
 
 
 def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Optional[nn.Module] = None,
@@ -86,7 +93,8 @@ def quantize(model: nn.Module, config, filter_fn=default_filter, teacher: Option
     `save_quantized` records in the packed directory and `load_quantized` restores.
     """
     if type(config) not in _QUANTIZERS:
-        raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...)")
+        raise TypeError(f"unsupported config type {type(config).__name__}: use method_config(...) "
+                        f"or vq4dit.peers.peer_config(...)")
     check_finite(model)
     targets = _targets(model, filter_fn)
     if not targets:
