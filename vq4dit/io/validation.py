@@ -3,6 +3,7 @@ dtype, finiteness and index range is checked against the tensors actually presen
 truncated directory is a clear ValueError instead of a hang, a crash or NaN outputs."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,6 +19,64 @@ FORMAT_VERSION = 2  # 2: identical fp tensors stored once (`aliases`); 1 is stil
 READ_VERSIONS = (1, 2)
 
 
+MAX_JSON_BYTES = 16 << 20  # config, scheduler and index files are a few KB; a bigger one is not ours
+
+
+def read_json_file(path: Path, what: str = "file", kind=dict):
+    """Parse a small JSON file into `kind` (dict by default) with one clear error naming the file:
+    missing, too large, not JSON, too deeply nested, or the wrong top-level type."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes: too large for a {what} "
+                             f"(at most {MAX_JSON_BYTES >> 20} MB); replace it with the original file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}): replace it with the original file") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} is nested too deeply to be a {what}: replace it with the "
+                         f"original file") from None
+    if kind is not None and not isinstance(data, kind):
+        raise ValueError(f"{what} {path} holds a JSON {type(data).__name__}, expected an object: "
+                         f"replace it with the original file")
+    return data
+
+
+def _check_header(f: Path):
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > os.path.getsize(f):
+        raise ValueError(f"{f} is not a valid safetensors file (truncated or corrupt)")
+
+
+def check_weight_index(index: Path):
+    """A `*.index.json` (sharded weights) may only name plain `.safetensors` files that exist in its
+    own folder: diffusers would otherwise `torch.load` (unpickle) a `.bin`/`.pt` shard it names."""
+    def bad(msg):
+        raise ValueError(f"{index} {msg}: only .safetensors shards in the same folder are loaded; "
+                         f"convert the shards to safetensors or remove the index")
+
+    data = read_json_file(index, "weight index")
+    wmap = data.get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        bad("has no weight_map object")
+    odd = [v for v in wmap.values() if not isinstance(v, str)]
+    if odd:
+        bad(f"maps a weight to {odd[0]!r}, which is not a file name")
+    for shard in sorted(set(wmap.values())):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            bad(f"names the shard {shard!r} outside its folder")
+        if not shard.endswith(".safetensors"):
+            bad(f"maps weights to {shard!r}, which is not a .safetensors file (pickle-based shards are never "
+                f"read; only .safetensors files are)")
+        f = index.parent / shard
+        if not f.is_file() or f.is_symlink():
+            bad(f"names the shard {shard!r}, which is missing (or a link)")
+        _check_header(f)
+
+
 def check_safetensors(folder: Path):
     st = list(folder.glob("*.safetensors"))
     if not st:
@@ -25,11 +84,9 @@ def check_safetensors(folder: Path):
         hint = f" (found {', '.join(other)}: pickle-based files are not loaded)" if other else ""
         raise ValueError(f"no .safetensors weights in {folder}{hint}")
     for f in st:
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-        if len(head) < 8 or int.from_bytes(head, "little") > os.path.getsize(f):
-            raise ValueError(f"{f} is not a valid safetensors file (truncated or corrupt)")
-
+        _check_header(f)
+    for index in folder.glob("*.index.json"):  # sharded weights (any variant): every shard is checked
+        check_weight_index(index)
 
 
 _INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
