@@ -4,11 +4,13 @@
     python app.py --model path/to/DiT-XL-2-256 --device cuda
     VQ4DIT_PORT=8000 python app.py --runs-dir /tmp/runs
     VQ4DIT_AUTH=me:secret python app.py --host 0.0.0.0   # reachable from the network: login required
+    VQ4DIT_AUTH=me:secret python app.py --share          # public Gradio share link: login required
 
 Bind address: --host, else $VQ4DIT_HOST, else $GRADIO_SERVER_NAME, else 127.0.0.1. Port: --port, else
 $VQ4DIT_PORT, else $GRADIO_SERVER_PORT, else 7860. A non-loopback address needs credentials (--auth or
-$VQ4DIT_AUTH, "user:password") unless --no-auth is given. Gradio analytics are off unless
-GRADIO_ANALYTICS_ENABLED=True is set.
+$VQ4DIT_AUTH, "user:password") unless --no-auth is given. A public share link is opened only with --share,
+and only with credentials (Gradio's GRADIO_SHARE variable is ignored: the app decides). Gradio analytics
+are off unless GRADIO_ANALYTICS_ENABLED=True is set.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def parse_args(argv=None):
                    help="login as user:password (else $VQ4DIT_AUTH); required when --host is not a loopback address")
     p.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback address without credentials (anyone on the network can use the app)")
+    p.add_argument("--share", action="store_true",
+                   help="open a public Gradio share link (needs --auth or $VQ4DIT_AUTH; GRADIO_SHARE is ignored)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: tiny ops are much faster single-threaded on a busy box)")
     g = p.add_argument_group("defaults shown in the Set-up panel (tests use tiny values)")
@@ -51,11 +55,20 @@ def parse_args(argv=None):
 
 
 class ServerSettings:
-    def __init__(self, host: str, port: int, auth, exposed: bool):
+    def __init__(self, host: str, port: int, auth, exposed: bool, share: bool = False, notes=()):
         self.host, self.port, self.auth, self.exposed = host, port, auth, exposed
+        self.share = share  # passed to launch() explicitly, so Gradio never decides it from GRADIO_SHARE
+        self.notes = list(notes)
 
     def banner(self) -> str:
         url = f"http://{self.host}:{self.port}"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        if self.share:
+            return (f"VQ4DiT explorer on {url} and on a PUBLIC Gradio share link (printed by Gradio below): "
+                    f"reachable from the internet; login required (user {self.auth[0]!r})" + notes)
+        return self._bind_banner(url) + notes
+
+    def _bind_banner(self, url: str) -> str:
         if not self.exposed:
             return f"VQ4DiT explorer on {url} (loopback only)"
         if self.auth:
@@ -88,10 +101,17 @@ def resolve_server(args, env=None) -> ServerSettings:
             raise ValueError(f"{auth_src} must be user:password with both parts non-empty")
         auth = (user, pw)
     exposed = not is_loopback(host)
+    share = bool(getattr(args, "share", False))
+    if share and auth is None:  # --no-auth never allows a public link
+        raise ValueError("--share opens a public link reachable from the internet: it needs --auth user:password "
+                         "(or VQ4DIT_AUTH); --no-auth does not apply to it")
     if exposed and auth is None and not args.no_auth:
         raise ValueError(f"binding to {host} makes the app reachable from the network: pass --auth user:password "
                          f"(or set VQ4DIT_AUTH), or --no-auth to serve it without credentials")
-    return ServerSettings(host, port, auth, exposed)
+    notes = []
+    if env.get("GRADIO_SHARE", "").strip() and not share:
+        notes.append(f"GRADIO_SHARE={env['GRADIO_SHARE']!r} is ignored: no share link (pass --share and --auth for one)")
+    return ServerSettings(host, port, auth, exposed, share, notes)
 
 
 def check_port_free(host: str, port: int):
@@ -135,7 +155,7 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=1)
     print(server.banner(), file=sys.stderr, flush=True)
     try:
-        demo.launch(server_name=server.host, server_port=server.port, auth=server.auth)
+        demo.launch(server_name=server.host, server_port=server.port, auth=server.auth, share=server.share)
     except OSError as e:
         print(f"error: cannot start the server on {server.host}:{server.port}: {e}", file=sys.stderr)
         return 2
