@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
 from vq4dit.sampling import pick_device, sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
+
+from .exports import PrivateExports
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
@@ -267,6 +268,7 @@ class RunStore:
         self._traces: OrderedDict = OrderedDict()
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._exports = PrivateExports()
 
     # -- ids ------------------------------------------------------------------------------
     def is_demo(self, run_id) -> bool:
@@ -459,9 +461,8 @@ class RunStore:
 
     # -- downloads ------------------------------------------------------------------------
     def export_dir(self) -> Path:
-        d = Path(tempfile.gettempdir()) / "vq4dit-app-exports"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        """This process's private export dir (app/exports.py): fresh, 0700, never a shared fixed name."""
+        return self._exports.directory()
 
     def export_zip(self, run_id: str, what: str) -> Optional[str]:
         """Zip of the run's trace CSVs (what='trace') or its packed model (what='model').
@@ -473,23 +474,7 @@ class RunStore:
         src = run / what
         if not src.is_dir() or src.is_symlink():
             return None
-        out = self.export_dir() / f"{run_id}-{what}.zip"
-        if out.is_file():
-            return str(out)
-        root = run.resolve()
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for rel in EXPORT_FILES[what]:
-                    f = run / rel
-                    if f.is_symlink() or not f.is_file() or root not in f.resolve().parents:
-                        continue
-                    z.write(f, f"{run_id}/{rel}")
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return str(out)
+        return self._exports.write_zip((run_id, what), run, run_id, EXPORT_FILES[what])
 
 
 def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int,
