@@ -161,13 +161,14 @@ def cmd_sample(args) -> int:
     from .io import load_dit
     from .fs import check_writable, resolve_device
     from .sampling import sample
-    from .viz import save_grid
+    from .viz import check_image_out, save_grid
 
     if args.labels is not None and len(args.labels) > MAX_SAMPLE_LABELS:
         raise ValueError(f"at most {MAX_SAMPLE_LABELS} labels per call, got {len(args.labels)}")
     out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory: give a .png file path")
+    # before any work: a known image format, never inside an input model, never an existing file unasked
+    model_dirs = [args.model, args.vae] if not str(args.model).startswith("hf:") else [args.vae]
+    check_image_out(out, args.overwrite, protect=model_dirs)
     check_writable(out.parent)
     device = resolve_device(args.device)
     bundle = load_dit(args.model, device=device)
@@ -185,7 +186,7 @@ def cmd_sample(args) -> int:
         return 2
     images = sample(bundle.transformer, labels, num_steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
                     scheduler=bundle.scheduler, vae=bundle.vae, batch_size=SAMPLE_BATCH)
-    save_grid(images, args.out, nrow=args.nrow or min(len(labels), 32))
+    save_grid(images, args.out, nrow=args.nrow or min(len(labels), 32), overwrite=args.overwrite)
     print(f"wrote {len(labels)} samples to {args.out}")
     return 0
 
@@ -243,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=_default_model(), help="FP or packed model directory")
     s.add_argument("--labels", type=bounded_int(0, 1_000_000), nargs="*",
                    help=f"class labels (default: 0..9; at most {MAX_SAMPLE_LABELS}, sampled {SAMPLE_BATCH} at a time)")
-    s.add_argument("--out", required=True, help="output PNG path")
+    s.add_argument("--out", required=True, help="output image (.png, .jpg, .webp, .bmp: written in that format; "
+                                                "never inside the model directories)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out image file")
     s.add_argument("--steps", type=bounded_int(1, 1000), default=50, help="DDIM sampling steps")
     s.add_argument("--cfg", type=bounded_float(0, 100), default=4.0, help="classifier-free guidance scale")
     s.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="noise seed")
