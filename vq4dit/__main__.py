@@ -55,6 +55,27 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """While a finished calibration is written, SIGINT/SIGTERM are recorded instead of raised, so the
+    save completes; the caller then reports them (`got["sig"]`: "interrupted" / "terminated (SIGTERM)")."""
+    import signal
+    got = {"sig": None}
+
+    def record(signum, frame):
+        got["sig"] = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    try:
+        prev = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -105,9 +126,9 @@ def cmd_quantize(args) -> int:
     args.device = str(device)
     try:
         return _quantize(args, out, device)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # _quantize handles interrupts once the quantized model exists
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
-        print(f"{what} before calibration started: nothing written", file=sys.stderr)
+        print(f"{what} before the model was quantized: nothing written", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     finally:
         distributed.shutdown()
@@ -140,16 +161,30 @@ def _quantize(args, out: Path, device) -> int:
               f"no model written", file=sys.stderr)
         return 143 if _SIGNALLED["term"] else 130
     model.eval()
-    mse = None
-    if not args.no_eval:  # block MSE vs FP on held-out trajectories (~100 TFLOP for DiT-XL/2)
-        if teacher is None:
-            teacher = load_dit(args.model, device=device).transformer
-        mse = block_mse(model, teacher)["mean"]
+    # From here the quantized model exists: an interrupt skips what is left of the evaluation, and the
+    # save runs with SIGINT/SIGTERM deferred, so a finished calibration is never thrown away.
+    mse, stopped = None, None
+    try:
+        if not args.no_eval:  # block MSE vs FP on held-out trajectories (~100 TFLOP for DiT-XL/2)
+            if teacher is None:
+                teacher = load_dit(args.model, device=device).transformer
+            mse = block_mse(model, teacher)["mean"]
+    except KeyboardInterrupt as e:
+        stopped = ("terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted") + \
+            " during the block-MSE evaluation"
     del teacher
     extra = dict(source=str(args.model), seconds=seconds, block_mse=mse)
     write_trace = (lambda tmp: trace.save(tmp / "trace")) if trace is not None else None
-    save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
-                   protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+    with _signals_deferred() as got:
+        save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
+                       protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+    if got["sig"] and not stopped:
+        stopped = got["sig"] + " while saving"
+    if stopped:
+        kept = "the quantized model and its calibration trace" if trace is not None else "the quantized model"
+        print(f"{stopped}: {kept} were written to {out}" + (" (block MSE not computed)" if mse is None and
+              not args.no_eval else ""), file=sys.stderr)
+        return 143 if stopped.startswith("terminated") else 130
     size = size_summary(model)
     print(json.dumps(dict(out=str(out), method=config.method, bits_per_weight=round(size["bits_per_weight"], 4),
                           index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out), block_mse=mse,

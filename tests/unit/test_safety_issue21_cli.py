@@ -63,3 +63,51 @@ def test_sample_writes_the_format_its_extension_names(tiny_dit_dir, tmp_path):
         r = cli("sample", "--model", tiny_dit_dir, "--out", tmp_path / name, *SAMPLE)
         assert r.returncode == 2 and "image format" in error_line(r), name
         assert not (tmp_path / name).exists()
+
+
+# -- item 5: an interrupt after calibration finished keeps the model and the trace --------------
+
+def _quantize_main(tiny_dit_dir, out):
+    from vq4dit.__main__ import main
+    return main(["quantize", "--model", str(tiny_dit_dir), "--out", str(out), "--iterations", "1",
+                 "--sampling-steps", "2", "--kmeans-iters", "2", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_eval_keeps_the_calibration(tiny_dit_dir, tmp_path, monkeypatch, capsys, sig):
+    import vq4dit.metrics as metrics
+    from vq4dit.io import load_quantized
+    from vq4dit.trace import Trace
+
+    def interrupted_eval(*a, **k):
+        os.kill(os.getpid(), sig)  # a real signal, delivered while the block MSE is computed
+        time.sleep(5)
+        raise AssertionError("the signal did not interrupt the evaluation")
+    monkeypatch.setattr(metrics, "block_mse", interrupted_eval)
+    out = tmp_path / "w2"
+    rc = _quantize_main(tiny_dit_dir, out)
+    err = capsys.readouterr().err
+    assert rc == (143 if sig == signal.SIGTERM else 130), err[-2000:]
+    assert "during the block-MSE evaluation" in err and f"model and its calibration trace were written to {out}" in err
+    assert "nothing written" not in err
+    assert load_quantized(out).transformer is not None
+    tr = Trace.load(out / "trace")
+    assert tr.meta["steps_done"] >= 1 and len(tr.steps) == tr.meta["steps_done"]
+
+
+def test_sigterm_while_saving_finishes_the_save(tiny_dit_dir, tmp_path, monkeypatch, capsys):
+    from vq4dit.io import load_quantized
+    from vq4dit.trace import Trace
+    real_save = Trace.save
+
+    def save_then_signal(self, path, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of save_quantized
+        return real_save(self, path, *a, **k)
+    monkeypatch.setattr(Trace, "save", save_then_signal)
+    out = tmp_path / "w2"
+    rc = _quantize_main(tiny_dit_dir, out)
+    err = capsys.readouterr().err
+    assert rc == 143 and "terminated (SIGTERM) while saving" in err and "were written to" in err, err[-2000:]
+    assert load_quantized(out).transformer is not None and Trace.load(out / "trace").meta["steps_done"] >= 1
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is not None
