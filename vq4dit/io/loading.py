@@ -4,7 +4,6 @@ bad directory a clear error (missing / unexpected weights, pickle files, truncat
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import threading
@@ -16,7 +15,8 @@ import torch
 
 from ..quant_api import check_finite
 from ..sampling import make_scheduler
-from .validation import PACKED_CONFIG, check_safetensors
+from .validation import (PACKED_CONFIG, check_safetensors, check_scheduler_config, check_transformer_config,
+                         check_finite_floats, read_json_file)
 
 
 @dataclass
@@ -58,14 +58,11 @@ def no_pickle():
 
 def _load_transformer(folder: Path, device, dtype):
     from diffusers import DiTTransformer2DModel
-    cfg_file = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file} is missing or not valid JSON: {e}") from e
+    cfg = read_json_file(folder / "config.json", "model config")
     if cfg.get("_class_name") not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise ValueError(f"{folder} holds a {cfg.get('_class_name')!r}, not a DiTTransformer2DModel")
     check_safetensors(folder)
+    check_transformer_config(cfg, folder)  # sizes against the weights' headers, before anything is built
     try:
         with no_pickle():
             model, info = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype,
@@ -98,7 +95,8 @@ def scheduler_from(folder: Path):
     f = folder / "scheduler_config.json"
     if not f.is_file():
         return make_scheduler()
-    cfg = json.loads(f.read_text())
+    cfg = read_json_file(f, "scheduler config")
+    check_scheduler_config(cfg, f)
     # Every model is sampled with DDIM (x0 clipping off) so step counts mean the same thing.
     cfg.update(clip_sample=False)
     cfg.pop("_class_name", None)
@@ -153,6 +151,7 @@ def load_vae(path, device=None):
     if not (folder / "config.json").is_file():
         raise ValueError(f"no VAE in {p}: expected a pipeline dir with vae/ or a VAE dir with config.json")
     check_safetensors(folder)
+    check_finite_floats(read_json_file(folder / "config.json", "VAE config"), folder / "config.json")
     try:
         with no_pickle():
             vae, info = AutoencoderKL.from_pretrained(folder, use_safetensors=True, output_loading_info=True)

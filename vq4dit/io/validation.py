@@ -91,7 +91,7 @@ def check_safetensors(folder: Path):
 
 _INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
                "patch_size", "num_embeds_ada_norm")
-_MAX_POS_ELEMENTS = 1 << 28  # positional-embedding table (positions x hidden) built at init
+_ALIAS_FLOOR_BYTES, _ALIAS_FACTOR = 256 << 20, 64  # DiT-XL/2: 28 embedder copies, far below 64x the file
 
 
 def restore_aliases(meta: dict, t: dict, wfile: Path):
@@ -114,6 +114,10 @@ def restore_aliases(meta: dict, t: dict, wfile: Path):
             bad(f"alias {key!r} is also stored in the file")
         if target not in t:
             bad(f"alias {key!r} points at {target!r}, which the file does not hold")
+    copied = sum(t[target].numel() * t[target].element_size() for target in aliases.values())
+    on_disk = wfile.stat().st_size if wfile.is_file() else 0
+    if copied > max(_ALIAS_FLOOR_BYTES, _ALIAS_FACTOR * on_disk):  # each alias becomes its own copy when loaded
+        bad(f"aliases would expand a {on_disk >> 10} KB file by {copied >> 20} MB of copies: not a packed model")
     for key, target in aliases.items():
         t[key] = t[target]
 
@@ -150,8 +154,10 @@ def validate_packed(meta: dict, t: dict, wfile: Path):
     want = (hidden, tc["in_channels"], tc["patch_size"], tc["patch_size"])
     if pe is None or tuple(pe.shape) != want:
         bad(f"fp/pos_embed.proj.weight has shape {None if pe is None else tuple(pe.shape)}, config implies {want}")
-    if (tc["sample_size"] // tc["patch_size"]) ** 2 * hidden > _MAX_POS_ELEMENTS:
-        bad(f"sample_size={tc['sample_size']} is too large for this model")
+    on_disk = wfile.stat().st_size if wfile.is_file() else 0
+    if pos_table_bytes(tc) > max(_POS_FLOOR_BYTES, on_disk):  # memory bounded by the bytes on disk
+        bad(f"sample_size={tc['sample_size']} would build a {pos_table_bytes(tc) >> 20} MB positional table "
+            f"for a {on_disk >> 10} KB file: too large for this model")
     # the module structure on the meta device (no memory): names and shapes to compare against
     from diffusers import DiTTransformer2DModel
     try:
@@ -238,3 +244,120 @@ def _tensor(t: dict, key: str, shape: tuple, dtype, bad):
     elif v.dtype != dtype:
         bad(f"tensor {key} has dtype {v.dtype}, expected {dtype}")
     return v
+
+
+# ----------------------------------------------------------------------------------------
+# Full-precision configs and schedulers: checked against the weights (headers only) before anything
+# is allocated, every float finite, sizes bounded by the bytes actually on disk.
+# ----------------------------------------------------------------------------------------
+
+_POS_FLOOR_BYTES = 64 << 20  # a positional table this small is always allowed (DiT-XL/2 512px: 4.7 MB)
+_FLOAT_WEIGHT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def weight_headers(folder: Path) -> tuple[dict, int]:
+    """{tensor name: (shape, dtype string)} from the safetensors headers (no tensor data is read) and
+    the total bytes of those files."""
+    from safetensors import safe_open
+    out, total = {}, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        total += f.stat().st_size
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    s = fh.get_slice(k)
+                    out[k] = (tuple(s.get_shape()), s.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{f} is not a valid safetensors file ({type(e).__name__}): "
+                             f"replace it with the original file") from None
+    return out, total
+
+
+def pos_table_bytes(tc: dict) -> int:
+    """Bytes of the float32 positional-embedding table a DiT builds at init (before any weight loads)."""
+    return (tc["sample_size"] // tc["patch_size"]) ** 2 * tc["num_attention_heads"] * tc["attention_head_dim"] * 4
+
+
+def check_finite_floats(cfg: dict, where) -> None:
+    for k, v in cfg.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}: {k} is {v}: every number in it must be finite; "
+                             f"replace it with the original file")
+
+
+def check_transformer_config(cfg: dict, folder: Path) -> None:
+    """config.json of an FP DiT against its safetensors headers, before the model is built: integer
+    sizes in range and equal to what the weights hold, finite floats, floating-point weights only,
+    and a positional table bounded by the bytes on disk."""
+    where = folder / "config.json"
+
+    def bad(msg):
+        raise ValueError(f"{where}: {msg}")
+
+    check_finite_floats(cfg, where)
+    for f in _INT_FIELDS:
+        if f == "num_embeds_ada_norm" and cfg.get(f) is None:
+            continue
+        if f in cfg and (not _is_int(cfg[f]) or not 1 <= cfg[f] <= 1 << 16):
+            bad(f"{f} must be an integer in [1, 65536], got {cfg.get(f)!r}")
+    eps = cfg.get("norm_eps", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        bad(f"norm_eps must be a number in (0, 1), got {eps!r}")
+    heads = {}
+    headers, total = weight_headers(folder)
+    for k, (shape, dtype) in headers.items():
+        if dtype not in _FLOAT_WEIGHT_DTYPES:
+            bad(f"weight {k} has dtype {dtype}: a DiT's weights are floating point (F16/BF16/F32); "
+                f"the file is not a DiT checkpoint")
+        m = re.match(r"transformer_blocks\.(\d+)\.", k)
+        if m:
+            heads[int(m.group(1))] = True
+    n_blocks = len(heads)
+    if "num_layers" in cfg and cfg["num_layers"] != n_blocks:
+        bad(f"num_layers={cfg['num_layers']} but the weights hold {n_blocks} transformer blocks")
+    need = ("num_attention_heads", "attention_head_dim", "in_channels", "patch_size", "sample_size")
+    if all(_is_int(cfg.get(f)) for f in need):
+        pe = headers.get("pos_embed.proj.weight")
+        hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        want = (hidden, cfg["in_channels"], cfg["patch_size"], cfg["patch_size"])
+        if pe is not None and pe[0] != want:
+            bad(f"pos_embed.proj.weight has shape {pe[0]}, the config implies {want}")
+        if pos_table_bytes(cfg) > max(_POS_FLOOR_BYTES, total):
+            bad(f"sample_size={cfg['sample_size']} would build a {pos_table_bytes(cfg) >> 20} MB positional table "
+                f"for {total >> 10} KB of weights: not this model's size")
+
+
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def check_scheduler_config(cfg, where) -> None:
+    """A scheduler config as strictly as weights: the right types, finite betas in (0, 1), a known
+    schedule, bounded timesteps, and epsilon prediction (the sampler treats the output as noise)."""
+    def bad(msg):
+        raise ValueError(f"{where}: {msg}; replace it with the original file or remove it "
+                         f"(the default DDIM scheduler is used then)")
+
+    if not isinstance(cfg, dict):
+        bad(f"holds a JSON {type(cfg).__name__}, expected an object")
+    check_finite_floats(cfg, where)
+    n = cfg.get("num_train_timesteps", 1000)
+    if not _is_int(n) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        bad(f"num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS}], got {n!r}")
+    b0, b1 = cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
+    for name, b in (("beta_start", b0), ("beta_end", b1)):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+            bad(f"{name} must be a number in (0, 1), got {b!r}")
+    if b0 > b1:
+        bad(f"beta_start={b0} is larger than beta_end={b1}")
+    sched = cfg.get("beta_schedule", "linear")
+    if sched not in SCHEDULES:
+        bad(f"beta_schedule {sched!r} is not one of {SCHEDULES}")
+    if cfg.get("trained_betas") is not None:
+        bad("trained_betas is not supported (use beta_start / beta_end / beta_schedule)")
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        bad(f"prediction_type {pred!r}: vq4dit samples DiTs that predict the noise (epsilon)")
+    off = cfg.get("steps_offset", 0)
+    if not _is_int(off) or not 0 <= off < n:
+        bad(f"steps_offset must be an integer in [0, num_train_timesteps), got {off!r}")
