@@ -25,6 +25,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def parse_args(argv=None):
+    from vq4dit.fs import bounded_int
     from vq4dit.testbed import DIGITS_DIT_DIR
     p = argparse.ArgumentParser(description="Explore VQ4DiT vector quantization of a Diffusion Transformer.")
     p.add_argument("--model", default=str(DIGITS_DIT_DIR), help="diffusers DiT dir (default: embedded digits DiT)")
@@ -39,15 +40,19 @@ def parse_args(argv=None):
                    help="serve a non-loopback address without credentials (anyone on the network can use the app)")
     p.add_argument("--share", action="store_true",
                    help="open a public Gradio share link (needs --auth or $VQ4DIT_AUTH; GRADIO_SHARE is ignored)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=1,
                    help="torch CPU threads (1: tiny ops are much faster single-threaded on a busy box)")
+    # bounds = the app's own input limits (app/runs.py APP_LIMITS), checked here so no run fails after its work
     g = p.add_argument_group("defaults shown in the Set-up panel (tests use tiny values)")
-    g.add_argument("--iterations", type=int, default=None, help="calibration trajectories (default: library recipe)")
-    g.add_argument("--sampling-steps", type=int, default=None, help="teacher steps per trajectory (default: recipe)")
-    g.add_argument("--kmeans-iters", type=int, default=None, help="k-means iterations (default: library setting)")
-    g.add_argument("--eval-per-class", type=int, default=5, help="images per class for a run's metrics")
-    g.add_argument("--eval-steps", type=int, default=25, help="sampler steps for a run's metrics")
-    g.add_argument("--image-steps", type=int, default=25, help="default sampler steps in the Images view")
+    g.add_argument("--iterations", type=bounded_int(1, 10_000), default=None,
+                   help="calibration trajectories (default: library recipe)")
+    g.add_argument("--sampling-steps", type=bounded_int(1, 1000), default=None,
+                   help="teacher steps per trajectory (default: recipe)")
+    g.add_argument("--kmeans-iters", type=bounded_int(1, 1000), default=None,
+                   help="k-means iterations (default: library setting)")
+    g.add_argument("--eval-per-class", type=bounded_int(1, 1000), default=5, help="images per class for a run's metrics")
+    g.add_argument("--eval-steps", type=bounded_int(1, 1000), default=25, help="sampler steps for a run's metrics")
+    g.add_argument("--image-steps", type=bounded_int(1, 1000), default=25, help="default sampler steps in the Images view")
     p.add_argument("--no-umap-warmup", action="store_true", help="skip compiling UMAP in the background at start")
     p.add_argument("--no-demo-runs", action="store_true",
                    help="do not list the demo runs shipped in assets/demo_runs/ (listed read-only by default)")
@@ -123,6 +128,8 @@ def check_port_free(host: str, port: int):
     family, _, _, _, addr = infos[0]
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if os.name == "posix":  # as the server itself binds: a port in TIME_WAIT after a crash is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(addr)
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (port busy? pick another with --port)") from None
@@ -132,12 +139,13 @@ def check_port_free(host: str, port: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vq4dit.fs import resolve_device
+    from vq4dit.fs import check_writable, resolve_device
     try:  # everything that can fail is checked before the model is loaded
         server = resolve_server(args)
         device = resolve_device(args.device)
         check_port_free(server.host, server.port)
-    except ValueError as e:
+        check_writable(args.runs_dir)  # a runs dir that is a file (or unwritable) fails now, not after loading
+    except (ValueError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch

@@ -110,7 +110,7 @@ def cmd_quantize(args) -> int:
     import torch
     from . import distributed
     from .io import check_output
-    from .fs import resolve_device
+    from .fs import output_lock, resolve_device
 
     out = Path(args.out)
     unused = _unused_flags(args)
@@ -125,7 +125,9 @@ def cmd_quantize(args) -> int:
     device = distributed.init_from_env(device)  # under torchrun: join the group (cuda:LOCAL_RANK on GPUs)
     args.device = str(device)
     try:
-        return _quantize(args, out, device)
+        # rank 0 writes OUT: it claims it now, so a second run on the same --out fails here, not at the save
+        with output_lock(out) if distributed.is_main() else contextlib.nullcontext():
+            return _quantize(args, out, device)
     except KeyboardInterrupt as e:  # _quantize handles interrupts once the quantized model exists
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         print(f"{what} before the model was quantized: nothing written", file=sys.stderr)

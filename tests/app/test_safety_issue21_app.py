@@ -149,3 +149,100 @@ def test_export_sources_are_never_links(app, tmp_path):
     finally:
         cfg.unlink()
         cfg.write_bytes(keep)
+
+
+# -- items 7, 9, 11: one bad run is marked unreadable, the app always starts -----------------------
+
+def _copy_run(runs: Path, rid: str, name: str, **patch) -> Path:
+    d = runs / name
+    shutil.copytree(runs / rid, d)
+    meta = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps({**meta, **patch}))
+    return d
+
+
+def _calibrated_run(runs: Path, name: str) -> Path:
+    """A calibrated run (with a trace) in the runs dir: a copy of a shipped demo run under a normal id."""
+    d = runs / name
+    shutil.copytree(ROOT / "assets" / "demo_runs" / "demo-vq4dit-ste-W2", d)
+    return d
+
+
+def test_bad_runs_never_stop_start_up_and_are_marked(app):
+    from app import AppConfig, create_app
+    demo, client, runs, base = app
+    rid = demo.engine.store.readable_ids()[0]
+    made = {
+        "huge-blocks": _copy_run(runs, rid, "29990101-000001-huge-blocks", n_blocks=10 ** 9),
+        "soon": _copy_run(runs, rid, "29990101-000002-soon", quantize_seconds="soon"),
+        "nan-seconds": _copy_run(runs, rid, "29990101-000003-nan-seconds", seconds=float("nan")),
+    }
+    nested = _copy_run(runs, rid, "29990101-000004-nested")
+    (nested / "run.json").write_text('{"a": ' * 100000 + "1" + "}" * 100000)
+    made["nested"] = nested
+    trunc = _calibrated_run(runs, "29990101-000005-truncated")   # the newest run
+    snap = trunc / "trace" / "snapshots.safetensors"
+    snap.write_bytes(snap.read_bytes()[: snap.stat().st_size // 2])
+    made["truncated"] = trunc
+    linked = _calibrated_run(runs, "29990101-000006-linked-trace")
+    shutil.rmtree(linked / "trace")
+    (linked / "trace").symlink_to(trunc / "trace")
+    made["linked"] = linked
+    try:
+        demo2 = create_app(AppConfig(model=str(DIGITS_DIT_DIR), runs_dir=str(runs), demo_runs=False,
+                                     warm_umap=False, **TINY))                  # starts
+        table = demo2.engine.store.table()
+        status = dict(zip(table["run"], table["status"]))
+        for key in ("huge-blocks", "soon", "nan-seconds", "nested", "linked"):
+            assert str(status[made[key].name]).startswith("unreadable"), (key, status[made[key].name])
+        with pytest.raises(Exception, match="unreadable"):
+            client.predict(made["truncated"].name, api_name="/load_run")
+        assert str(dict(zip(*[demo.engine.store.table()[c] for c in ("run", "status")]))[
+            made["truncated"].name]).startswith("unreadable")
+        from app.handlers import SetupForm, estimate_text
+        assert estimate_text(demo2.engine, SetupForm(*RTN)).startswith("**Estimate before running:**")
+        assert client.predict(rid, api_name="/load_run")                         # a good run still loads
+    finally:
+        for d in made.values():
+            shutil.rmtree(d) if not d.is_symlink() else d.unlink()
+
+
+def test_stale_save_temps_are_removed_at_start(app):
+    from app import RunStore
+    demo, client, runs, base = app
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = runs / f".20990101-000000-rtn-w2-tmp{dead.pid}-abcd"
+    (stale / "model").mkdir(parents=True)
+    live = runs / f".20990101-000000-rtn-w2-tmp{os.getpid()}-efgh"
+    live.mkdir()
+    old = runs / ".20990101-000001-rtn-w2-xyz"                                 # pid-less, from older versions
+    old.mkdir()
+    os.utime(old, (1, 1))
+    store = RunStore(runs)
+    assert not stale.exists() and not old.exists() and live.exists()
+    assert sorted(store.cleaned) == sorted([stale.name, old.name])
+    live.rmdir()
+
+
+def test_app_numeric_flags_are_checked_at_start():
+    for flag, value in (("--eval-steps", "0"), ("--eval-per-class", "-3"), ("--image-steps", "nan"),
+                        ("--iterations", "10000000"), ("--threads", "0")):
+        r = start_errors(flag, value)
+        assert r.returncode == 2 and f"argument {flag}" in r.stderr, r.stderr[-1000:]
+
+
+def test_port_check_reuses_a_time_wait_port():
+    import socket
+    m = app_main()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()                 # the server side closes first: its end of the connection sits in TIME_WAIT
+    c.close()
+    srv.close()
+    m.check_port_free("127.0.0.1", port)   # a crashed app's port is free for the restarted one

@@ -1,6 +1,5 @@
 """Issue 21, command line (subprocess): no output that destroys an input, a finished calibration survives
 an interrupt, one-line errors naming the file."""
-import json
 import os
 import signal
 import subprocess
@@ -111,3 +110,56 @@ def test_sigterm_while_saving_finishes_the_save(tiny_dit_dir, tmp_path, monkeypa
     assert load_quantized(out).transformer is not None and Trace.load(out / "trace").meta["steps_done"] >= 1
     assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+# -- items 10, 11: outputs checked at start, one-line errors naming the file ------------------------
+
+def test_out_under_a_file_and_busy_out_fail_at_start(tiny_dit_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = cli("quantize", "--model", tiny_dit_dir, "--out", blocker / "w2", "--method", "rtn", "--no-eval")
+    line = error_line(r)
+    assert r.returncode == 2 and f"{blocker} is a file, not a directory" in line and "File exists" not in line
+    # a second run on the same --out while the first still works: refused before loading anything
+    out = tmp_path / "w2"
+    (tmp_path / ".w2.vq4dit-lock").write_text(str(os.getpid()))          # a live process holds OUT
+    t = time.time()
+    r = cli("quantize", "--model", tiny_dit_dir, "--out", out, "--method", "rtn", "--no-eval")
+    assert r.returncode == 2 and f"(pid {os.getpid()}) is writing {out}" in error_line(r)
+    assert "load" not in r.stderr.lower() and not out.exists()
+    # the lock of a dead process is taken over, and released at the end
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".w2.vq4dit-lock").write_text(str(dead.pid))
+    r = cli("quantize", "--model", tiny_dit_dir, "--out", out, "--method", "rtn", "--no-eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.is_dir() and not (tmp_path / ".w2.vq4dit-lock").exists()
+    assert time.time() - t < 600
+
+
+def test_disk_full_during_save_is_one_line(tiny_dit_dir, tmp_path, monkeypatch, capsys):
+    import safetensors.torch as st
+    from vq4dit.__main__ import main
+
+    class SafetensorError(Exception):  # what safetensors raises on ENOSPC
+        pass
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    monkeypatch.setattr(st, "save_file", full)
+    out = tmp_path / "w2"
+    rc = main(["quantize", "--model", str(tiny_dit_dir), "--out", str(out), "--method", "rtn", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: could not write {out}") and "disk full" in err[0]
+    assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
+
+
+def test_app_runs_dir_that_is_a_file_fails_before_loading(tmp_path):
+    f = tmp_path / "runs"
+    f.write_text("x")
+    from conftest import free_port
+    r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--runs-dir", str(f), "--port", str(free_port())], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(lines) == 1 and f"{f} is a file, not a directory" in lines[0], r.stderr[-1000:]
