@@ -149,6 +149,11 @@ def test_integer_or_bool_weights_are_refused(tiny_dit_dir, dtype):
     (dict(num_train_timesteps="1000"), "num_train_timesteps must be an integer"),
     (dict(beta_schedule="cosine-ish"), "beta_schedule 'cosine-ish' is not one of"),
     (dict(trained_betas=[0.1] * 1000), "trained_betas"),
+    # found when attacking the fix: these passed through (or failed without the file name)
+    (dict(timestep_spacing="bogus"), "timestep_spacing 'bogus'"),
+    (dict(set_alpha_to_one="x"), "set_alpha_to_one must be true or false"),
+    (dict(rescale_betas_zero_snr="yes"), "rescale_betas_zero_snr must be true or false"),
+    (dict(thresholding=True), "thresholding is on"),
 ])
 def test_scheduler_config_is_validated(tiny_dit_dir, changes, msg):
     f = tiny_dit_dir / "scheduler" / "scheduler_config.json"

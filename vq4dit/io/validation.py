@@ -358,6 +358,14 @@ def check_scheduler_config(cfg, where) -> None:
     pred = cfg.get("prediction_type", "epsilon")
     if pred != "epsilon":
         bad(f"prediction_type {pred!r}: vq4dit samples DiTs that predict the noise (epsilon)")
+    for key in ("set_alpha_to_one", "rescale_betas_zero_snr", "thresholding", "clip_sample"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            bad(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg.get("thresholding"):
+        bad("thresholding is on: vq4dit samples with x0 clipping and thresholding off")
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing not in ("leading", "trailing", "linspace"):
+        bad(f"timestep_spacing {spacing!r} is not one of leading / trailing / linspace")
     off = cfg.get("steps_offset", 0)
     if not _is_int(off) or not 0 <= off < n:
         bad(f"steps_offset must be an integer in [0, num_train_timesteps), got {off!r}")
