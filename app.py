@@ -4,11 +4,13 @@
     python app.py --model path/to/DiT-XL-2-256 --device cuda
     VQ4DIT_PORT=8000 python app.py --runs-dir /tmp/runs
     VQ4DIT_AUTH=me:secret python app.py --host 0.0.0.0   # reachable from the network: login required
+    VQ4DIT_AUTH=me:secret python app.py --share          # public Gradio share link: login required
 
 Bind address: --host, else $VQ4DIT_HOST, else $GRADIO_SERVER_NAME, else 127.0.0.1. Port: --port, else
 $VQ4DIT_PORT, else $GRADIO_SERVER_PORT, else 7860. A non-loopback address needs credentials (--auth or
-$VQ4DIT_AUTH, "user:password") unless --no-auth is given. Gradio analytics are off unless
-GRADIO_ANALYTICS_ENABLED=True is set.
+$VQ4DIT_AUTH, "user:password") unless --no-auth is given. A public share link is opened only with --share,
+and only with credentials (Gradio's GRADIO_SHARE variable is ignored: the app decides). Gradio analytics
+are off unless GRADIO_ANALYTICS_ENABLED=True is set.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def parse_args(argv=None):
+    from vq4dit.fs import bounded_int
     from vq4dit.testbed import DIGITS_DIT_DIR
     p = argparse.ArgumentParser(description="Explore VQ4DiT vector quantization of a Diffusion Transformer.")
     p.add_argument("--model", default=str(DIGITS_DIT_DIR), help="diffusers DiT dir (default: embedded digits DiT)")
@@ -35,15 +38,21 @@ def parse_args(argv=None):
                    help="login as user:password (else $VQ4DIT_AUTH); required when --host is not a loopback address")
     p.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback address without credentials (anyone on the network can use the app)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--share", action="store_true",
+                   help="open a public Gradio share link (needs --auth or $VQ4DIT_AUTH; GRADIO_SHARE is ignored)")
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=1,
                    help="torch CPU threads (1: tiny ops are much faster single-threaded on a busy box)")
+    # bounds = the app's own input limits (app/runs.py APP_LIMITS), checked here so no run fails after its work
     g = p.add_argument_group("defaults shown in the Set-up panel (tests use tiny values)")
-    g.add_argument("--iterations", type=int, default=None, help="calibration trajectories (default: library recipe)")
-    g.add_argument("--sampling-steps", type=int, default=None, help="teacher steps per trajectory (default: recipe)")
-    g.add_argument("--kmeans-iters", type=int, default=None, help="k-means iterations (default: library setting)")
-    g.add_argument("--eval-per-class", type=int, default=5, help="images per class for a run's metrics")
-    g.add_argument("--eval-steps", type=int, default=25, help="sampler steps for a run's metrics")
-    g.add_argument("--image-steps", type=int, default=25, help="default sampler steps in the Images view")
+    g.add_argument("--iterations", type=bounded_int(1, 10_000), default=None,
+                   help="calibration trajectories (default: library recipe)")
+    g.add_argument("--sampling-steps", type=bounded_int(1, 1000), default=None,
+                   help="teacher steps per trajectory (default: recipe)")
+    g.add_argument("--kmeans-iters", type=bounded_int(1, 1000), default=None,
+                   help="k-means iterations (default: library setting)")
+    g.add_argument("--eval-per-class", type=bounded_int(1, 1000), default=5, help="images per class for a run's metrics")
+    g.add_argument("--eval-steps", type=bounded_int(1, 1000), default=25, help="sampler steps for a run's metrics")
+    g.add_argument("--image-steps", type=bounded_int(1, 1000), default=25, help="default sampler steps in the Images view")
     p.add_argument("--no-umap-warmup", action="store_true", help="skip compiling UMAP in the background at start")
     p.add_argument("--no-demo-runs", action="store_true",
                    help="do not list the demo runs shipped in assets/demo_runs/ (listed read-only by default)")
@@ -51,11 +60,20 @@ def parse_args(argv=None):
 
 
 class ServerSettings:
-    def __init__(self, host: str, port: int, auth, exposed: bool):
+    def __init__(self, host: str, port: int, auth, exposed: bool, share: bool = False, notes=()):
         self.host, self.port, self.auth, self.exposed = host, port, auth, exposed
+        self.share = share  # passed to launch() explicitly, so Gradio never decides it from GRADIO_SHARE
+        self.notes = list(notes)
 
     def banner(self) -> str:
         url = f"http://{self.host}:{self.port}"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        if self.share:
+            return (f"VQ4DiT explorer on {url} and on a PUBLIC Gradio share link (printed by Gradio below): "
+                    f"reachable from the internet; login required (user {self.auth[0]!r})" + notes)
+        return self._bind_banner(url) + notes
+
+    def _bind_banner(self, url: str) -> str:
         if not self.exposed:
             return f"VQ4DiT explorer on {url} (loopback only)"
         if self.auth:
@@ -88,10 +106,17 @@ def resolve_server(args, env=None) -> ServerSettings:
             raise ValueError(f"{auth_src} must be user:password with both parts non-empty")
         auth = (user, pw)
     exposed = not is_loopback(host)
+    share = bool(getattr(args, "share", False))
+    if share and auth is None:  # --no-auth never allows a public link
+        raise ValueError("--share opens a public link reachable from the internet: it needs --auth user:password "
+                         "(or VQ4DIT_AUTH); --no-auth does not apply to it")
     if exposed and auth is None and not args.no_auth:
         raise ValueError(f"binding to {host} makes the app reachable from the network: pass --auth user:password "
                          f"(or set VQ4DIT_AUTH), or --no-auth to serve it without credentials")
-    return ServerSettings(host, port, auth, exposed)
+    notes = []
+    if env.get("GRADIO_SHARE", "").strip() and not share:
+        notes.append(f"GRADIO_SHARE={env['GRADIO_SHARE']!r} is ignored: no share link (pass --share and --auth for one)")
+    return ServerSettings(host, port, auth, exposed, share, notes)
 
 
 def check_port_free(host: str, port: int):
@@ -103,6 +128,8 @@ def check_port_free(host: str, port: int):
     family, _, _, _, addr = infos[0]
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if os.name == "posix":  # as the server itself binds: a port in TIME_WAIT after a crash is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(addr)
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (port busy? pick another with --port)") from None
@@ -113,11 +140,13 @@ def check_port_free(host: str, port: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vq4dit.checks import resolve_device
+    from vq4dit.fs import check_writable
     try:  # everything that can fail is checked before the model is loaded
         server = resolve_server(args)
         device = resolve_device(args.device)
         check_port_free(server.host, server.port)
-    except ValueError as e:
+        check_writable(args.runs_dir)  # a runs dir that is a file (or unwritable) fails now, not after loading
+    except (ValueError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch
@@ -135,7 +164,7 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=1)
     print(server.banner(), file=sys.stderr, flush=True)
     try:
-        demo.launch(server_name=server.host, server_port=server.port, auth=server.auth)
+        demo.launch(server_name=server.host, server_port=server.port, auth=server.auth, share=server.share)
     except OSError as e:
         print(f"error: cannot start the server on {server.host}:{server.port}: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from vq4dit.checks import resolve_device
 from vq4dit.sampling import sample
 from vq4dit.testbed import DIGITS_DIT_DIR
 from vq4dit.trace import Trace
+
+from .exports import PrivateExports
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
@@ -87,7 +88,25 @@ def image_params(seed, guidance, steps) -> tuple[int, float, int]:
 
 
 def _num_or_none(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+# Caps on what a run.json may claim (a run of any DiT fits far inside them); a run beyond them is unreadable.
+RUN_JSON_MAX_BYTES = 8 << 20
+RUN_INT_CAPS = dict(k=65536, d=64, n_blocks=1024, steps_done=10 ** 9, total_steps=10 ** 9, n_candidates=65536)
+
+
+def read_run_json(path: Path):
+    """run.json parsed, or ValueError (one line) for a file too big, not JSON or nested too deeply."""
+    size = path.stat().st_size
+    if size > RUN_JSON_MAX_BYTES:
+        raise ValueError(f"{size} bytes, more than a run.json holds")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
 
 
 def run_meta_error(meta) -> Optional[str]:
@@ -99,11 +118,11 @@ def run_meta_error(meta) -> Optional[str]:
     b = meta.get("bits")
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
         return f"bits is not an integer in [1, 16] ({str(b)[:20]!r})"
-    for key in ("k", "d", "n_blocks", "steps_done", "total_steps", "n_candidates"):
+    for key, cap in RUN_INT_CAPS.items():
         v = meta.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            return f"{key} is not a non-negative integer"
-    for key in ("bits_per_weight", "block_mse", "seconds"):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= cap):
+            return f"{key} is not an integer in [0, {cap}] ({str(v)[:20]!r})"
+    for key in ("bits_per_weight", "block_mse", "seconds", "quantize_seconds"):
         if not _num_or_none(meta.get(key)):
             return f"{key} is not a number"
     for key in ("metrics", "fp_metrics"):
@@ -250,6 +269,48 @@ def _clean(v):
     return v
 
 
+_RUN_TMP_RE = re.compile(r"^\.(?P<id>.+)-tmp(?P<pid>\d+)-[^/]*$")
+LEGACY_TMP_AGE_S = 24 * 3600  # temp dirs from before the pid was in the name: removed once this old
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_run_temps(root: Path) -> list[str]:
+    """Remove the `.RUNID-tmpPID-*` dirs a killed app left while saving (its pid no longer runs), and
+    pid-less `.RUNID-*` dirs of older versions after a day. Returns the names removed."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if not p.name.startswith(".") or p.name.startswith(".write-probe"):
+            continue
+        m = _RUN_TMP_RE.match(p.name)
+        try:
+            stale = (not _pid_alive(int(m.group("pid")))) if m else (
+                RUN_ID_RE.fullmatch(p.name[1:].rsplit("-", 1)[0] or "-") is not None
+                and time.time() - p.lstat().st_mtime > LEGACY_TMP_AGE_S)
+            if not stale:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        except OSError:
+            continue
+    return removed
+
+
 class RunStore:
     """Saved runs on disk plus in-memory caches of their traces and packed models.
 
@@ -268,6 +329,8 @@ class RunStore:
         self._traces: OrderedDict = OrderedDict()
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._exports = PrivateExports()
+        self.cleaned = clean_stale_run_temps(self.root)
 
     # -- ids ------------------------------------------------------------------------------
     def is_demo(self, run_id) -> bool:
@@ -301,7 +364,9 @@ class RunStore:
             info = RunInfo(p.name, p)
             try:
                 self.run_dir(p.name)
-                info.meta = json.loads((p / RUN_FILE).read_text())
+                if any((p / n).is_symlink() for n in (RUN_FILE, "trace", "model")):
+                    raise ValueError("run.json, trace/ or model/ is a symbolic link (the app never writes one)")
+                info.meta = read_run_json(p / RUN_FILE)
                 err = run_meta_error(info.meta)
                 if err:
                     raise ValueError(err)
@@ -322,7 +387,7 @@ class RunStore:
     def meta(self, run_id: str) -> dict:
         p = self.run_dir(run_id) / RUN_FILE
         try:
-            meta = json.loads(p.read_text())
+            meta = read_run_json(p)
         except FileNotFoundError:
             raise ValueError(f"run {run_id!r} not found in the runs dir") from None
         except (OSError, ValueError) as e:
@@ -390,6 +455,9 @@ class RunStore:
                 return self._traces[run_id]
         meta = self.meta(run_id)
         tdir = self.run_dir(run_id) / "trace"
+        if tdir.is_symlink():
+            self.bad[run_id] = "trace/ is a link"
+            raise ValueError(f"run {run_id!r} is unreadable: its trace/ is a symbolic link (the app never writes one)")
         if not tdir.exists():
             if _calibrated(meta["method"]):
                 self.bad[run_id] = "trace missing"
@@ -401,7 +469,7 @@ class RunStore:
                 _ = tr.steps, tr.layers  # parse now so a corrupt CSV fails here, not in a plot
                 if "layers" not in tr.meta:
                     raise ValueError(f"trace at {tdir} has no layer list in meta.json")
-            except (ValueError, FileNotFoundError, KeyError) as e:
+            except Exception as e:  # any failure (e.g. safetensors' own error for a truncated file): this run only
                 self.bad[run_id] = "corrupt trace"
                 raise ValueError(f"run {run_id!r} is unreadable: {e}") from e
         with self._lock:
@@ -418,9 +486,12 @@ class RunStore:
                 return self._models[run_id]
         mdir = self.run_dir(run_id) / "model"
         self.meta(run_id)
+        if mdir.is_symlink():
+            self.bad[run_id] = "model/ is a link"
+            raise ValueError(f"run {run_id!r}: its model/ is a symbolic link (the app never writes one)")
         try:
             b = load_dit(mdir, device=self.device, fp_base=self.fp_base)
-        except (FileNotFoundError, ValueError) as e:
+        except Exception as e:  # any failure reading the files marks this run, never the app
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
         with self._lock:
@@ -445,7 +516,7 @@ class RunStore:
             raise ValueError(f"{run_id!r}: ids starting with {DEMO_PREFIX!r} are reserved for the read-only demo runs")
         out = self.run_dir(run_id)
         self.root.mkdir(parents=True, exist_ok=True)  # the runs dir may have been deleted meanwhile
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-tmp{os.getpid()}-", dir=self.root))
         try:
             if result.trace is not None:
                 result.trace.save(tmp / "trace")
@@ -460,9 +531,8 @@ class RunStore:
 
     # -- downloads ------------------------------------------------------------------------
     def export_dir(self) -> Path:
-        d = Path(tempfile.gettempdir()) / "vq4dit-app-exports"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        """This process's private export dir (app/exports.py): fresh, 0700, never a shared fixed name."""
+        return self._exports.directory()
 
     def export_zip(self, run_id: str, what: str) -> Optional[str]:
         """Zip of the run's trace CSVs (what='trace') or its packed model (what='model').
@@ -474,23 +544,7 @@ class RunStore:
         src = run / what
         if not src.is_dir() or src.is_symlink():
             return None
-        out = self.export_dir() / f"{run_id}-{what}.zip"
-        if out.is_file():
-            return str(out)
-        root = run.resolve()
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for rel in EXPORT_FILES[what]:
-                    f = run / rel
-                    if f.is_symlink() or not f.is_file() or root not in f.resolve().parents:
-                        continue
-                    z.write(f, f"{run_id}/{rel}")
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return str(out)
+        return self._exports.write_zip((run_id, what), run, run_id, EXPORT_FILES[what])
 
 
 def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int,
@@ -507,7 +561,7 @@ def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_ba
     src_model = Path(str(meta.get("model_source") or "")).resolve()
     if ROOT in src_model.parents:   # no absolute paths of the build machine in shipped files
         meta["model_source"] = str(src_model.relative_to(ROOT))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-", dir=out_root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-tmp{os.getpid()}-", dir=out_root))
     try:
         tr = store.trace(run_id)
         if tr is not None:
@@ -739,7 +793,8 @@ class Engine:
                 and r.meta.get("d") == getattr(cfg, "d", None)]
         if same:
             q = float(np.median([m["quantize_seconds"] for m in same]))
-            per = [(m["seconds"] - m["quantize_seconds"]) / m["steps_done"] for m in same if m.get("steps_done")]
+            per = [(m["seconds"] - m["quantize_seconds"]) / m["steps_done"] for m in same
+                   if m.get("steps_done") and m.get("seconds") is not None]
             out["seconds"] = q + (float(np.median(per)) * steps if per else 0.0)
             out["basis"] = f"median of {len(same)} earlier {cfg.method} run(s) at this k×d, excluding evaluation"
         return out

@@ -55,6 +55,27 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """While a finished calibration is written, SIGINT/SIGTERM are recorded instead of raised, so the
+    save completes; the caller then reports them (`got["sig"]`: "interrupted" / "terminated (SIGTERM)")."""
+    import signal
+    got = {"sig": None}
+
+    def record(signum, frame):
+        got["sig"] = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    try:
+        prev = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -90,6 +111,7 @@ def cmd_quantize(args) -> int:
     from . import distributed
     from .io import check_output
     from .checks import resolve_device
+    from .fs import output_lock
 
     out = Path(args.out)
     unused = _unused_flags(args)
@@ -104,10 +126,12 @@ def cmd_quantize(args) -> int:
     device = distributed.init_from_env(device)  # under torchrun: join the group (cuda:LOCAL_RANK on GPUs)
     args.device = str(device)
     try:
-        return _quantize(args, out, device)
-    except KeyboardInterrupt as e:
+        # rank 0 writes OUT: it claims it now, so a second run on the same --out fails here, not at the save
+        with output_lock(out) if distributed.is_main() else contextlib.nullcontext():
+            return _quantize(args, out, device)
+    except KeyboardInterrupt as e:  # _quantize handles interrupts once the quantized model exists
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
-        print(f"{what} before calibration started: nothing written", file=sys.stderr)
+        print(f"{what} before the model was quantized: nothing written", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     finally:
         distributed.shutdown()
@@ -140,16 +164,30 @@ def _quantize(args, out: Path, device) -> int:
               f"no model written", file=sys.stderr)
         return 143 if _SIGNALLED["term"] else 130
     model.eval()
-    mse = None
-    if not args.no_eval:  # block MSE vs FP on held-out trajectories (~100 TFLOP for DiT-XL/2)
-        if teacher is None:
-            teacher = load_dit(args.model, device=device).transformer
-        mse = block_mse(model, teacher)["mean"]
+    # From here the quantized model exists: an interrupt skips what is left of the evaluation, and the
+    # save runs with SIGINT/SIGTERM deferred, so a finished calibration is never thrown away.
+    mse, stopped = None, None
+    try:
+        if not args.no_eval:  # block MSE vs FP on held-out trajectories (~100 TFLOP for DiT-XL/2)
+            if teacher is None:
+                teacher = load_dit(args.model, device=device).transformer
+            mse = block_mse(model, teacher)["mean"]
+    except KeyboardInterrupt as e:
+        stopped = ("terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted") + \
+            " during the block-MSE evaluation"
     del teacher
     extra = dict(source=str(args.model), seconds=seconds, block_mse=mse)
     write_trace = (lambda tmp: trace.save(tmp / "trace")) if trace is not None else None
-    save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
-                   protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+    with _signals_deferred() as got:
+        save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
+                       protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+    if got["sig"] and not stopped:
+        stopped = got["sig"] + " while saving"
+    if stopped:
+        kept = "the quantized model and its calibration trace" if trace is not None else "the quantized model"
+        print(f"{stopped}: {kept} were written to {out}" + (" (block MSE not computed)" if mse is None and
+              not args.no_eval else ""), file=sys.stderr)
+        return 143 if stopped.startswith("terminated") else 130
     size = size_summary(model)
     print(json.dumps(dict(out=str(out), method=config.method, bits_per_weight=round(size["bits_per_weight"], 4),
                           index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out), block_mse=mse,
@@ -162,13 +200,14 @@ def cmd_sample(args) -> int:
     from .checks import resolve_device
     from .fs import check_writable
     from .sampling import sample
-    from .viz import save_grid
+    from .viz import check_image_out, save_grid
 
     if args.labels is not None and len(args.labels) > MAX_SAMPLE_LABELS:
         raise ValueError(f"at most {MAX_SAMPLE_LABELS} labels per call, got {len(args.labels)}")
     out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory: give a .png file path")
+    # before any work: a known image format, never inside an input model, never an existing file unasked
+    model_dirs = [args.model, args.vae] if not str(args.model).startswith("hf:") else [args.vae]
+    check_image_out(out, args.overwrite, protect=model_dirs)
     check_writable(out.parent)
     device = resolve_device(args.device)
     bundle = load_dit(args.model, device=device)
@@ -186,7 +225,7 @@ def cmd_sample(args) -> int:
         return 2
     images = sample(bundle.transformer, labels, num_steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
                     scheduler=bundle.scheduler, vae=bundle.vae, batch_size=SAMPLE_BATCH)
-    save_grid(images, args.out, nrow=args.nrow or min(len(labels), 32))
+    save_grid(images, args.out, nrow=args.nrow or min(len(labels), 32), overwrite=args.overwrite)
     print(f"wrote {len(labels)} samples to {args.out}")
     return 0
 
@@ -244,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=_default_model(), help="FP or packed model directory")
     s.add_argument("--labels", type=bounded_int(0, 1_000_000), nargs="*",
                    help=f"class labels (default: 0..9; at most {MAX_SAMPLE_LABELS}, sampled {SAMPLE_BATCH} at a time)")
-    s.add_argument("--out", required=True, help="output PNG path")
+    s.add_argument("--out", required=True, help="output image (.png, .jpg, .webp, .bmp: written in that format; "
+                                                "never inside the model directories)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out image file")
     s.add_argument("--steps", type=bounded_int(1, 1000), default=50, help="DDIM sampling steps")
     s.add_argument("--cfg", type=bounded_float(0, 100), default=4.0, help="classifier-free guidance scale")
     s.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="noise seed")

@@ -161,6 +161,9 @@ def check_replace_target(out, marker: str, protect: Iterable = (), what: str = "
 def check_writable(directory) -> None:
     """Create `directory` if needed and prove a file can be written there (clear error otherwise)."""
     d = Path(directory)
+    blocker = next((a for a in (d, *d.parents) if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise PermissionError(f"cannot write to {d}: {blocker} is a file, not a directory (pick another path)")
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".write-probe-tmp{os.getpid()}-", dir=d)
@@ -168,3 +171,47 @@ def check_writable(directory) -> None:
         os.unlink(name)
     except OSError as e:
         raise PermissionError(f"cannot write to {d}: {e.strerror or e}") from None
+
+
+LOCK_SUFFIX = ".vq4dit-lock"
+
+
+class output_lock:
+    """Claim OUT for this process before any work: `.OUT.vq4dit-lock` (created O_EXCL, holding the pid).
+    A second process on the same OUT fails at start instead of after hours of compute (or racing the
+    first one's rename); a lock of a dead process is taken over."""
+
+    def __init__(self, out):
+        out = _abs(out)
+        self.out, self.path = out, out.with_name(f".{out.name}{LOCK_SUFFIX}")
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _pid_alive(pid):
+                    raise FileExistsError(f"another vq4dit process (pid {pid}) is writing {self.out}: wait for it "
+                                          f"to finish or pick another --out") from None
+                try:
+                    self.path.unlink()  # the lock of a process that no longer runs
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise FileExistsError(f"could not claim {self.out}: another process keeps creating {self.path}")
+
+    def __exit__(self, *exc):
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
+        return False

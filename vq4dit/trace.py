@@ -287,8 +287,11 @@ class Trace:
                 tr._frames[name] = df
                 getattr(tr, "_" + name).extend(df.to_dict("records"))
             snap = path / "snapshots.safetensors"
-            tr.snapshots = load_file(str(snap)) if snap.is_file() else {}
-        except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as e:
+            try:
+                tr.snapshots = load_file(str(snap)) if snap.is_file() else {}
+            except Exception as e:  # safetensors raises its own type for a truncated or corrupt file
+                raise ValueError(f"{snap} is truncated or corrupt ({e})") from None
+        except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError, RecursionError) as e:
             raise ValueError(f"trace at {path} is corrupt or unreadable: {e}") from e
         return tr
 

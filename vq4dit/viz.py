@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fs import atomic_file
+import os
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -32,12 +32,60 @@ def make_grid(images: torch.Tensor, nrow: int = 10, pad: int = 1, scale: int = 1
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 0):
-    """Write a PNG grid atomically. scale=0 picks one that makes small images visible (>= 64 px)."""
+# The image formats `save_grid` writes, by file extension (the bytes always match the name).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+
+
+def image_format(path) -> str:
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"--out {path}: unknown image format {Path(path).suffix or '(no extension)'!r}: "
+                         f"name the file {' / '.join(IMAGE_FORMATS)}")
+    return fmt
+
+
+def check_image_out(path, overwrite: bool = False, protect=()) -> str:
+    """Before any work: `path` names a known image format, is not inside an input model directory
+    (`protect`), is not a link or a directory, and exists only with overwrite=True. Returns the format."""
+    path = Path(path)
+    r = Path(os.path.abspath(path)).parent.resolve() / path.name
+    for p in protect:
+        if p is not None and Path(p).exists():
+            pr = Path(p).resolve()
+            if r == pr or pr in r.parents:
+                raise FileExistsError(f"refusing to write {path}: it is inside the model directory {p}; "
+                                      f"write the image somewhere else")
+    fmt = image_format(path)
+    if path.is_symlink():
+        raise FileExistsError(f"refusing to write {path}: it is a symbolic link")
+    if path.is_dir():
+        raise FileExistsError(f"--out {path} is a directory: give an image file path such as grid.png")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass --overwrite to replace it, or pick another name")
+    return fmt
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 0, overwrite: bool = True):
+    """Write an image grid atomically, in the format the extension names (PNG, JPEG, WEBP, BMP).
+    scale=0 picks one that makes small images visible (>= 64 px). overwrite=False never replaces a
+    file that appeared meanwhile (the temp file is linked into place, which fails if the name exists)."""
     from PIL import Image
+    fmt = image_format(path)
     h = images.shape[-1]
     scale = scale or max(1, 64 // h)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:  # no half-written PNG, no temp file left behind
-        Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format=fmt)
+        if overwrite:
+            if path.is_symlink():
+                raise FileExistsError(f"refusing to write {path}: it is a symbolic link")
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while sampling: not replaced (pass --overwrite)") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # no temp file left behind (after a link or a failure)

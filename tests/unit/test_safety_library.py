@@ -192,12 +192,26 @@ def test_sample_in_batches_bounds_model_batch(tiny_dit):
 
 # -- item 9: weights that do not match the config ---------------------------------------------
 
-@pytest.mark.parametrize("layers,msg", [(3, "missing"), (1, "unexpected")])
+@pytest.mark.parametrize("layers,msg", [(3, "num_layers=3 but the weights hold 2"),
+                                        (1, "num_layers=1 but the weights hold 2")])
 def test_config_weight_mismatch_is_an_error(tiny_dit_dir, layers, msg):
     f = tiny_dit_dir / "transformer" / "config.json"
     cfg = json.loads(f.read_text())
     cfg["num_layers"] = layers
     f.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"config.json: {msg}"):  # found from the headers, before building
+        load_dit(tiny_dit_dir)
+
+
+@pytest.mark.parametrize("edit,msg", [("drop", "missing"), ("add", "unexpected")])
+def test_missing_or_unexpected_weights_are_an_error(tiny_dit_dir, edit, msg):
+    st = tiny_dit_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(st)
+    if edit == "drop":
+        sd.pop("proj_out_2.weight")
+    else:
+        sd["extra.weight"] = torch.zeros(2)
+    save_file(sd, st)
     with pytest.raises(ValueError, match=f"do not match its config.json.*{msg}"):
         load_dit(tiny_dit_dir)
 

@@ -1,12 +1,12 @@
 """What every loader returns (`DiTBundle`) and the scheduler a model directory carries."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..sampling import make_scheduler
+from .validation import check_scheduler_config, read_json_file
 
 
 @dataclass
@@ -24,7 +24,8 @@ def scheduler_from(folder: Path):
     f = folder / "scheduler_config.json"
     if not f.is_file():
         return make_scheduler()
-    cfg = json.loads(f.read_text())
+    cfg = read_json_file(f, "scheduler config")
+    check_scheduler_config(cfg, f)
     # Every model is sampled with DDIM (x0 clipping off) so step counts mean the same thing.
     cfg.update(clip_sample=False)
     cfg.pop("_class_name", None)

@@ -3,9 +3,10 @@ explicit `hf:` prefix), VAEs and schedulers, from safetensors only, with the che
 bad directory a clear error (missing / unexpected weights, pickle files, truncated files)."""
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -15,22 +16,48 @@ from ..quant_api import check_finite
 from ..sampling import make_scheduler
 from .packed import load_quantized
 from .bundle import DiTBundle, scheduler_from
-from .validation import PACKED_CONFIG, check_safetensors
+from .validation import (PACKED_CONFIG, check_safetensors, check_transformer_config,
+                         check_finite_floats, read_json_file)
+
+
+_NO_PICKLE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def no_pickle():
+    """While diffusers loads weights, `torch.load` (unpickling) raises: a route the file checks missed
+    (a variant, an index, a Hub subfolder) still never reads a pickle. vq4dit itself never calls it.
+    diffusers wraps the refusal in its own error, so the refusal is re-raised as it was."""
+    refused = []
+
+    def refuse(f, *a, **k):
+        refused.append(f)
+        raise ValueError(f"refusing to unpickle {f}: vq4dit loads weights only from .safetensors files")
+    with _NO_PICKLE_LOCK:
+        real = torch.load
+        torch.load = refuse
+        try:
+            yield
+        except Exception:
+            if refused:
+                raise ValueError(f"refusing to unpickle {refused[0]}: vq4dit loads weights only from "
+                                 f".safetensors files (convert it, or remove it and any index naming it)") from None
+            raise
+        finally:
+            torch.load = real
 
 
 def _load_transformer(folder: Path, device, dtype):
     from diffusers import DiTTransformer2DModel
-    cfg_file = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file} is missing or not valid JSON: {e}") from e
+    cfg = read_json_file(folder / "config.json", "model config")
     if cfg.get("_class_name") not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise ValueError(f"{folder} holds a {cfg.get('_class_name')!r}, not a DiTTransformer2DModel")
     check_safetensors(folder)
+    check_transformer_config(cfg, folder)  # sizes against the weights' headers, before anything is built
     try:
-        model, info = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype,
-                                                            output_loading_info=True)
+        with no_pickle():
+            model, info = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype,
+                                                                output_loading_info=True)
     except Exception as e:  # diffusers raises many types for bad files; name the folder
         raise ValueError(f"could not load the DiT weights in {folder}: {e}") from e
     _check_loading_info(folder, info)
@@ -101,8 +128,10 @@ def load_vae(path, device=None):
     if not (folder / "config.json").is_file():
         raise ValueError(f"no VAE in {p}: expected a pipeline dir with vae/ or a VAE dir with config.json")
     check_safetensors(folder)
+    check_finite_floats(read_json_file(folder / "config.json", "VAE config"), folder / "config.json")
     try:
-        vae, info = AutoencoderKL.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+        with no_pickle():
+            vae, info = AutoencoderKL.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
     except Exception as e:
         raise ValueError(f"could not load the VAE in {folder}: {e}") from e
     _check_loading_info(folder, info)
@@ -117,12 +146,13 @@ def _load_from_hub(repo_id: str, device, dtype) -> DiTBundle:
     from diffusers import AutoencoderKL, DiTTransformer2DModel
     offline = hub_offline()
     try:
-        tr, info = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", use_safetensors=True,
-                                                         torch_dtype=dtype, local_files_only=offline,
-                                                         output_loading_info=True)
-        _check_loading_info(f"{HUB_PREFIX}{repo_id}", info)
-        vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", use_safetensors=True,
-                                            local_files_only=offline)
+        with no_pickle():
+            tr, info = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", use_safetensors=True,
+                                                             torch_dtype=dtype, local_files_only=offline,
+                                                             output_loading_info=True)
+            _check_loading_info(f"{HUB_PREFIX}{repo_id}", info)
+            vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", use_safetensors=True,
+                                                local_files_only=offline)
     except Exception as e:
         if offline:
             raise ValueError(f"could not load {repo_id!r}: HF_HUB_OFFLINE is set and it is not in the local "

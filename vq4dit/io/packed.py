@@ -156,8 +156,11 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
         meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
         _write_config_with_dir_bytes(tmp, meta)
         replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # disk full, quota, I/O error
+            raise ValueError(f"could not write {out_dir} ({type(e).__name__}: {e}): disk full? free space or "
+                             f"pick another output; nothing was written, an older output there is kept") from None
         raise
     return out_dir
 
