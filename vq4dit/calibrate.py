@@ -7,6 +7,7 @@ optimizer step on  L = mean_b MSE(student_b, teacher_b) + lambda_r * L_r.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -150,10 +151,15 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.total_steps, desc=f"calibrate {config.method}", leave=False)
+        bar = tqdm(total=cfg.step_cap, desc=f"calibrate {config.method}", leave=False)
     step, stopped, t0 = 0, None, time.time()
+    # budget bookkeeping (issue 19): the last step a layer switched to hard by itself, steps with soft layers
+    last_switch, soft_steps, budget_done = 0, 0, False
     try:
-        for it in range(cfg.iterations):
+        for it in itertools.count():  # trajectories: `iterations`, or more under until_hard
+            if budget_done:
+                break
+            lr_min = float("inf")  # lr_gate: L_r's running minimum within this trajectory
             labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
             for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
                                                                  cfg.guidance_scale, scheduler, g, split=True):
@@ -168,12 +174,17 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                 losses = block_losses(student, x_in, t_in, y_in, targets)
                 block_loss = torch.stack(losses).mean()
                 soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
+                soft_steps += bool(soft)
                 l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
-                loss = block_loss + cfg.lambda_r * l_r
+                l_r_on = 1.0
+                if cfg.lr_gate and soft:  # reference code: L_r counts only when above its running min
+                    l_r_on = float(l_r.item() > lr_min)
+                    lr_min = min(lr_min, l_r.item())
+                loss = block_loss + cfg.lambda_r * l_r_on * l_r
                 # the full batch's block losses (this rank's on one process), recorded below
                 losses = distributed.all_reduce_mean(torch.stack(losses).detach(), weight).unbind()
                 block_loss = torch.stack(losses).mean()
-                loss_value = block_loss + cfg.lambda_r * l_r.detach()
+                loss_value = block_loss + cfg.lambda_r * l_r_on * l_r.detach()
                 if not torch.isfinite(loss_value):
                     raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
                                              f"lower the learning rates")
@@ -206,6 +217,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                         newly_hard.append(n)
                 for n in newly_hard:
                     trace.add("events", dict(step=step, layer=n, event="hard"))
+                    last_switch = step
                 if newly_hard:
                     release_hard_logits(opt, logit_owner)
                 for m in layers.values():
@@ -213,7 +225,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                 frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item()
                                         for m in layers.values()]))
                 row = dict(step=step, iteration=it, timestep=int(t_in[0]), loss=loss_value.item(),
-                           block_loss=block_loss.item(), l_r=l_r.item(), frozen_frac=frozen,
+                           block_loss=block_loss.item(), l_r=l_r.item(), l_r_on=l_r_on, frozen_frac=frozen,
                            hard_layers=sum(m.hard for m in layers.values()), seconds=time.time() - t0)
                 row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
                 trace.add("steps", row)
@@ -229,6 +241,13 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                     stop = "time budget"
                 if distributed.any_rank(stop is not None, device):  # all ranks stop at the same step
                     raise CalibrationStopped(stop or "stopped by another rank")
+                # budget: the planned steps; until_hard: past them until every layer switched by itself
+                # + hard_margin steps, at most step_cap (same on all ranks: the state is)
+                all_hard = all(m.hard for m in layers.values())
+                if step >= cfg.step_cap or (step >= cfg.total_steps and (
+                        not cfg.until_hard or (all_hard and step >= last_switch + cfg.hard_margin))):
+                    budget_done = True
+                    break
     except CalibrationStopped as e:
         stopped = str(e)
     except KeyboardInterrupt:
@@ -236,6 +255,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     finally:
         if bar is not None:
             bar.close()
+        forced = [n for n, m in layers.items() if not m.hard]  # still soft: finalize takes their argmax
         finalize(student)
         for m in layers.values():
             m.record_weight_grad, m.last_weight = False, None
@@ -252,7 +272,12 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     trace._ratios = [r for r in trace._ratios if r["step"] != step]
     trace._frames.clear()
     rec.record_layers(step, {})
-    trace.meta.update(steps_done=step, seconds=time.time() - t0, stopped=stopped)
+    for n in forced:
+        trace.add("events", dict(step=step, layer=n, event="forced"))
+    trace.meta.update(steps_done=step, seconds=time.time() - t0, stopped=stopped,
+                      # issue 19: which layers finalize forced (their codebooks trained for soft mixtures)
+                      forced_layers=len(forced), forced=forced, last_switch_step=last_switch,
+                      soft_steps=soft_steps, hard_switch_steps=trace.hard_steps())
     return trace
 
 
