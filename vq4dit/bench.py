@@ -124,7 +124,8 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
     if init != "kmeans" and plan == "ablations":
         raise ValueError("--init applies to the main plan; ablations name their init in the label")
     if plan == "budget":  # the main plan's rows and pairs, at a budget where every layer finishes
-        jobs = plan_jobs("main", settings, methods or BUDGET_METHODS, seeds, with_fd=False, init=init)
+        methods = list(dict.fromkeys(["codebook-only"] + list(methods or BUDGET_METHODS)))  # always the pair
+        jobs = plan_jobs("main", settings, methods, seeds, with_fd=False, init=init)
         for j in jobs:
             j.plan, j.fd = "budget", False
             j.calib = dict(j.calib, iterations=BUDGET_ITERATIONS[j.setting], until_hard=True,
