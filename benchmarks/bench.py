@@ -6,6 +6,8 @@ comparisons with confidence intervals. Writes one CSV row per run (resumable) an
     python -m benchmarks.bench --plan ablations --seeds 0 1 2 # tuning / ablations (seeds 0-2)
     python -m benchmarks.bench --plan main --shard 0/4        # one of 4 processes (e.g. on one GPU)
     python -m benchmarks.bench --plan peers --out benchmarks/results/digits/peers.csv   # HQQ, GGUF, torchao, quanto
+    python -m benchmarks.bench --plan budget --settings XL-sharing  # a budget where every layer finishes
+    python -m benchmarks.bench --plan sweep --seeds 0 --settings XL-sharing  # lr grid, block MSE only
     python -m benchmarks.bench report benchmarks/results/digits/main.csv  # paired intervals vs codebook-only
     python -m benchmarks.bench merge --out all.csv a.csv b.csv   # several CSVs in one (first row wins)
 
@@ -64,10 +66,22 @@ ABLATIONS = [
     ("vq4dit-ste n=3", "vq4dit-ste", {}, dict(n_candidates=3)),
 ]
 
+# Finished-budget plan (issue 19): one fixed step budget per setting, the same for every method, chosen
+# so every layer of the soft methods switches to hard by itself with a margin (at 200 steps, most W2 /
+# XL-sharing layers are still soft and `finalize` forces them). `until_hard` is on as a safety net: a row
+# that needs more steps runs on (up to BUDGET_MAX_STEPS) and its `steps` then differ from its pair's,
+# which the report flags. Trajectories of the small recipe (25 steps each).
+BUDGET_ITERATIONS = {"W2": 18, "XL-sharing": 24, "W2-budget": 18, "W3": 18, "W4": 18}
+BUDGET_MAX_STEPS = 1000
+BUDGET_METHODS = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste-aa"]
+# Learning-rate grid of the sweep plan (block MSE only, tuning seeds): logits x codebook lr.
+SWEEP_LR_LOGITS = (2e-2, 5e-2)
+SWEEP_LR_CODEBOOK = (3e-4, 1e-3)
+
 COLUMNS = ["plan", "setting", "label", "method", "seed", "k", "d", "bits_per_weight", "block_mse",
            "img_mse_cfg4", "psnr_cfg4", "acc_cfg4", "img_mse_cfg1", "psnr_cfg1", "acc_cfg1",
            "fd_cfg4", "fd_cfg1", "n_fd_images", "conflict_share", "coherence", "changed_frac",
-           "calib_seconds", "stopped", "machine"]
+           "calib_seconds", "stopped", "steps", "soft_steps", "last_switch_step", "forced_layers", "machine"]
 CONFLICT_COLUMNS = ["plan", "setting", "label", "seed", "layer", "block", "kind", "conflict_share", "coherence_mean",
                     "n_steps"]
 
@@ -120,6 +134,28 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
     suffix, init_vq = INITS[init]
     if init != "kmeans" and plan == "ablations":
         raise ValueError("--init applies to the main plan; ablations name their init in the label")
+    if plan == "budget":  # the main plan's rows and pairs, at a budget where every layer finishes
+        methods = list(dict.fromkeys(["codebook-only"] + list(methods or BUDGET_METHODS)))  # always the pair
+        jobs = plan_jobs("main", settings, methods, seeds, with_fd=False, init=init)
+        for j in jobs:
+            j.plan, j.fd = "budget", False
+            j.calib = dict(j.calib, iterations=BUDGET_ITERATIONS[j.setting], until_hard=True,
+                           max_steps=BUDGET_MAX_STEPS)
+        return [j for j in jobs if METHODS[j.method].calibrated]
+    if plan == "sweep":  # lr grid at the finished budget, block MSE only (pick on tuning seeds)
+        jobs = []
+        for s in settings:
+            for seed in seeds:
+                for m in methods or BUDGET_METHODS:
+                    vq = dict(METHODS[m].vq)
+                    for lrl in (SWEEP_LR_LOGITS if METHODS[m].trains_assignments else (None,)):
+                        for lrc in SWEEP_LR_CODEBOOK:
+                            lr = dict(lr_codebook=lrc, **({} if lrl is None else dict(lr_logits=lrl)))
+                            label = f"{m} lr " + (f"{lrl:g}/" if lrl is not None else "") + f"{lrc:g}"
+                            jobs.append(Job("sweep", s, label, m, seed, dict(
+                                lr, iterations=BUDGET_ITERATIONS[s], until_hard=True, max_steps=BUDGET_MAX_STEPS),
+                                vq, images=False))
+        return jobs
     if plan in ("main", "quick"):
         # Seed-major: every method of one seed before the next seed, so a run stopped part-way
         # leaves complete pairs for the paired comparison (baselines run once, at the first seed).
@@ -240,7 +276,8 @@ def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: d
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
-               calib_seconds=s["seconds"], stopped=s["stopped"])
+               calib_seconds=s["seconds"], stopped=s["stopped"],
+               **{k: s[k] for k in ("steps", "soft_steps", "last_switch_step", "forced_layers")})
     if res.trace is not None:
         cs = res.trace.conflict_summary()
         row.update(conflict_share=float(cs["conflict_share"].mean()) if len(cs) else None,
@@ -282,14 +319,17 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
     todo = [j for j in jobs if j.key not in done]
     log(f"{len(jobs)} jobs in shard {i}/{n}, {len(jobs) - len(todo)} already in {out_csv}; machine: {machine_name(device)}")
     # Layer statistics (incl. gradient conflicts) every 10 steps: 20 records over the small recipe.
-    calib_extra = dict(iterations=1, num_sampling_steps=5) if quick else dict(trace_every=10)
+    # The budget plans run 2-4x the steps: every 25 steps there (one record per trajectory) to save compute.
+    calib_extra = (dict(iterations=1, num_sampling_steps=5) if quick else
+                   dict(trace_every=25) if plan in ("budget", "sweep") else dict(trace_every=10))
     if quick:
         n_images, n_fd, steps = 20, 0, 10
     evaluator = Evaluator(teacher, n_images, max(n_fd, 20), steps)
     conflicts_csv = conflicts_path(out_csv)
     conflict_rows = read_rows(conflicts_csv)
     machine = machine_name(device)
-    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan != "ablations" and n_images:
+    if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan not in ("ablations", "sweep") \
+            and n_images:
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
                          machine=machine))
         write_csv(rows, out_csv, COLUMNS)
@@ -307,7 +347,9 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
             write_csv(conflict_rows, conflicts_csv, CONFLICT_COLUMNS)
         log(f"[{j + 1}/{len(todo)}] {job.setting:10s} {job.label:28s} seed {job.seed} "
             f"mse {row['block_mse']:.4g} img4 {row.get('img_mse_cfg4', float('nan')):.4g} "
-            f"calib {row['calib_seconds']:.1f}s (row {wall:.0f}s)")
+            f"calib {row['calib_seconds']:.1f}s, {row['steps']} steps ({row['soft_steps']} soft), "
+            f"last switch {row['last_switch_step']}, forced {row['forced_layers']} (row {wall:.0f}s)"
+            + ("  ** FORCED LAYERS: not a finished run **" if row["forced_layers"] else ""))
     return rows
 
 
@@ -383,6 +425,20 @@ def mean_sd(rows, metric, label):
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
 
 
+def forced_rows(rows, label) -> int:
+    """Rows of `label` where `finalize` forced still-soft layers to argmax (issue 19): such a model's
+    codebooks were trained for soft mixtures, so it is not ranked. Older CSVs without the column: 0."""
+    return sum(1 for r in rows if r["label"] == label and (_num(r.get("forced_layers")) or 0) > 0)
+
+
+def unequal_steps(rows, label, base=None) -> int:
+    """Seeds where `label` ran a different number of steps than its codebook-only pair."""
+    base = base or baseline_label(label)
+    steps = {(r["label"], r["seed"]): _num(r.get("steps")) for r in rows}
+    return sum(1 for (lab, s), v in steps.items() if lab == label and v is not None
+               and steps.get((base, s)) is not None and steps[(base, s)] != v)
+
+
 def _row_order(label: str):
     """Baselines, then each codebook-only baseline followed by the methods paired with it."""
     fixed = BASELINES + [m for m in CALIBRATED if baseline_label(m) == PAIRED_BASELINE] + \
@@ -411,11 +467,15 @@ def report(*csv_paths) -> str:
         out.append("")
         head = "| method | seeds | bits/w | " + " | ".join(
             f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in metrics) + \
-            " | conflict share | vs codebook-only (95% CI) | calib s |"
+            " | conflict share | vs codebook-only (95% CI) | calib s | steps (soft) | last switch | forced layers |"
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for lab in labels:
-            cells = [lab]
+            n_forced = forced_rows(rs, lab)
+            n_uneq = unequal_steps(rs, lab) if lab != baseline_label(lab) else 0
+            flag = (f" ⚠ forced layers in {n_forced} run(s): not ranked" if n_forced else "") + \
+                (f" ⚠ steps differ from its pair at {n_uneq} seed(s): not ranked" if n_uneq else "")
+            cells = [lab + flag]
             ms = mean_sd(rs, "block_mse", lab)
             cells.append(str(ms[2]) if ms else "-")
             b = mean_sd(rs, "bits_per_weight", lab)
@@ -431,6 +491,8 @@ def report(*csv_paths) -> str:
                     cells.append("-")
                 else:
                     verdict = " **beats**" if p[2] < 0 else (" loses" if p[1] > 0 else "")
+                    if flag:  # a forced or unequal-budget row gets its interval but no verdict
+                        verdict = " (unranked)"
                     cells.append(f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}")
             c = mean_sd(rs, "conflict_share", lab)
             cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
@@ -438,6 +500,12 @@ def report(*csv_paths) -> str:
             cells.append(f"{pc[0]:+.1f}% [{pc[1]:+.1f}, {pc[2]:+.1f}]" if pc else "-")
             t = mean_sd(rs, "calib_seconds", lab)
             cells.append(f"{t[0]:.0f}" if t else "-")
+            st, ss = mean_sd(rs, "steps", lab), mean_sd(rs, "soft_steps", lab)
+            cells.append(f"{st[0]:.0f} ({ss[0]:.0f})" if st and ss else "-")
+            sw = [v for v in (_num(r.get("last_switch_step")) for r in rs if r["label"] == lab) if v is not None]
+            cells.append(f"{np.mean(sw):.0f} (max {max(sw):.0f})" if sw else "-")
+            fl = [_num(r.get("forced_layers")) for r in rs if r["label"] == lab]
+            cells.append(f"{sum(v for v in fl if v is not None):.0f}" if any(v is not None for v in fl) else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     out += peer_report(rows)
@@ -541,8 +609,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny budgets, W2 + XL-sharing, 1 seed")
-    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers"],
-                   help="peers: HQQ / GGUF / torchao / quanto rows (vq4dit.peers.PEERS; --methods picks some)")
+    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers", "budget", "sweep"],
+                   help="peers: HQQ / GGUF / torchao / quanto rows (vq4dit.peers.PEERS; --methods picks some); "
+                        "budget: every layer finishes (BUDGET_ITERATIONS, until_hard); sweep: lr grid, block MSE")
     p.add_argument("--out", default="out/benchmarks/bench.csv", help="CSV path; existing rows are kept and skipped")
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
     p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)} (plan peers: of {list(PEERS)})")

@@ -23,7 +23,7 @@ def _default_model() -> str:
 # Flags that only some methods use: passing them to another method is an error, not silently ignored.
 VQ_FLAGS = ("k", "d", "candidates", "kmeans_iters", "init")
 CALIB_FLAGS = ("iterations", "sampling_steps", "labels_per_iteration", "lr_logits", "lr_codebook", "lambda_r",
-               "max_seconds", "teacher_sampler")
+               "max_seconds", "teacher_sampler", "until_hard", "max_steps")
 MAX_SAMPLE_LABELS = 1024  # images per `sample` call (sampled in batches of SAMPLE_BATCH)
 SAMPLE_BATCH = 64
 
@@ -100,7 +100,8 @@ def config_from_args(args, model=None):
     calib = dict(iterations=args.iterations, num_sampling_steps=args.sampling_steps,
                  labels_per_iteration=args.labels_per_iteration, lr_logits=args.lr_logits,
                  lr_codebook=args.lr_codebook, lambda_r=args.lambda_r, max_seconds=args.max_seconds,
-                 teacher_sampler=args.teacher_sampler, seed=args.seed, device=args.device)
+                 teacher_sampler=args.teacher_sampler, seed=args.seed, device=args.device,
+                 until_hard=args.until_hard, max_steps=args.max_steps)
     return build_config(args.method, bits=args.bits, k=args.k, d=args.d, init=args.init, recipe=args.recipe,
                         model=model, n_quantizable_weights=None if model is not None else 0, calib=calib,
                         n_candidates=args.candidates, kmeans_iters=args.kmeans_iters, seed=args.seed)
@@ -273,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of codebooks (default: 3e-4 small / 1e-4 reference)")
     q.add_argument("--lambda-r", type=bounded_float(0, 1000), help="weight of the ratio regularizer L_r (default 1.0)")
     q.add_argument("--max-seconds", type=bounded_float(0.001, 1e7), help="stop calibration after this many seconds")
+    q.add_argument("--until-hard", action="store_true", default=None,
+                   help="after --iterations, keep calibrating until every layer has switched to hard by itself "
+                        "(+50 steps), at most --max-steps; otherwise layers still soft are forced to argmax")
+    q.add_argument("--max-steps", type=bounded_int(1, 100_000_000), help="step cap of --until-hard (default 4x the planned steps)")
     q.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="seed for k-means, labels and noise")
     q.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
     q.add_argument("--no-eval", action="store_true",

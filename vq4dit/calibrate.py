@@ -7,6 +7,7 @@ optimizer step on  L = mean_b MSE(student_b, teacher_b) + lambda_r * L_r.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -49,6 +50,11 @@ class Calibration:
     recorder: Recorder
     weight: float                   # this rank's share of each batch (1 on one process)
     t0: float = field(default_factory=time.time)
+    # budget bookkeeping: the last step a layer switched to hard by itself, steps with soft layers,
+    # and L_r's running minimum within the current trajectory (the lr_gate switch)
+    last_switch: int = 0
+    soft_steps: int = 0
+    lr_min: float = float("inf")
 
     @property
     def cfg(self):
@@ -73,10 +79,13 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.total_steps, desc=f"calibrate {config.method}", leave=False)
+        bar = tqdm(total=cfg.step_cap, desc=f"calibrate {config.method}", leave=False)
     step, stopped, device = 0, None, run.device
     try:
-        for it in range(cfg.iterations):
+        for it in itertools.count():  # trajectories: `iterations`, or more under until_hard
+            if budget_spent(run, step):
+                break
+            run.lr_min = float("inf")
             labels, noise = random_labels_and_noise(teacher, cfg.labels_per_iteration, g, device)
             for x_in, t_in, y_in, targets in teacher_trajectory(teacher, labels, noise, cfg.num_sampling_steps,
                                                                  cfg.guidance_scale, scheduler, g, split=True):
@@ -92,6 +101,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
                     stop = "time budget"
                 if distributed.any_rank(stop is not None, device):  # all ranks stop at the same step
                     raise CalibrationStopped(stop or "stopped by another rank")
+                if budget_spent(run, step):
+                    break
     except CalibrationStopped as e:
         stopped = str(e)
     except KeyboardInterrupt:
@@ -99,10 +110,23 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     finally:
         if bar is not None:
             bar.close()
+        forced = [n for n, m in run.layers.items() if not m.hard]  # still soft: finalize takes their argmax
         finalize(student)
         for m in run.layers.values():
             m.record_weight_grad, m.last_weight = False, None
-    return finish(run, step, stopped)
+    return finish(run, step, stopped, forced)
+
+
+def budget_spent(run: Calibration, step: int) -> bool:
+    """The planned steps are done; under until_hard, also every layer has switched by itself and
+    `hard_margin` more steps have run; never more than `step_cap` (the same on every rank)."""
+    cfg = run.cfg
+    if step >= cfg.step_cap:
+        return True
+    if step < cfg.total_steps:
+        return False
+    return not cfg.until_hard or (all(m.hard for m in run.layers.values())
+                                  and step >= run.last_switch + cfg.hard_margin)
 
 
 def setup(student: nn.Module, teacher: nn.Module, config: VQConfig, originals: dict) -> Calibration:
@@ -161,12 +185,17 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
     losses = block_losses(run.student, x_in, t_in, y_in, targets)
     block_loss = torch.stack(losses).mean()
     soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
+    run.soft_steps += bool(soft)
     l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
-    loss = block_loss + cfg.lambda_r * l_r
+    l_r_on = 1.0
+    if cfg.lr_gate and soft:  # reference code: L_r counts only on steps it rises above its running min
+        l_r_on = float(l_r.item() > run.lr_min)
+        run.lr_min = min(run.lr_min, l_r.item())
+    loss = block_loss + cfg.lambda_r * l_r_on * l_r
     # the full batch's block losses (this rank's on one process), recorded below
     losses = distributed.all_reduce_mean(torch.stack(losses).detach(), run.weight).unbind()
     block_loss = torch.stack(losses).mean()
-    loss_value = block_loss + cfg.lambda_r * l_r.detach()
+    loss_value = block_loss + cfg.lambda_r * l_r_on * l_r.detach()
     if not torch.isfinite(loss_value):
         raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
                                  f"lower the learning rates")
@@ -186,6 +215,7 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
         m.record_weight_grad, m.last_weight = False, None
     frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item() for m in layers.values()]))
     row = dict(step=step, iteration=iteration, timestep=int(t_in[0]), loss=loss_value.item(), block_loss=block_loss.item(), l_r=l_r.item(),
+               l_r_on=l_r_on,
                frozen_frac=frozen, hard_layers=sum(m.hard for m in layers.values()),
                seconds=time.time() - run.t0)
     row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
@@ -216,12 +246,13 @@ def freeze_and_switch(run: Calibration, step: int) -> list[str]:
             newly_hard.append(n)
     for n in newly_hard:
         run.trace.add("events", dict(step=step, layer=n, event="hard"))
+        run.last_switch = step
     if newly_hard:
         release_hard_logits(run.opt, run.logit_owner)
     return newly_hard
 
 
-def finish(run: Calibration, step: int, stopped: Optional[str]) -> Trace:
+def finish(run: Calibration, step: int, stopped: Optional[str], forced: list[str]) -> Trace:
     """4. Optional discrete finishing pass (codebook fixed), then the final record."""
     cfg, layers = run.cfg, run.layers
     if cfg.finish_repick and stopped is None:
@@ -234,7 +265,12 @@ def finish(run: Calibration, step: int, stopped: Optional[str]) -> Trace:
     run.recorder.snap_steps.add(step)
     run.trace.drop_layer_records(step)  # the final state replaces step's record
     run.recorder.record_layers(step, {})
-    run.trace.meta.update(steps_done=step, seconds=time.time() - run.t0, stopped=stopped)
+    for n in forced:
+        run.trace.add("events", dict(step=step, layer=n, event="forced"))
+    run.trace.meta.update(steps_done=step, seconds=time.time() - run.t0, stopped=stopped,
+                          # which layers finalize forced (still soft: codebooks trained for soft mixtures)
+                          forced_layers=len(forced), forced=forced, last_switch_step=run.last_switch,
+                          soft_steps=run.soft_steps, hard_switch_steps=run.trace.hard_steps())
     return run.trace
 
 

@@ -89,6 +89,16 @@ class CalibConfig:
     finish_repick: bool = False            # after calibration, re-pick each sub-vector's codeword among
                                            # its nearest with the codebook fixed (PV-tuning style)
     max_seconds: Optional[float] = None  # wall-clock budget; stops early and keeps the result
+    # Stop rule (budget, not algorithm; issue 19): a run that ends with layers still soft has them
+    # forced to argmax by `finalize`, shipping codebooks trained for soft mixtures (10-25x error).
+    until_hard: bool = False          # after `iterations`, keep drawing teacher trajectories until every
+                                      # layer has switched by itself, then `hard_margin` more steps
+    hard_margin: int = 50             # steps of hard-phase codebook training after the last own switch
+                                      # (2 trajectories of the small recipe)
+    max_steps: Optional[int] = None   # cap of until_hard (None: 4x total_steps); layers still soft at
+                                      # the cap are forced (and recorded as forced)
+    lr_gate: bool = False             # reference code: add L_r only on steps where it rises above its
+                                      # running minimum within the trajectory; False = paper (every step)
     trace_every: Optional[int] = None    # record layer stats every N steps (None: ~100 records)
     n_snapshots: int = 6              # codebook/sample snapshots over the run (+ start and end)
     trace_samples: int = 512          # fixed random sub-vectors per layer kept for cluster plots
@@ -118,12 +128,25 @@ class CalibConfig:
             raise ValueError(f"commit_until must be a fraction in (0, 1], got {self.commit_until}")
         if self.max_seconds is not None and not 0 < check_number("CalibConfig.max_seconds", self.max_seconds, 0):
             raise ValueError(f"CalibConfig.max_seconds must be a finite number > 0 (or None), got {self.max_seconds}")
+        if self.hard_margin < 0:
+            raise ValueError(f"CalibConfig.hard_margin must be >= 0 steps, got {self.hard_margin}")
+        if self.max_steps is not None and self.max_steps < self.total_steps:
+            raise ValueError(f"CalibConfig.max_steps ({self.max_steps}) must be >= iterations x num_sampling_steps "
+                             f"({self.total_steps}): it caps until_hard, it does not shorten the run")
         if not 0 < check_number("CalibConfig.rmsprop_alpha", self.rmsprop_alpha, 0, 1) < 1:
             raise ValueError(f"CalibConfig.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha}")
 
     @property
     def total_steps(self) -> int:
+        """Planned optimizer steps (until_hard may run past them, up to `step_cap`)."""
         return self.iterations * self.num_sampling_steps
+
+    @property
+    def step_cap(self) -> int:
+        """The most steps a run takes: total_steps, or until_hard's cap."""
+        if not self.until_hard:
+            return self.total_steps
+        return self.max_steps if self.max_steps is not None else 4 * self.total_steps
 
 
 @dataclass
@@ -234,7 +257,7 @@ def default_recipe(n_quantizable_weights: int) -> str:
 
 # CalibConfig fields that change the algorithm (not the budget).
 ALGORITHM_SWITCHES = ("train_assignments", "train_codebook_soft", "hard_forward", "force_hard_at",
-                      "freeze_after", "temperature_end", "commit_until", "finish_repick")
+                      "freeze_after", "temperature_end", "commit_until", "finish_repick", "lr_gate")
 # VQConfig fields that change the algorithm: how the codebooks and candidates are initialised.
 VQ_SWITCHES = ("activation_aware",)
 
@@ -258,14 +281,15 @@ class MethodSpec:
 
 
 _PAPER = dict(train_assignments=True, train_codebook_soft=True, hard_forward=False, force_hard_at=None,
-              freeze_after=0, temperature_end=None, commit_until=None, finish_repick=False)
+              freeze_after=0, temperature_end=None, commit_until=None, finish_repick=False, lr_gate=False)
 
 # Every method is a config through the same code path (torchao style).
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("vq4dit", "vq", "VQ4DiT as in the paper: codebooks and soft assignment ratios calibrated "
-               "together, soft forward, L_r, progressive freezing, hard switch.", dict(_PAPER)),
+               "together, soft forward, L_r on every step, progressive freezing, hard switch.", dict(_PAPER)),
     MethodSpec("vq4dit-ref", "vq", "VQ4DiT as in the reference code: like vq4dit, but codebooks stay frozen "
-               "while a layer's assignments are soft.", dict(_PAPER, train_codebook_soft=False)),
+               "while a layer's assignments are soft, and L_r is added only on steps where it rises above its "
+               "running minimum within the trajectory.", dict(_PAPER, train_codebook_soft=False, lr_gate=True)),
     MethodSpec("vq4dit-ste", "vq", "Ours: vq4dit with a straight-through forward (the hard weights that ship), "
                "gradients reach the ratios through the soft mix.", dict(_PAPER, hard_forward=True)),
     MethodSpec("vq4dit-ste-aa", "vq", "Ours, the default: vq4dit-ste with an activation-aware k-means init "

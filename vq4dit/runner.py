@@ -38,7 +38,15 @@ class RunResult:
         return dict(method=self.method, bits=self.bits, k=getattr(cfg, "k", None), d=getattr(cfg, "d", None),
                     bits_per_weight=self.size["bits_per_weight"], block_mse=self.block_mse,
                     seconds=self.seconds, index_bytes=self.size["index_bytes"], side_bytes=self.size["side_bytes"],
-                    stopped=(self.trace.meta.get("stopped") if self.trace is not None else None))
+                    stopped=(self.trace.meta.get("stopped") if self.trace is not None else None),
+                    **self.budget())
+
+    def budget(self) -> dict:
+        """Steps run, steps with soft layers (about 3x a hard step's cost), the last step a layer
+        switched to hard by itself, and how many layers `finalize` forced (issue 19)."""
+        m = self.trace.meta if self.trace is not None else {}
+        return dict(steps=m.get("steps_done"), soft_steps=m.get("soft_steps"),
+                    last_switch_step=m.get("last_switch_step"), forced_layers=m.get("forced_layers"))
 
 
 def run_method(teacher, method: Optional[str] = None, bits: int = 2, calib: Optional[dict] = None,

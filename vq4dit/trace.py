@@ -109,6 +109,7 @@ class Trace:
     total_steps = property(lambda self: self.meta.get("total_steps"))
     steps_done = property(lambda self: self.meta.get("steps_done"))
     stopped = property(lambda self: self.meta.get("stopped"))   # None, "cancelled", "interrupted", ...
+    forced = property(lambda self: list(self.meta.get("forced") or []))  # layers finalize made hard (still soft)
     n_blocks = property(lambda self: self.meta.get("n_blocks"))
 
     @property
@@ -211,7 +212,8 @@ class Trace:
         return out
 
     def hard_steps(self) -> dict[str, int]:
-        """{layer: step it switched to hard assignments} (layers made hard only at the end are absent)."""
+        """{layer: step it switched to hard assignments} (layers made hard only at the end are absent:
+        they are `forced`, with an event "forced" at the last step)."""
         ev = self.events
         if not len(ev):
             return {}

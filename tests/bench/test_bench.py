@@ -158,3 +158,40 @@ def test_merge_keeps_the_first_row_and_its_conflicts(tmp_path):
     bench.merge([tmp_path / "a.csv", tmp_path / "b.csv"], by_plan=tmp_path / "plans")
     assert len(bench.read_rows(tmp_path / "plans" / "bench_main.csv")) == 3
     assert [r["label"] for r in bench.read_rows(tmp_path / "plans" / "bench_ablations.csv")] == ["vq4dit-ste n=3"]
+
+
+def test_bench_budget_plan_gives_every_method_the_same_budget_and_the_report_flags_forced_rows(tmp_path):
+    """Issue 19: the budget plan runs every method of a setting at one step budget (until_hard as a
+    safety net), pairs included; the report flags, and gives no verdict to, rows where finalize
+    forced layers or whose steps differ from their codebook-only pair."""
+    from benchmarks import bench
+    jobs = bench.plan_jobs("budget", ["XL-sharing"], ["vq4dit", "vq4dit-ste-aa"], [3])
+    assert [(j.label, j.method) for j in jobs] == [
+        ("codebook-only", "codebook-only"), ("vq4dit", "vq4dit"),
+        ("codebook-only +act-aware init", "codebook-only"), ("vq4dit-ste-aa", "vq4dit-ste-aa")]
+    n = bench.BUDGET_ITERATIONS["XL-sharing"]
+    assert all(j.calib == dict(iterations=n, until_hard=True, max_steps=bench.BUDGET_MAX_STEPS) for j in jobs)
+    assert all(j.plan == "budget" and j.images and not j.fd for j in jobs)
+    sweep = bench.plan_jobs("sweep", ["XL-sharing"], ["vq4dit", "codebook-only"], [0])
+    assert [j.label for j in sweep] == ["vq4dit lr 0.02/0.0003", "vq4dit lr 0.02/0.001", "vq4dit lr 0.05/0.0003",
+                                        "vq4dit lr 0.05/0.001", "codebook-only lr 0.0003", "codebook-only lr 0.001"]
+    assert sweep[2].calib["lr_logits"] == 5e-2 and sweep[2].calib["lr_codebook"] == 3e-4 and not sweep[2].images
+    rows = []
+    for seed in (3, 4):
+        for label, mse, forced, steps in [("codebook-only", 1.0, 0, 600), ("vq4dit", 0.5, 0, 600),
+                                          ("vq4dit-ref", 0.4, 3 if seed == 4 else 0, 600),
+                                          ("vq4dit-ste", 0.3, 0, 650 if seed == 3 else 600)]:
+            rows.append(dict(plan="budget", setting="XL-sharing", label=label, method=label, seed=seed, k=16, d=4,
+                             bits_per_weight=1.2, block_mse=mse * (1 + 0.1 * seed), steps=steps, soft_steps=steps // 2,
+                             last_switch_step=400 + 2 * seed, forced_layers=forced))
+    bench.write_csv(rows, tmp_path / "b.csv", bench.COLUMNS)
+    assert bench.forced_rows(rows, "vq4dit-ref") == 1 and bench.forced_rows(rows, "vq4dit") == 0
+    assert bench.unequal_steps(rows, "vq4dit-ste") == 1 and bench.unequal_steps(rows, "vq4dit") == 0
+    lines = {ln.split(" |")[0].lstrip("| "): ln for ln in bench.report(tmp_path / "b.csv").splitlines()
+             if ln.startswith("| ")}
+    assert "**beats**" in lines["vq4dit"] and "unranked" not in lines["vq4dit"]
+    ref = next(v for k, v in lines.items() if k.startswith("vq4dit-ref"))
+    assert "forced layers in 1 run(s): not ranked" in ref and "(unranked)" in ref and "**beats**" not in ref
+    ste = next(v for k, v in lines.items() if k.startswith("vq4dit-ste"))
+    assert "steps differ from its pair at 1 seed(s)" in ste and "**beats**" not in ste
+    assert ref.rstrip(" |").endswith("| 3") and "| 600 (300) | 407 (max 408) |" in lines["vq4dit"]

@@ -374,3 +374,96 @@ def test_n_candidates_reaches_the_calibrated_layers():
                                     calib=dict(TINY, freeze_threshold=1.0)),
              teacher=teacher, on_step=on_step, progress=False)
     assert set(shapes) == {(3,)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget (issue 19): forced layers, the until_hard stop rule, vq4dit-ref's L_r gate
+# ---------------------------------------------------------------------------------------------
+
+def _budget_run(method="vq4dit", **calib):
+    teacher = make_tiny_dit()
+    student = copy.deepcopy(teacher)
+    cfg = method_config(method, bits=3, kmeans_iters=3, calib=dict(TINY, **calib))
+    return quantize(student, cfg, teacher=teacher, progress=False), student
+
+
+def test_layers_still_soft_at_the_end_are_recorded_as_forced():
+    """4 steps are too few for any layer to switch by itself: finalize forces all 14, recorded as
+    "forced" events (not "hard" ones) and in the meta; a run that lets every layer switch (threshold
+    0.5: all switch at step 1) has none forced and records the switch step."""
+    trace, student = _budget_run()
+    assert trace.meta["forced_layers"] == 14 and sorted(trace.forced) == sorted(quantized_layers(student))
+    assert trace.hard_steps() == {} and trace.meta["last_switch_step"] == 0
+    assert (trace.events["event"] == "forced").sum() == 14 and set(trace.events["step"]) == {4}
+    assert trace.meta["soft_steps"] == 4
+    assert all(q.hard for q in quantized_layers(student).values())
+    done, _ = _budget_run(freeze_threshold=0.5)
+    assert done.meta["forced_layers"] == 0 and done.forced == []
+    assert done.meta["last_switch_step"] == 1 and set(done.meta["hard_switch_steps"].values()) == {1}
+    assert done.meta["soft_steps"] == 1
+    cb, _ = _budget_run("codebook-only")  # never soft: nothing to force
+    assert cb.meta["forced_layers"] == 0 and cb.meta["soft_steps"] == 0
+
+
+def test_until_hard_runs_past_the_planned_steps_until_every_layer_switched_plus_margin():
+    """until_hard: trajectories continue (same seeded data: the 4 planned steps are an exact prefix)
+    until every layer switched by itself, then hard_margin steps; nothing forced."""
+    fixed, _ = _budget_run()
+    trace, student = _budget_run(until_hard=True, hard_margin=3, max_steps=400)
+    last = trace.meta["last_switch_step"]
+    assert trace.meta["forced_layers"] == 0 and len(trace.hard_steps()) == 14
+    assert last > 4 and trace.meta["steps_done"] == last + 3 == len(trace.steps)
+    assert max(trace.hard_steps().values()) == last
+    assert trace.steps.block_loss[:4].tolist() == pytest.approx(fixed.steps.block_loss.tolist(), rel=1e-6)
+    assert trace.steps.iteration.max() == (len(trace.steps) - 1) // 4  # 4 steps per trajectory
+    # the cap wins: layers still soft at max_steps are forced, and recorded as such
+    capped, _ = _budget_run(until_hard=True, hard_margin=3, max_steps=6)
+    assert capped.meta["steps_done"] == 6 and capped.meta["forced_layers"] > 0
+    # done before the planned steps: until_hard never shortens a run
+    early, _ = _budget_run(until_hard=True, freeze_threshold=0.5, hard_margin=0)
+    assert early.meta["steps_done"] == 4 and early.meta["forced_layers"] == 0
+    with pytest.raises(ValueError, match="max_steps"):
+        method_config("vq4dit", calib=dict(TINY, until_hard=True, max_steps=3))
+
+
+def test_lr_gate_adds_l_r_only_above_its_running_minimum_within_the_trajectory(monkeypatch):
+    """vq4dit-ref (reference code): L_r joins the loss only on steps where it rose above its running
+    minimum in the trajectory (the first step of a trajectory never); vq4dit (paper): every step.
+    Here L_r only falls, so a scripted factor makes it rise above the running minimum but below the
+    previous step (2.0 -> 1.5), and fall back below it (0.5)."""
+    from vq4dit.layers import VQLinear
+    orig, done = VQLinear.ratio_regularizer, [0]
+    factors = [1.0, 3.0, 2.0, 1.5, 0.5]
+    monkeypatch.setattr(VQLinear, "ratio_regularizer", lambda self: orig(self) * factors[done[0] % 5])
+    teacher = make_tiny_dit()
+    cfg = method_config("vq4dit-ref", bits=3, kmeans_iters=3,
+                        calib=dict(TINY, iterations=3, num_sampling_steps=5, lambda_r=5.0, freeze_threshold=1.0))
+    trace = quantize(copy.deepcopy(teacher), cfg, teacher=teacher, progress=False,
+                     on_step=lambda info: done.__setitem__(0, info["step"]))
+    st = trace.steps
+    assert st.l_r_on.tolist() == [0, 1, 1, 1, 0] * 3  # a fresh running minimum per trajectory
+    expect = []
+    for _, traj in st.groupby("iteration"):
+        lo = float("inf")
+        for v in traj.l_r:
+            expect.append(float(v > lo))
+            lo = min(lo, v)
+    assert st.l_r_on.tolist() == expect and st.l_r_on.iloc[0] == 0.0
+    assert st.loss.tolist() == pytest.approx((st.block_loss + 5.0 * st.l_r_on * st.l_r).tolist(), rel=1e-5)
+    paper, _ = _budget_run("vq4dit", lambda_r=50.0, freeze_threshold=1.0)
+    assert (paper.steps.l_r_on == 1.0).all()
+    assert paper.steps.loss.tolist() == pytest.approx((paper.steps.block_loss + 50 * paper.steps.l_r).tolist(), rel=1e-5)
+    assert method_config("vq4dit-ref").calib.lr_gate and not method_config("vq4dit").calib.lr_gate
+    assert method_config("vq4dit", calib=dict(lr_gate=True)).method == "vq4dit+lr_gate=True"
+
+
+@pytest.mark.parametrize("method,gated", [("vq4dit-ref", True), ("vq4dit", False)])
+def test_lr_gate_keeps_l_r_out_of_the_gradient_on_gated_steps(method, gated):
+    """Step 1 is below L_r's running minimum (inf): under the gate its logits gradient is that of the
+    block loss alone, whatever lambda_r; without the gate lambda_r changes it."""
+    grads = {}
+    for lam in (0.0, 500.0):
+        seen, _ = _probe(method, at_step=1, lambda_r=lam)
+        grads[lam] = torch.cat([s["logits_grad"].flatten() for s in seen.values()])
+    same = torch.allclose(grads[0.0], grads[500.0], rtol=1e-5, atol=1e-9)
+    assert same is gated

@@ -405,11 +405,12 @@ def test_defaults_are_the_papers_recipe():
     assert (c.rmsprop_alpha, c.lr_logits, c.lr_codebook, c.lr_bias) == (0.9, 5e-2, 1e-4, 1e-4)
     assert (c.freeze_threshold, c.hard_threshold, c.freeze_after, c.force_hard_at) == (0.99, 0.99, 0, None)
     assert c.train_assignments and c.train_codebook_soft and not c.hard_forward
+    assert not c.lr_gate and not c.until_hard and c.step_cap == c.total_steps  # paper: L_r every step
 
 
 @pytest.mark.parametrize("method,switches", [
-    ("vq4dit", dict(train_assignments=True, train_codebook_soft=True, hard_forward=False)),
-    ("vq4dit-ref", dict(train_assignments=True, train_codebook_soft=False, hard_forward=False)),
+    ("vq4dit", dict(train_assignments=True, train_codebook_soft=True, hard_forward=False, lr_gate=False)),
+    ("vq4dit-ref", dict(train_assignments=True, train_codebook_soft=False, hard_forward=False, lr_gate=True)),
     ("vq4dit-ste", dict(train_assignments=True, train_codebook_soft=True, hard_forward=True)),
     ("codebook-only", dict(train_assignments=False)),
 ])

@@ -118,6 +118,18 @@ def test_cli_init_reproduces_every_bench_row_and_names_it_by_its_switches():
     assert not c.activation_aware and c.method == "vq4dit-ste"
 
 
+def test_cli_until_hard_is_a_budget_flag_not_a_method_change():
+    """--until-hard / --max-steps set the stop rule and keep the method's name (a budget, like
+    --iterations); without them runs end at the planned steps; a method without calibration refuses them."""
+    from vq4dit.__main__ import _unused_flags, config_from_args
+    parse = build_parser().parse_args
+    c = config_from_args(parse(["quantize", "--out", "o", "--method", "vq4dit", "--until-hard", "--max-steps", "900"]))
+    assert c.calib.until_hard and c.calib.step_cap == 900 and c.method == "vq4dit"
+    c = config_from_args(parse(["quantize", "--out", "o", "--method", "vq4dit"]))
+    assert not c.calib.until_hard and c.calib.step_cap == c.calib.total_steps
+    assert _unused_flags(parse(["quantize", "--out", "o", "--method", "kmeans", "--until-hard"])) == ["until_hard"]
+
+
 def test_cli_quantize_then_sample(tiny_dit_dir, tmp_path, capsys):
     out = tmp_path / "w3"
     rc = main(["quantize", "--model", str(tiny_dit_dir), "--bits", "3", "--method", "vq4dit", "--out", str(out),
