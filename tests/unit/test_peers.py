@@ -158,7 +158,7 @@ def test_missing_library_names_the_pip_package(monkeypatch):
 
 def test_peer_model_refuses_vq4dit_packing(tmp_path, quantized):
     from vq4dit.io import save_quantized
-    with pytest.raises(ValueError, match="fake-quantized by a peer library"):
+    with pytest.raises(TypeError, match="fake-quantized by a peer library"):
         save_quantized(quantized("hqq-w4-g64"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

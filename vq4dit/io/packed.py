@@ -180,7 +180,8 @@ def _pack_layer(name: str, m, tensors: dict) -> dict:
         tensors[f"rtn/{name}/zero"] = m.zero.detach().cpu().to(torch.uint8)
         lay = dict(kind="rtn", bits=m.bits, per_channel=m.per_channel, shape=shape, bias=bias is not None)
     else:
-        raise TypeError(f"layer {name}: the packed format stores VQLinear and RTNLinear, not {type(m).__name__}")
+        raise TypeError(f"layer {name} is a {type(m).__name__}: the packed format stores VQLinear and RTNLinear "
+                        f"only (a layer fake-quantized by a peer library is saved with that library)")
     if bias is not None:
         tensors[f"{lay['kind']}/{name}/bias"] = bias
     return lay
