@@ -50,7 +50,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class ServerSettings:
+class ServerBinding:
     def __init__(self, host: str, port: int, auth, exposed: bool):
         self.host, self.port, self.auth, self.exposed = host, port, auth, exposed
 
@@ -65,7 +65,7 @@ class ServerSettings:
                 f"(--no-auth): anyone who can reach it can start and cancel runs and download models")
 
 
-def resolve_server(args, env=None) -> ServerSettings:
+def resolve_server(args, env=None) -> ServerBinding:
     """Bind address, port and credentials from flags, then the project's and Gradio's variables.
     ValueError (one clear line) for a bad port, bad credentials or an exposed address without them."""
     from vq4dit.safety import is_loopback
@@ -91,7 +91,7 @@ def resolve_server(args, env=None) -> ServerSettings:
     if exposed and auth is None and not args.no_auth:
         raise ValueError(f"binding to {host} makes the app reachable from the network: pass --auth user:password "
                          f"(or set VQ4DIT_AUTH), or --no-auth to serve it without credentials")
-    return ServerSettings(host, port, auth, exposed)
+    return ServerBinding(host, port, auth, exposed)
 
 
 def check_port_free(host: str, port: int):

@@ -7,12 +7,10 @@ component.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import fields, replace
 
 import gradio as gr
 
@@ -20,88 +18,12 @@ from vq4dit.config import METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_fo
 from vq4dit.layers import layer_kind
 
 from . import plots
-from .runs import Engine, RunSettings, image_params
+from .config import RunRequest, image_params
+from .engine import Engine
+from .forms import ImageForm, SetupForm, ViewForm
+from .store import pair_key
+from .text import estimate_text, method_description, status_text
 from .views import Views
-
-# ----------------------------------------------------------------------------------------
-# Forms: the values of a group of components, by name
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class SetupForm:
-    """The Set-up panel (field order = the /run endpoint's parameter order)."""
-    method: str
-    bits: Any
-    k: Any
-    d: Any
-    n_candidates: Any
-    iterations: Any
-    sampling_steps: Any
-    kmeans_iters: Any
-    lr_logits: Any
-    lr_codebook: Any
-    lambda_r: Any
-    seed: Any
-
-    def settings(self, calib_defaults: dict) -> RunSettings:
-        """RunSettings for the library; ValueError naming the field when a value is not usable."""
-        def i(v, name):
-            if v is None or v == "":
-                raise ValueError(f"{name} is empty")
-            if not math.isfinite(float(v)):
-                raise ValueError(f"{name} must be a finite whole number, got {v}")
-            if float(v) != int(float(v)):
-                raise ValueError(f"{name} must be a whole number, got {v}")
-            return int(float(v))
-        calib = dict(calib_defaults, iterations=i(self.iterations, "iterations"),
-                     num_sampling_steps=i(self.sampling_steps, "sampling steps"),
-                     lr_logits=float(self.lr_logits), lr_codebook=float(self.lr_codebook),
-                     lambda_r=float(self.lambda_r), seed=i(self.seed, "seed"))
-        return RunSettings(method=self.method, bits=i(self.bits, "bits"), k=i(self.k, "k"), d=i(self.d, "d"),
-                           n_candidates=i(self.n_candidates, "candidates n"),
-                           kmeans_iters=i(self.kmeans_iters, "k-means iterations"), seed=i(self.seed, "seed"),
-                           calib=calib)
-
-
-@dataclass
-class ImageForm:
-    """The Images tab's controls plus the run they sample (and the picked comparison run)."""
-    run: Optional[str]
-    labels: str
-    seed: Any
-    guidance: Any
-    steps: Any
-    compare: Optional[str] = None   # "" / None = automatic baselines
-
-
-@dataclass
-class ViewForm:
-    """What the layer views read: the shared selection and the cluster-view options."""
-    sel: Optional[dict]
-    color_by: str
-    projection: str
-    full: bool = False   # every sub-vector of the final model as a density image
-
-
-def form_inputs(form_cls, ui) -> list:
-    """The components of `form_cls`, in field order (attribute names of `ui` = field names)."""
-    return [getattr(ui, f.name) for f in fields(form_cls)]
-
-
-def form_event(fn, form_cls, lead: int = 0):
-    """Adapter for Gradio: the first `lead` values are passed as they are, the rest become one
-    `form_cls`. Keeps generator functions generators (Gradio streams them) and the name (api_name)."""
-    if inspect.isgeneratorfunction(fn):
-        def event(*values):
-            yield from fn(*values[:lead], form_cls(*values[lead:]))
-    else:
-        def event(*values):
-            return fn(*values[:lead], form_cls(*values[lead:]))
-    event.__name__ = event.__qualname__ = fn.__name__
-    event.__doc__ = fn.__doc__
-    return event
-
 
 AUTO_COMPARE = ("automatic: newest finished baseline", "")
 
@@ -144,7 +66,7 @@ class Handlers:
         otherwise the status line offers to calibrate it."""
         k, d = setting_kd(setting)
         bits = SETTINGS[setting]["bits"]
-        rid = self.views.newest(bits, lambda sp: sp is not None and sp.name == method, kd=(k, d))
+        rid = self.views.newest(lambda sp: sp is not None and sp.name == method, kd=(k, d))
         if rid is None:
             msg = f"No finished **{method} {setting}** run yet ({k}×{d}): press **Run** to calibrate it."
             return gr.update(value=bits), gr.update(value=k), gr.update(value=d), gr.skip(), msg
@@ -169,7 +91,7 @@ class Handlers:
         """Validate the Set-up form, then stream the run (status, live curves, runs list)."""
         try:
             s = form.settings(self.engine.calib_defaults)
-            s.config()
+            self.engine.run_config(s)
         except (ValueError, TypeError) as e:
             raise gr.Error(f"Invalid settings: {e}", print_exception=False)
         yield from self._stream_run(s)
@@ -184,7 +106,14 @@ class Handlers:
         meta = self.store.meta(sel["run"])
         rb = int(meta["bits"])
         k, d = meta.get("k") or VQ_PRESETS.get(rb, (form.k, form.d))[0], meta.get("d") or VQ_PRESETS.get(rb, (form.k, form.d))[1]
-        yield from self.run(SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}))
+        try:  # the missing side pairs with the selected run: same k, d and init (`pair_key`)
+            s = SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}).settings(
+                self.engine.calib_defaults)
+            s = replace(s, init="act-aware" if pair_key(meta)[2] else "kmeans")
+            self.engine.run_config(s)
+        except (ValueError, TypeError) as e:
+            raise gr.Error(f"Invalid settings: {e}", print_exception=False)
+        yield from self._stream_run(s)
 
     def cancel(self):
         a = self.engine.active
@@ -194,7 +123,7 @@ class Handlers:
         return (f"**Cancelling {a.settings.method} W{a.settings.bits}** — calibration stops after the current "
                 f"optimizer step; the partial trace and model are saved.")
 
-    def _stream_run(self, s: RunSettings):
+    def _stream_run(self, s: RunRequest):
         engine, store = self.engine, self.store
         try:
             a = engine.start_run(s)
@@ -478,62 +407,3 @@ class Handlers:
             raise _error(e)
 
 
-# ----------------------------------------------------------------------------------------
-# Text
-# ----------------------------------------------------------------------------------------
-
-
-def setting_choices() -> list[tuple[str, str]]:
-    """Dropdown choices: (label with bits and k×d, setting name), every named setting."""
-    return [(f"{n} ({SETTINGS[n]['bits']}-bit, {setting_kd(n)[0]}×{setting_kd(n)[1]})", n) for n in SETTINGS]
-
-
-def method_description(method: Optional[str]) -> str:
-    spec = METHODS.get(method or "")
-    return f"**{method}** — {spec.description}" if spec else ""
-
-
-def methods_table() -> str:
-    """Markdown list of every registered method with its one-line description."""
-    return "\n".join(f"- **{n}** — {m.description}" for n, m in METHODS.items())
-
-
-def status_text(a) -> str:
-    """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
-    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
-    k-means time does not inflate the calibration ETA)."""
-    s = a.settings
-    el = time.time() - a.t0
-    head = f"**{s.method} W{s.bits}** — "
-    tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
-    done = len(a.rows)
-    if a.phase == "k-means init" and a.layers_total:
-        i, n = a.layers_done, a.layers_total
-        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
-        return head + f"k-means: layer {i}/{n}{eta}" + tail
-    if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
-        return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
-    if a.phase == "calibrating" and a.total_steps and done:
-        r = a.rows[-1]
-        eta = r["seconds"] / done * (a.total_steps - done)
-        return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
-                       f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
-                + tail)
-    return head + f"{a.phase}…" + tail
-
-
-def estimate_text(engine: Engine, form: SetupForm) -> str:
-    """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
-    try:
-        s = form.settings(engine.calib_defaults)
-        cfg = s.config()
-    except (ValueError, TypeError, KeyError) as e:
-        return f"**Estimate:** invalid settings ({e})"
-    est = engine.estimate(cfg)
-    if est.get("error"):
-        return f"**Estimate:** {est['error']}"
-    t = est.get("seconds")
-    when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
-    return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "
-            f"({est['n_weights'] / 1e6:.2f} M quantized weights → {est['bytes'] / 2**20:.2f} MiB packed, "
-            f"vs {est['n_weights'] * 4 / 2**20:.1f} MiB fp32); {est['steps']} calibration steps; time {when}.")

@@ -14,9 +14,10 @@ import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import (AUTO_COMPARE, LAYER_VIEWS, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
-                       method_description, methods_table, setting_choices)
-from .runs import Engine
+from .engine import Engine
+from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
+from .handlers import AUTO_COMPARE, LAYER_VIEWS, Handlers
+from .text import method_description, methods_table, setting_choices
 from .views import FULL_CLUSTER_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time

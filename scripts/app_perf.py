@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     from app.demo import DEMO_RUNS, demo_id
-    from app.runs import DEMO_DIR
+    from app.store import DEMO_DIR
     from vq4dit.trace import Trace
 
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="vq4dit-perf-runs-")

@@ -78,6 +78,9 @@ def test_run_streams_and_saves(app):
     meta = json.loads((rd / "run.json").read_text())
     assert meta["method"] == "vq4dit" and meta["bits"] == 2 and meta["status"] == "finished"
     assert meta["steps_done"] == meta["total_steps"] == 3
+    # the embedded model's recipe, as the CLI builds it (Engine._work runs the config build_config made)
+    assert meta["config"]["calib"]["recipe"] == "small" and meta["config"]["kmeans_points_per_codeword"] is None
+    assert meta["config"]["calib"]["teacher_sampler"] == "ddim"
     assert 2.0 < meta["bits_per_weight"] < 2.3  # indices + fp16 codebooks + fp32 biases
     assert meta["block_mse"] > 0 and len(meta["per_block_mse"]) == demo.engine.n_blocks
     assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0 and meta["metrics"]["psnr"] > 0
@@ -264,7 +267,7 @@ def test_corrupt_run_dirs_are_reported(app):
 
 def test_runs_survive_restart_and_download(app):
     demo, client, runs = app
-    from app.runs import RunStore
+    from app.store import RunStore
     store = RunStore(runs)  # a fresh process would see the same list
     ids = store.readable_ids()
     assert len(ids) >= 3
@@ -438,16 +441,17 @@ def test_cluster_plot_is_svg_not_webgl(app):
 def test_status_line_and_eta():
     """Status shows block MSE and L_r (not the summed loss), and an ETA from the calibration clock:
     990 s of k-means before the first step must not inflate it (was '~2182 s left' with 37 s left)."""
-    from app.handlers import status_text
-    from app.runs import ActiveRun, RunSettings
-    a = ActiveRun(settings=RunSettings(method="vq4dit", bits=2), total_steps=100, phase="calibrating")
+    from app.text import status_text
+    from app.config import RunRequest
+    from app.engine import ActiveRun
+    a = ActiveRun(settings=RunRequest(method="vq4dit", bits=2), total_steps=100, phase="calibrating")
     a.t0 -= 1000
     a.rows = [dict(step=i, loss=0.5, block_loss=0.002, l_r=0.498, frozen_frac=0.1, seconds=i) for i in range(1, 11)]
     s = status_text(a)
     assert "block MSE 0.002" in s and "L_r 0.498" in s and "loss" not in s
     eta = float(s.split("~")[1].split(" s")[0])
     assert 45 <= eta <= 180, s  # truth: 90 s
-    a = ActiveRun(settings=RunSettings(), total_steps=0, phase="k-means init", layers_done=10, layers_total=40)
+    a = ActiveRun(settings=RunRequest(), total_steps=0, phase="k-means init", layers_done=10, layers_total=40)
     a.t0 -= 20
     assert "layer 10/40" in status_text(a) and "~60 s left" in status_text(a)
 
@@ -457,12 +461,12 @@ def test_estimate_before_run_matches_saved_size(app):
     eng = demo.engine
     rid = first_run(runs)
     meta = eng.store.meta(rid)
-    from app.handlers import SetupForm
+    from app.forms import SetupForm
     st = meta["settings"]
     form = SetupForm(st["method"], st["bits"], st["k"], st["d"], st["n_candidates"], st["calib"]["iterations"],
                      st["calib"]["num_sampling_steps"], st["kmeans_iters"], st["calib"]["lr_logits"],
                      st["calib"]["lr_codebook"], st["calib"]["lambda_r"], st["seed"])
-    est = eng.estimate(form.settings(eng.calib_defaults).config())
+    est = eng.estimate(eng.run_config(form.settings(eng.calib_defaults)))
     assert est["bits_per_weight"] == pytest.approx(meta["bits_per_weight"], rel=1e-9)
     assert est["seconds"] is not None and est["seconds"] > 0  # earlier runs at this k x d exist
     text = client.predict(*setup_args(bits=3, k=64, d=2), api_name="/estimate")

@@ -14,7 +14,8 @@ import torch
 from conftest import make_tiny_dit
 
 from app.demo import DEMO_RUNS, DEMO_TRACE_SAMPLES, demo_id
-from app.runs import DEMO_DIR, DEMO_METHOD, RunStore
+from app.demo import DEMO_METHOD
+from app.store import DEMO_DIR, RunStore
 from vq4dit.config import SETTINGS, setting_kd
 
 DEMO_IDS = [demo_id(m, s) for m, s in DEMO_RUNS]
@@ -173,19 +174,23 @@ def _arr(v):
 
 def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     """An empty runs dir: the page is built with the default demo run already in every view
-    (values set before any event), labelled as a demo run; the default is the default method at W2."""
+    (values set before any event), labelled as a demo run with what it is (k x d, bits/weight); the
+    default is the demo method at XL-sharing (FIRST_DEMO: where the pair shows an effect)."""
     from app import AppConfig, create_app
+    from app.demo import FIRST_DEMO
     demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False))
     ui = demo.ui
-    want = demo_id(DEMO_METHOD, "W2")
+    want = FIRST_DEMO
+    assert want == demo_id(DEMO_METHOD, "XL-sharing")
     assert ui.run_dd.value == want and ui.sel.value["run"] == want
     labels = {v: k for k, v in ui.run_dd.choices}
-    assert all("demo (read-only)" in labels[r] for r in DEMO_IDS)
+    assert all(labels[r].endswith("— demo") for r in DEMO_IDS)
+    assert "16×4" in labels[want] and "1.1" in labels[want] and "b/w" in labels[want]
     assert "demo run" in ui.sel_md.value
     plot = lambda c: json.loads(c.value["plot"])
     cluster = plot(ui.cluster_plot)
     assert len(_arr(cluster["data"][0]["x"])) == DEMO_TRACE_SAMPLES
-    assert any(t.get("name") == "codewords (this step)" and len(_arr(t["x"])) == 256 for t in cluster["data"])
+    assert any(t.get("name") == "codewords (this step)" and len(_arr(t["x"])) == 16 for t in cluster["data"])
     heat = [t for t in plot(ui.heat_plot)["data"] if t["type"] == "heatmap"][0]
     z = _arr(heat["z"]).astype(float)
     assert z.shape == (demo.engine.n_blocks, 7) and np.isfinite(z).all() and z.max() > 0
@@ -297,7 +302,8 @@ def test_selection_changes_show_loading_and_update_the_visible_views(demo_app):
         assert f.show_progress == "full" and view_ids <= {c._id for c in f.show_progress_on}, (f.name, event)
     render = next(f for f in fns if f.name == "render_layer_views" and (ui.sel._id, "change") in f.targets)
     assert render.show_progress == "full"
-    from app.handlers import LAYER_VIEWS, ViewForm
+    from app.forms import ViewForm
+    from app.handlers import LAYER_VIEWS
     h = render.fn
     sel = dict(demo.views.initial_selection(demo_id(DEMO_METHOD, "W2")), block=3)
     sel["layer"] = demo.views.layer_choices(sel["run"], 3)[0][1]
@@ -320,7 +326,7 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
     demo, _ = demo_app
     from safetensors import safe_open
 
-    from app.runs import DEMO_SAMPLES
+    from app.store import DEMO_SAMPLES
     from vq4dit.sampling import sample
     eng, views = demo.engine, demo.views
     for rid in DEMO_IDS:
@@ -339,7 +345,7 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
                                           seed=0, scheduler=eng.bundle.scheduler), atol=2e-3, rtol=0)
     assert eng.shipped_images(rid, tuple(labels), 1, 4.0, eng.cfg.image_steps) is None  # other seed: not shipped
     # opening the Images tab shows them (no sampling); a request that needs sampling is left to Generate
-    from app.handlers import ImageForm
+    from app.forms import ImageForm
     auto = next(f for f in demo.fns.values() if f.name == "auto_images").fn
     assert views.images_ready(rid, "0-9", 0, 4.0, eng.cfg.image_steps)
     img, table, note = auto("images", rid, "0-9", 0, 4.0, eng.cfg.image_steps, "")

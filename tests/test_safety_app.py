@@ -181,11 +181,11 @@ def test_app_image_inputs_are_capped_before_work(app, labels, seed, guidance, st
 
 
 def test_run_settings_reject_non_finite_numbers():
-    from app.runs import RunSettings, image_params
+    from app.config import RunRequest, image_params
     for calib, msg in ((dict(iterations=float("inf")), "iterations"), (dict(lr_logits=float("nan")), "lr_logits"),
                        (dict(lambda_r=float("inf")), "lambda_r")):
         with pytest.raises(ValueError, match=msg):
-            RunSettings(method="vq4dit", calib=dict(dict(iterations=1, num_sampling_steps=1), **calib)).config()
+            RunRequest(method="vq4dit", calib=dict(dict(iterations=1, num_sampling_steps=1), **calib)).config()
     for args in ((0, float("nan"), 2), (0, float("inf"), 2), (0, 4.0, float("inf")), (float("nan"), 4.0, 2)):
         with pytest.raises(ValueError):
             image_params(*args)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS, SETTINGS, method_config
+from .config import METHODS, SETTINGS, build_config, method_config
 from .experiment import EvalSpec, generate, run_method
 
 # Settings (W2, W3, W4, W2-budget, XL-sharing) live in vq4dit.config.SETTINGS, shared with the app.
@@ -197,14 +197,20 @@ class Evaluator:
         return row
 
 
-def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
-            vq_extra: dict | None = None) -> dict:
+def job_config(job: Job, recipe: str, calib_extra: dict, device, vq_extra: dict | None = None):
+    """A job's config through the library's one adapter (`build_config`, as the CLI and the app):
+    the setting's bits / k / d, the seed for k-means and calibration, the job's overrides."""
     vq = dict(SETTINGS[job.setting])
     bits = vq.pop("bits")
     vq.update(vq_extra or {}, **job.vq, seed=job.seed)
     calib = dict(calib_extra, **job.calib, seed=job.seed, device=str(device))
+    return build_config(job.method, bits=bits, recipe=recipe, calib=calib, **vq)
+
+
+def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
+            vq_extra: dict | None = None) -> dict:
     t0 = time.time()
-    res = run_method(teacher, job.method, bits=bits, recipe=recipe, calib=calib, vq=vq, progress=False)
+    res = run_method(teacher, config=job_config(job, recipe, calib_extra, device, vq_extra), progress=False)
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],

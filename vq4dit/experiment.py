@@ -40,15 +40,20 @@ class RunResult:
                     stopped=(self.trace.meta.get("stopped") if self.trace is not None else None))
 
 
-def run_method(teacher, method: str, bits: int = 2, calib: Optional[dict] = None, vq: Optional[dict] = None,
-               recipe: str = "reference", on_step: Optional[Callable[[dict], Optional[bool]]] = None,
-               progress=True, measure_block_mse: bool = True) -> RunResult:
+def run_method(teacher, method: Optional[str] = None, bits: int = 2, calib: Optional[dict] = None,
+               vq: Optional[dict] = None, recipe: str = "reference",
+               on_step: Optional[Callable[[dict], Optional[bool]]] = None,
+               progress=True, measure_block_mse: bool = True, config=None) -> RunResult:
     """Quantize a copy of `teacher` with `method` at `bits`; the teacher is left untouched.
-    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN)."""
-    spec = METHODS[method]
-    config = method_config(method, bits=bits, recipe=recipe,
-                           calib=calib if spec.calibrated else None,
-                           **((vq or {}) if spec.kind == "vq" else {}))
+    `calib` and `vq` are ignored for methods without calibration / codebooks (RTN).
+    `config`: a config built by `vq4dit.config.build_config` (the app's path; method, bits, calib,
+    vq and recipe are then not used)."""
+    if config is None:
+        spec = METHODS[method]
+        config = method_config(method, bits=bits, recipe=recipe,
+                               calib=calib if spec.calibrated else None,
+                               **((vq or {}) if spec.kind == "vq" else {}))
+    bits = config.bits
     model = copy.deepcopy(teacher).eval()
     t0 = time.time()
     trace = quantize(model, config, teacher=teacher, on_step=on_step, progress=progress)
