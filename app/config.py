@@ -53,7 +53,7 @@ class RunRequest:
     n_candidates: int = 2
     kmeans_iters: Optional[int] = None
     seed: int = 0
-    init: Optional[str] = None                  # "kmeans" / "act-aware"; None = the method's own
+    init: Optional[str] = None                  # one of vq4dit.config.INITS; None = the method's own
     calib: dict = field(default_factory=dict)   # CalibConfig overrides (the form's fields)
     recipe: str = "auto"                        # "auto": the model's recipe (vq4dit.config.default_recipe)
 

@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 
 import gradio as gr
 
-from vq4dit.config import METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
+from vq4dit.config import INITS, METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
 from vq4dit.layers import layer_kind
 
 from . import plots
@@ -109,7 +109,7 @@ class Handlers:
         try:  # the missing side pairs with the selected run: same k, d and init (`pair_key`)
             s = SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}).settings(
                 self.engine.calib_defaults)
-            s = replace(s, init="act-aware" if pair_key(meta)[2] else "kmeans")
+            s = replace(s, init=INITS[1] if pair_key(meta)[2] else INITS[0])  # (plain k-means, act-aware)
             self.engine.run_config(s)
         except (ValueError, TypeError) as e:
             raise gr.Error(f"Invalid settings: {e}", print_exception=False)

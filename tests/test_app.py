@@ -297,7 +297,7 @@ def test_bad_model_dir_exits_with_one_line(tmp_path):
 def test_app_reads_runs_only_through_trace_api():
     """No storage keys, no meta layout, no hard-coded method lists in the app (issue 8)."""
     import re
-    src = {p.name: p.read_text() for p in (Path(__file__).resolve().parent.parent / "app").glob("*.py")}
+    src = {p.name: p.read_text() for p in (Path(__file__).resolve().parent.parent / "app").rglob("*.py")}
     for name, text in src.items():
         for pat in (r'\|codebook', r'\|sample_fp', r'\|worst_grads', r'\.snapshots\[', r'\bmeta\[\s*"layers"',
                     r'ratio_hist_', r'coherence_hist_', r'CALIBRATED', r'_fix_hard_ratios',
