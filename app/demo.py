@@ -55,6 +55,14 @@ def demo_id(method: str, setting: str) -> str:
 FIRST_DEMO = demo_id(DEMO_METHOD, "XL-sharing")
 
 
+def demo_request(method: str, setting: str, iterations: Optional[int] = None) -> RunRequest:
+    """A demo run's request. Through `build_config` with the model's recipe it is the config of
+    `python -m vq4dit quantize --recipe small --method M --bits B --k K --d D --iterations 4 --seed 0`."""
+    k, d = setting_kd(setting)
+    return RunRequest(method=method, bits=SETTINGS[setting]["bits"], k=k, d=d, seed=0,
+                      calib=dict(iterations=iterations or DEMO_ITERATIONS))
+
+
 def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None = None,
           iterations: int | None = None, log=print) -> list[str]:
     """Calibrate every demo run (reusing finished ones found in `work`) and write compact copies to `out`."""
@@ -70,11 +78,7 @@ def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None
         if only and rid not in only:
             continue
         if rid not in done or not (work / "raw" / done[rid]).is_dir():
-            k, d = setting_kd(setting)
-            # the CLI's config path: `python -m vq4dit quantize --recipe small --method M --bits B --k K --d D
-            # --iterations DEMO_ITERATIONS --seed 0` builds the same config (build_config, the model's recipe)
-            s = RunRequest(method=method, bits=SETTINGS[setting]["bits"], k=k, d=d, seed=0,
-                           calib=dict(iterations=iterations or DEMO_ITERATIONS))
+            s = demo_request(method, setting, iterations)
             t0 = time.time()
             c = engine.run_config(s).calib
             log(f"[{time.strftime('%H:%M:%S')}] {rid}: calibrating ({c.iterations} x {c.num_sampling_steps} "

@@ -29,12 +29,15 @@ AUTO_COMPARE = ("automatic: newest finished baseline", "")
 
 # The outputs of `Handlers.render_layer_views`, in order (names of the ui components), and the
 # views each tab shows (tab ids as in layout.py; the other tabs show no layer view).
-LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "conflict_note", "other_btn",
+LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "mech_md", "mech_plot",
+               "conflict_note", "other_btn",
                "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
 TAB_VIEWS = {"clusters": ["cluster_plot", "cluster_note"], "evolution": ["evol_plot", "evol_cmp_plot"],
+             "mechanism": ["mech_md", "mech_plot"],
              "conflicts": ["conflict_note", "other_btn", "conflict_plot", "worst_plot", "summary_plot", "summary_md"],
              "changes": ["heat_plot", "changes_df", "mse_plot"]}
 TAB_IDS = {"Set up & calibrate": "setup", "Codebook clusters": "clusters", "Assignment evolution": "evolution",
+           "Mechanism": "mechanism",
            "Gradient conflicts": "conflicts", "Per-block changes": "changes", "Images": "images", "Runs": "runs"}
 
 
@@ -341,6 +344,9 @@ class Handlers:
             return dict(evol_plot=views.evolution(sel),
                         evol_cmp_plot=gr.update(value=ofig, visible=True) if ofig is not None
                         else gr.update(value=None, visible=False))
+        if tab == "mechanism":
+            md, fig = views.mechanism(sel)
+            return dict(mech_md=md, mech_plot=fig)
         if tab == "conflicts":
             note, missing, kfig, wfig = views.conflicts(sel)
             sfig, smd = views.conflict_summary(sel)

@@ -51,14 +51,26 @@ CAPTIONS = {
         "its own loss gradient. Coherence = |sum of the gradients| / sum of their lengths: 1 means they all "
         "agree, near 0 means they cancel and the codeword cannot move usefully. Heatmaps: distribution of the "
         "coherence over all codewords of this layer at each logged step (one per method; the line is the "
-        "mean). Right: share of sub-vector gradients pointing against their codeword's sum. The paper's "
-        "argument: with codebook-only calibration this conflict stays; VQ4DiT lets conflicting sub-vectors "
-        "move to another codeword, so conflict should drop. Bottom: the least coherent codeword's gradients "
-        "as arrows (projected to 2-D by PCA when d > 2); orange arrows oppose the sum."),
+        "mean). Right: share of sub-vector gradients pointing against their codeword's sum (each sub-vector is "
+        "included in its own codeword's sum here, which biases it toward agreement; the *Mechanism* tab reads the "
+        "unbiased leave-one-out version against a random-regrouping null and says whether there is an effect). "
+        "Bottom: the least coherent codeword's gradients as arrows (projected to 2-D by PCA when d > 2); orange "
+        "arrows oppose the sum."),
+    "mechanism": (
+        "**How to read this.** The paper's argument: sub-vectors sharing a codeword pull it in conflicting "
+        "directions, so calibrating codebooks alone fails, and letting sub-vectors move to another codeword "
+        "fixes it. Each line above tests one step of that on this run and its pair (same k×d, init and seed; "
+        "codebook-only vs an assignment-training method), with a 95% interval over layers or blocks: "
+        "**effect** only where the interval excludes 0, otherwise **no effect at this setting**. Left: per layer, "
+        "the share of sub-vectors whose gradient points against the rest of its codeword (leave-one-out) at the "
+        "first logged step, next to the share a random regrouping of the same gradients into codewords of the "
+        "same sizes gives. Right: block-output MSE of the two runs (lower is better). The calibration curve's "
+        "sawtooth in Set-up is one teacher trajectory per cycle (noisy, early timesteps first), not instability."),
     "changes": (
         "**How to read this.** Each cell is one layer (q, k, v attention projections shown separately, out "
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
-        "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
+        "codeword at the selected snapshot differs from the one the run started from (step 0, so snapshot 0 "
+        "reads 0; white = none). With a run picked in "
         "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
         "Click a cell of the heatmap or of the table below to make that layer the current layer in every view. "
         "Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
@@ -150,7 +162,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
             with gr.Tab("Codebook clusters", id="clusters"):
                 with gr.Row():
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
-                                        choices=["codeword", "top ratio", "assignment changed"])
+                                        choices=["codeword", "top ratio", "assignment changed", "gradient agreement"])
                     projection = gr.Radio(label="Projection (d > 2)", value="PCA", choices=["PCA", "UMAP"])
                     full_cb = gr.Checkbox(label="All sub-vectors of the final model (density image)", value=False,
                                           info=f"up to {FULL_CLUSTER_MAX:,} points, from the weights; snapshots and UMAP "
@@ -162,6 +174,10 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 evol_plot = gr.Plot(label="Assignment ratios over calibration", value=lv["evol_plot"])
                 evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
+            with gr.Tab("Mechanism", id="mechanism"):
+                mech_md = gr.Markdown(lv["mech_md"])
+                mech_plot = gr.Plot(label="Mechanism measures", value=lv["mech_plot"])
+                gr.Markdown(CAPTIONS["mechanism"])
             with gr.Tab("Gradient conflicts", id="conflicts"):
                 conflict_note = gr.Markdown(lv["conflict_note"])
                 other_btn = gr.Button(variant="secondary", **{**dict(value="Run", visible=False),
@@ -174,7 +190,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 gr.Markdown(CAPTIONS["conflicts"])
             with gr.Tab("Per-block changes", id="changes"):
                 with gr.Row():
-                    heat_plot = gr.Plot(label="Assignment changes vs k-means (click a cell to select that layer)", scale=3,
+                    heat_plot = gr.Plot(label="Assignment changes since the run's start (click a cell to select that layer)", scale=3,
                                         value=lv["heat_plot"], elem_id="heat-plot")
                     mse_plot = gr.Plot(label="Per-block MSE", scale=2, value=lv["mse_plot"])
                 changes_df = gr.Dataframe(label="Changed codewords (% of sub-vectors) — click a cell to select that layer",
@@ -212,7 +228,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         mse_plot=mse_plot, changes_df=changes_df, gen_btn=gen_btn, image_out=image_out, image_note=image_note,
         image_metrics=image_metrics, runs_df=runs_df, refresh_btn=refresh_btn, dl_trace=dl_trace,
         dl_model=dl_model, rd_plot=rd_plot, estimate_md=estimate_md, tabs=tabs,
-        summary_plot=summary_plot, summary_md=summary_md,
+        summary_plot=summary_plot, summary_md=summary_md, mech_md=mech_md, mech_plot=mech_plot,
         setup=SimpleNamespace(method=method, bits=bits, k=k_nb, d=d_nb, n_candidates=n_nb, iterations=it_nb,
                               sampling_steps=st_nb, kmeans_iters=km_nb, lr_logits=lrl_nb, lr_codebook=lrc_nb,
                               lambda_r=lam_nb, seed=seed_nb),

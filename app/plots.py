@@ -93,22 +93,31 @@ def calibration_figure(steps: pd.DataFrame, title: str = "", uirevision: str = "
 
 def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
                    assign: np.ndarray, top_ratio: np.ndarray, assign0: np.ndarray, color_by: str,
-                   title: str, axis: str, n_candidates: int = 2, uirevision: str = "") -> go.Figure:
+                   title: str, axis: str, n_candidates: int = 2, uirevision: str = "",
+                   loo_cos: Optional[np.ndarray] = None) -> go.Figure:
     """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings.
+    `loo_cos`: each sub-vector's leave-one-out gradient cosine with its codeword (colour "gradient agreement").
     SVG scatter, not WebGL: ~800 points draw fast, and every re-render of a Scattergl plot leaks a
     WebGL context in the browser ("Too many active WebGL contexts")."""
     fig = go.Figure()
-    hover = [f"codeword {a}<br>top ratio {r:.3f}<br>k-means codeword {a0}"
+    hover = [f"codeword {a}<br>top ratio {r:.3f}<br>codeword at the start {a0}"
              for a, r, a0 in zip(assign, top_ratio, assign0)]
-    if color_by == "top ratio":
+    if color_by == "gradient agreement" and loo_cos is not None:
+        marker = dict(size=6, color=loo_cos, colorscale="RdBu", cmin=-1.0, cmax=1.0,
+                      colorbar=dict(title="cos(g, rest of<br>its codeword)", len=0.8))
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
+                                 name=f"sub-vectors (red = conflicts: {100 * float((loo_cos < 0).mean()):.0f}%)",
+                                 text=[f"{h}<br>leave-one-out cos {c:+.2f}" for h, c in zip(hover, loo_cos)],
+                                 hoverinfo="text"))
+    elif color_by == "top ratio":
         marker = dict(size=6, color=top_ratio, colorscale="Viridis", cmin=1.0 / max(n_candidates, 1), cmax=1.0,
                       colorbar=dict(title="top ratio", len=0.8))
         fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
                                    name="sub-vectors", text=hover, hoverinfo="text"))
     elif color_by == "assignment changed":
         changed = assign != assign0
-        for mask, name, col in ((~changed, f"same codeword as k-means ({(~changed).sum()})", "#9ecae1"),
-                                (changed, f"changed vs k-means ({changed.sum()})", "#d62728")):
+        for mask, name, col in ((~changed, f"same codeword as at the start ({(~changed).sum()})", "#9ecae1"),
+                                (changed, f"changed since the start ({changed.sum()})", "#d62728")):
             fig.add_trace(go.Scatter(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
                                        marker=dict(size=6 if name.startswith("changed") else 5, color=col),
                                        name=name, text=[h for h, m in zip(hover, mask) if m], hoverinfo="text"))
@@ -367,7 +376,11 @@ def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title
     fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14,
                         subplot_titles=("this run", diff_title) if cols == 2 else None)
     bar = dict(title="%", x=0.44, xanchor="left", thickness=12) if cols == 2 else dict(title="% changed")
-    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, colorbar=bar,
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
+    if top <= 0:   # nothing changed: white everywhere (a zero-width colour range would paint it red), say so
+        title = (title + "<br>" if title else "") + "<sub>no sub-vector changed codeword (0% everywhere)</sub>"
+    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, zmax=max(top, 1.0),
+                             colorbar=bar,
                              text=text(z), texttemplate="%{text}",
                              hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"),
                   1, 1)

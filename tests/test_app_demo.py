@@ -431,3 +431,36 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# The shipped demo runs were built before the app used the CLI's config path (recipe "small"): their
+# k-means init is not what today's code computes. Rebuild with `python -m app.demo build` (about 50 min
+# on 2 busy cores), then remove this marker: strict, so a rebuilt set fails here until it is removed.
+STALE = pytest.mark.xfail(strict=True, reason="demo runs built by an older config path: rebuild them")
+
+
+@STALE
+@pytest.mark.parametrize("setting", ["W2", "W3", "XL-sharing"])
+def test_demo_kmeans_init_is_what_todays_code_computes(demo_store, base, setting):
+    """The codebook-only demo run keeps its start assignment, so its step-0 snapshot is the k-means
+    init it was built from: recompute that init with today's config of the same request (first, middle
+    and last layer) and compare the sampled sub-vectors' codewords and the codebook."""
+    from app.demo import _FIXED, demo_request
+    from vq4dit.config import build_config
+    from vq4dit.layers import VQLinear
+    from vq4dit.mechanism import changed_shares  # noqa: F401  (the same "start" the views read)
+    rid = demo_id(_FIXED, setting)
+    tr = demo_store.trace(rid)
+    req = demo_request(_FIXED, setting)
+    cfg = req.config(model=base)
+    assert cfg.to_dict() == build_config(_FIXED, bits=req.bits, k=req.k, d=req.d, recipe="small", seed=0,
+                                         calib=dict(iterations=req.calib["iterations"], seed=0)).to_dict()
+    mods = dict(base.named_modules())
+    names = tr.layer_names
+    for name in (names[0], names[len(names) // 2], names[-1]):
+        q = VQLinear.from_linear(mods[name], cfg, name=name, seed=cfg.seed)
+        _, idx = tr.samples(name)
+        shipped = tr.snapshot(name, 0)
+        same = float((q.assignment.numpy()[idx] == shipped.assign).mean())
+        assert same > 0.99, f"{rid} {name}: only {100 * same:.1f}% of sampled codewords match today's k-means"
+        np.testing.assert_allclose(shipped.codebook, q.codebook.detach().numpy(), rtol=2e-3, atol=2e-3)

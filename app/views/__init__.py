@@ -11,9 +11,10 @@ from .clusters import FULL_CLUSTER_MAX, ClusterView
 from .conflicts import ConflictView
 from .evolution import EvolutionView, switched_paths
 from .images import ImagesView, composite
+from .mechanism import MechanismView
 
 
-class Views(SelectionView, ChangesView, ClusterView, EvolutionView, ConflictView, ImagesView):
+class Views(SelectionView, ChangesView, ClusterView, EvolutionView, ConflictView, MechanismView, ImagesView):
     """Every view's reads, sharing the engine, the store and one projection cache (SelectionView.__init__)."""
 
 

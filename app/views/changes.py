@@ -6,25 +6,31 @@ from typing import Optional
 import pandas as pd
 
 from vq4dit.layers import layer_kind
+from vq4dit.mechanism import changed_shares
 
 from .. import plots
+from ..store import run_label
 
 
 class ChangesView:
     """The Per-block changes tab."""
 
     def change_table(self, run_id, step: Optional[int] = None) -> Optional[pd.DataFrame]:
-        """Blocks x layer kinds: % of sub-vectors whose codeword differs from k-means at `step`
-        (the last record at or before it; None = final). None when the run has no trace."""
+        """Blocks x layer kinds: % of sub-vectors whose codeword differs from the one the run started
+        from, at `step` (None = final): the library's one definition (`vq4dit.mechanism.changed_shares`),
+        cached per (run, step). `.attrs["exact"]`: False when estimated on the trace's sample (older
+        traces). None when the run has no trace."""
         tr = self.trace(run_id)
-        stats = tr.layer_stats() if tr is not None else pd.DataFrame()
-        if not len(stats):
+        if tr is None or not len(tr.layer_stats()):
             return None
-        if step is not None:
-            stats = stats[stats["step"] <= step]
-        final = stats.groupby("layer", sort=False).tail(1)   # rows are sorted by step
-        n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
-        return plots.changes_table(final, n_blocks)
+
+        def make():
+            shares = changed_shares(tr, step)
+            n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
+            t = plots.changes_table(shares, n_blocks)
+            t.attrs["exact"] = bool(len(shares) and shares["exact"].all())
+            return t
+        return self._proj.get_or_make(("changed", run_id, step), make)
 
     def changes(self, sel: dict):
         """(heatmap figure, table, per-block MSE figure) for the selected run at the selected
@@ -44,10 +50,11 @@ class ChangesView:
         if table is not None:
             cell = (sel["block"], layer_kind(sel["layer"])) if sel.get("layer") else None
             diff = self.change_table(other) if om else None
+            how = "" if table.attrs.get("exact") else " (estimated on the trace's sample)"
             heat = plots.changes_heatmap(
-                table, cell, title=f"Sub-vectors whose codeword differs from k-means at step {step} — "
-                                   f"{meta['method']} W{meta['bits']}",
-                diff=diff, diff_title=f"minus {om['method']} W{om['bits']} (final)" if om else "")
+                table, cell, title=f"Sub-vectors whose codeword differs from the run's start, step {step}{how} — "
+                                   f"{run_label(meta)}",
+                diff=diff, diff_title=f"minus {run_label(om)} (final)" if om else "")
         else:
             table = pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS)
             heat = plots.message_figure(f"{meta['method']} keeps no assignment trace (no calibration).")
@@ -55,6 +62,6 @@ class ChangesView:
         if tr is not None and len(tr.steps):
             row = tr.steps.iloc[-1]
             last = [float(row[f"block_{b}"]) for b in range(n_blocks) if f"block_{b}" in row]
-        cmp = (om.get("per_block_mse") or [], om["method"], f"{om['method']} W{om['bits']} ({other})") if om else None
+        cmp = (om.get("per_block_mse") or [], om["method"], f"{run_label(om)} ({other})") if om else None
         mse = plots.block_mse_figure(meta.get("per_block_mse") or [], last, meta["method"], compare=cmp)
         return heat, table, mse

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vq4dit.mechanism import changed_mask
+
 from .. import plots
 
 FULL_CLUSTER_MAX = 200_000  # sub-vectors drawn in the full-weight cluster view (more: an evenly strided sample)
@@ -68,11 +70,17 @@ class ClusterView:
         fig = plots.cluster_figure(pr["samples"], pr["books"][step], pr["books"][steps[0]] if step != steps[0] else None,
                                    assign, top, assign0, color_by,
                                    title=f"{plots.layer_label(layer)} — step {step}: sub-vectors and codewords",
-                                   axis=pr["axis"], n_candidates=tr.n_candidates, uirevision=f"{run_id}|{layer}|{method}")
-        changed = float((assign != assign0).mean()) * 100
+                                   axis=pr["axis"], n_candidates=tr.n_candidates, uirevision=f"{run_id}|{layer}|{method}",
+                                   loo_cos=tr.loo_cosines(layer, step))
+        changed = float(changed_mask(tr, layer, step).mean()) * 100   # the library's one definition
         note = (f"Sampled **{len(assign):,} of {info.n_subvectors:,}** sub-vectors (the same fixed random sample at "
                 f"every step) and all **{info.k}** codewords (d={info.d}). {pr['note']}. At step {step}, "
-                f"{changed:.1f}% of the sampled sub-vectors use a different codeword than after k-means.")
+                f"{changed:.1f}% of the sampled sub-vectors use a different codeword than at the run's start (step 0).")
+        if color_by == "gradient agreement":
+            note += (" Colour: each sub-vector's gradient against the summed gradient of the *other* members of its "
+                     "codeword (leave-one-out cosine; red < 0 = pulls the other way)." if tr.loo_cosines(layer, step)
+                     is not None else " **This trace has no per-sub-vector gradient cosines at this step** (older run, "
+                     "or a snapshot without gradients): coloured by codeword.")
         if full:
             why = "UMAP" if pr.get("transform") is None else f"step {step} is not the final snapshot"
             note = (f"**All sub-vectors** are shown for the final snapshot with PCA (or raw coordinates) only ({why}): "
@@ -81,8 +89,9 @@ class ClusterView:
 
     def full_weights(self, run_id, layer) -> dict:
         """Every sub-vector of `layer` (FP values from the loaded model, which the run quantized) with its
-        final codeword (from the run's packed model) and the nearest k-means codeword (step-0 codebook);
-        at most FULL_CLUSTER_MAX, an evenly strided sample above that. Cached per (run, layer)."""
+        final codeword (from the run's packed model) and whether it differs from the codeword the run started
+        from (`Trace.start_assignment`; `changed` is None for traces that do not keep it); at most
+        FULL_CLUSTER_MAX, an evenly strided sample above that. Cached per (run, layer)."""
         key = ("full", run_id, layer)
         if key in self._proj:
             return self._proj.get(key)
@@ -99,9 +108,9 @@ class ClusterView:
             idx = torch.linspace(0, total - 1, FULL_CLUSTER_MAX).long()
         x = x[idx]
         assign = q.assignment.detach().cpu()[idx]
-        book0 = torch.from_numpy(tr.snapshot(layer, tr.snapshot_steps(layer)[0]).codebook).float()
-        near0 = torch.cat([torch.cdist(c, book0).argmin(1) for c in x.split(32768)])  # nearest k-means codeword
-        out = dict(x=x.numpy().astype(np.float64), assign=assign.numpy(), changed=(assign != near0).numpy(),
+        start = tr.start_assignment(layer)
+        changed = None if start is None else assign.numpy() != start[idx.numpy()]
+        out = dict(x=x.numpy().astype(np.float64), assign=assign.numpy(), changed=changed,
                    codebook=q.codebook.detach().float().cpu().numpy().astype(np.float64), total=total)
         return self._proj.put(key, out)
 
@@ -110,7 +119,7 @@ class ClusterView:
         tr = self.trace(run_id)
         steps = tr.snapshot_steps(layer)
         xy = pr["transform"](fw["x"])
-        by_change = color_by == "assignment changed"
+        by_change = color_by == "assignment changed" and fw["changed"] is not None
         fig = plots.density_figure(xy, pr["transform"](fw["codebook"]), pr["books"][steps[0]],
                                    fw["changed"] if by_change else None,
                                    title=f"{plots.layer_label(layer)} — final model: all sub-vectors (density) and codewords",
@@ -120,8 +129,10 @@ class ClusterView:
         colour = "colour: share changed per bin" if by_change else "log colour"
         note = (f"Final model, {shown} of this layer as a density image ({plots.DENSITY_BINS}² bins, {colour}) and "
                 f"all **{len(fw['codebook'])}** codewords from the packed model. {pr['note']}. "
-                f"{100 * float(fw['changed'].mean()):.1f}% of them use a different codeword than the nearest k-means "
-                f"codeword" + (" (colour: share changed per bin)." if by_change else ".")
+                + (f"{100 * float(fw['changed'].mean()):.1f}% of them use a different codeword than at the run's start"
+                   + (" (colour: share changed per bin)." if by_change else ".") if fw["changed"] is not None else
+                   "This trace does not keep every sub-vector's start assignment (older run or large model): "
+                   "\"changed\" is shown on the sample only (switch All sub-vectors off).")
                 + (" Every final sub-vector has top ratio 1 (the packed model is hard): colour shows density."
                    if color_by == "top ratio" else ""))
         return fig, note
