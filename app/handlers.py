@@ -21,7 +21,7 @@ from . import plots
 from .config import RunRequest, image_params
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm
-from .store import pair_key
+from .store import pair_key, run_label
 from .text import estimate_text, method_description, status_text
 from .views import Views
 
@@ -84,11 +84,12 @@ class Handlers:
         return estimate_text(self.engine, form)
 
     def lock_run(self):
-        """While a run streams, Run buttons are disabled (a second click would only queue silently)."""
-        return gr.update(interactive=False), gr.update(interactive=False)
+        """While a run streams, Run buttons are disabled (a second click would only queue silently) and
+        Cancel is enabled; it is disabled while idle."""
+        return gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=True)
 
     def unlock_run(self):
-        return gr.update(interactive=True), gr.update(interactive=True)
+        return gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=False)
 
     def run(self, form: SetupForm):
         """Validate the Set-up form, then stream the run (status, live curves, runs list)."""
@@ -161,8 +162,9 @@ class Handlers:
 
     def first_open(self) -> dict:
         """What the page shows before any event: the default run (`Views.default_run`, a demo run
-        when the runs dir has no finished run) loaded into every view, so the first paint has data.
-        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered."""
+        when the runs dir has no finished run) loaded into every view, so the first paint has data,
+        and its settings in Set-up (so the method there is the run's on screen).
+        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered, setup."""
         rid = self.views.default_run()
         if not rid:
             return {}
@@ -171,9 +173,14 @@ class Handlers:
             *layer_views, rendered = self.render_layer_views(None, None, ViewForm(sel, "codeword", "PCA"))
         except gr.Error:
             return {}
+        setup = {f.name: u.get("value") for f, u in zip(fields(SetupForm), self._setup_of(rid))
+                 if isinstance(u, dict) and "value" in u}
+        st = self._setting_of(rid)
+        if isinstance(st, dict) and "value" in st:
+            setup["setting"] = st["value"]
         return dict(run=rid, block=block, layer=layer, snap=snap, sel=sel, live=live, dl_trace=dl_trace,
                     dl_model=dl_model, rd=plots.rd_figure(self.store.table(), rid), layer_views=layer_views,
-                    rendered=rendered)
+                    rendered=rendered, setup=setup)
 
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
@@ -235,9 +242,14 @@ class Handlers:
         cleared (never shown as this run's), and the Set-up panel shows the run's settings."""
         rd = self._runs_outputs(run_id)[2]
         if not run_id:
-            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm)), gr.skip()
+            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm)), gr.skip(), ""
         note = f"Images cleared: press **Generate images** to sample `{run_id}`."
-        return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id)
+        m = self.store.meta(run_id)
+        c = (m.get("config") or {}).get("calib") or {}
+        budget = f", budget {c['iterations']} × {c['num_sampling_steps']} steps" if c.get("iterations") else ""
+        status = (f"Loaded `{run_id}` ({run_label(m)}). **Set-up now holds its settings**{budget}: change them "
+                  f"before pressing Run for a different run.")
+        return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id), status
 
     def _setting_of(self, run_id):
         """The Setting dropdown for a saved run: the named setting with its bits and k x d, if any."""

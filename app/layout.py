@@ -101,6 +101,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
     store = engine.store
     cd = engine.calib_defaults
     init = init or {}
+    su = init.get("setup") or {}   # the default run's settings, so Set-up matches the run on screen
     lv = dict(zip(LAYER_VIEWS, init.get("layer_views") or [None] * len(LAYER_VIEWS)))
     upd = lambda name, **default: {**default, **{k: v for k, v in (init.get(name) or {}).items() if k != "__type__"}}
     with gr.Blocks(title="VQ4DiT explorer") as demo:
@@ -127,17 +128,18 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate", id="setup"):
                 with gr.Row():
-                    bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
-                    setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value="W2",
+                    bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1,
+                                     value=su.get("bits", 2))
+                    setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value=su.get("setting", "W2"),
                                           info="XL-sharing: as many sub-vectors per codeword as DiT-XL/2 at W2")
-                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=DEFAULT_METHOD)
-                method_md = gr.Markdown(method_description(DEFAULT_METHOD))
+                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=su.get("method", DEFAULT_METHOD))
+                method_md = gr.Markdown(method_description(su.get("method", DEFAULT_METHOD)))
                 with gr.Accordion("What the methods are", open=False):
                     gr.Markdown(methods_table())
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
-                        k_nb = gr.Number(label="k (codewords, power of 2)", value=VQ_PRESETS[2][0], precision=0)
-                        d_nb = gr.Number(label="d (sub-vector length)", value=VQ_PRESETS[2][1], precision=0)
+                        k_nb = gr.Number(label="k (codewords, power of 2)", value=su.get("k", VQ_PRESETS[2][0]), precision=0)
+                        d_nb = gr.Number(label="d (sub-vector length)", value=su.get("d", VQ_PRESETS[2][1]), precision=0)
                         n_nb = gr.Number(label="candidates n", value=2, precision=0)
                         km_nb = gr.Number(label="k-means iterations", value=engine.kmeans_default, precision=0)
                     with gr.Row():
@@ -154,7 +156,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                 "W3: 64×2, W4: 256×2).")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary")
-                    cancel_btn = gr.Button("Cancel", variant="stop")
+                    cancel_btn = gr.Button("Cancel", variant="stop", interactive=False)  # enabled while a run goes
                 estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
                 live_plot = gr.Plot(label="Calibration curves", value=init.get("live") or views.calibration(None))
@@ -271,13 +273,16 @@ def wire(ui: SimpleNamespace, h: Handlers):
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
-    run_buttons = [ui.run_btn, ui.other_btn]
+    run_buttons = [ui.run_btn, ui.other_btn, ui.cancel_btn]
     ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method],
                         [ui.setting, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
                         queue=False, api_name="bits")  # user moves only (load_run sets bits too)
     ui.setting.input(h.choose_setting, [ui.setting, ui.setup.method],
                      [ui.setup.bits, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md], queue=False, api_name="setting")
     ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
+    ui.setup.method.input(h.choose_setting, [ui.setting, ui.setup.method],  # the same run lookup as the slider
+                          [ui.setup.bits, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md], queue=False,
+                          api_name="method")
     estimate = form_event(h.estimate, SetupForm)
     gr.on([c.change for c in setup], estimate, setup, ui.estimate_md, queue=False,
           trigger_mode="always_last", api_name="estimate")
@@ -288,6 +293,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
             fn, inputs, run_outputs, api_name=name, **MODEL_QUEUE)
         ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
         ran.then(h.unlock_run, None, run_buttons, queue=False)
+        ran.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)  # the new run is comparable at once
         ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
     ui.gen_btn.click(form_event(h.check_images, ImageForm), images, None, concurrency_limit=None).success(
@@ -296,7 +302,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
                      [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
                      api_name="load_run", show_progress="full",
-                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
+                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting, ui.status_md],
                                                   api_name="run_context")
     busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)

@@ -390,7 +390,14 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(url)
-            expect(page.get_by_text("Calibration of demo-vq4dit-ste-W2")).to_be_visible(timeout=60_000)
+            from app.demo import FIRST_DEMO
+            expect(page.get_by_text(f"Calibration of {FIRST_DEMO}")).to_be_visible(timeout=60_000)
+
+            # the Mechanism tab states a verdict per measure (this demo pair: codebook-only at the same k x d)
+            page.get_by_role("tab", name="Mechanism").click()
+            expect(page.get_by_text("Hard switch:", exact=False).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Block MSE, ", exact=False).first).to_be_visible()
+            expect(page.get_by_text("should drop", exact=False)).to_have_count(0)
 
             page.get_by_role("tab", name="Per-block changes").click()
             page.wait_for_function("() => document.querySelector('#heat-plot .js-plotly-plot .hm') !== null", timeout=60_000)
