@@ -100,6 +100,8 @@ class RunStore:
     only inside `demo_root`, and are never written. Their packed models share the FP weights of
     `fp_base` (the embedded model), see `vq4dit.io.save_quantized(fp_base=...)`."""
 
+    pair_key = staticmethod(pair_key)
+
     def __init__(self, root, device=None, demo_root=None, fp_base=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -533,7 +533,9 @@ def test_compare_any_two_runs_in_every_view(app):
     assert "cancelled" in labels[other] and "cancelled" not in labels[rid]
     # a label says what the run is: method, k x d, bits/weight, and which run (its timestamp)
     assert labels[rid].startswith("vq4dit 256×4, 2.2") and "b/w" in labels[rid] and labels[rid].endswith(rid[:15])
-    assert other not in views.baselines(2) and all(store.meta(b)["status"] == "finished" for b in views.baselines(2))
+    assert other not in views.baselines(rid) and all(store.meta(b)["status"] == "finished" for b in views.baselines(rid))
+    # baselines pair by (k, d, init): every one shares the run's codebook shape and init
+    assert all(store.pair_key(store.meta(b)) == store.pair_key(store.meta(rid)) for b in views.baselines(rid))
     pair, _ = views.conflict_pair(rid)
     assert other not in pair.values()
 
@@ -584,7 +586,7 @@ def test_evolution_marks_finalize_and_codebook_only_has_no_ratios(app):
 def test_bit_width_slider_shows_matching_run_or_offers_to_calibrate(app):
     demo, client, runs = app
     views = demo.views
-    want = views.newest(2, lambda sp: sp is not None and sp.name == "vq4dit")
+    want = views.newest(lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
     assert want is not None
     setting, k, d, run, msg = client.predict(2, "vq4dit", api_name="/bits")
     assert val(setting) == "W2" and (val(k), val(d)) == (256, 4) and val(run) == want and want in msg
@@ -604,7 +606,7 @@ def test_named_settings_next_to_the_slider(app):
     assert (val(k), val(d)) == (64, 4)
     bits, k, d, run, msg = client.predict("W2", "vq4dit", api_name="/setting")
     assert (val(k), val(d)) == (256, 4) and val(run) == demo.views.newest(
-        2, lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
+        lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
 
 
 def test_evolution_shows_switched_subvectors(app):

@@ -177,6 +177,9 @@ def premise_verdict(trace) -> Verdict:
     than a random regrouping of the same gradients? Per layer: share of negative leave-one-out cosines
     minus the null's share, in percentage points."""
     obs, null = _first_per_layer(trace, "loo_conflict_share"), _first_per_layer(trace, "null_conflict_share")
+    if not obs:
+        return Verdict("Conflict inside codewords vs a random regrouping", None, "Premise: this trace has no "
+                       "leave-one-out gradient statistics (recorded by calibration runs from this version on).")
     diffs = [obs[k] - null[k] for k in obs if k in null]
     return _verdict("Conflict inside codewords vs a random regrouping, at the start", diffs, "pp", "layers",
                     "Sub-vectors sharing a codeword disagree more (positive) or less (negative) than chance.",
@@ -213,8 +216,10 @@ def paired_verdict(per_block_assign, per_block_fixed, label_assign: str, label_f
     v = _verdict(f"Block MSE, {label_assign} vs {label_fixed} (log ratio per block)", list(vals), "", "blocks",
                  "", "No effect at this setting: the two runs' block errors do not differ beyond block-to-block noise.")
     if v.effect:
-        v.text += (f"{label_assign} {'lowers' if v.mean < 0 else 'raises'} the block error by about "
-                   f"{100 * abs(1 - math.exp(v.mean)):.0f}% (same k, d, init and seed).")
+        r = math.exp(v.mean)
+        size = f"{r:.1f}×" if r >= 2 else f"about {100 * abs(1 - r):.0f}%"
+        v.text += (f"{label_assign} {'lowers' if v.mean < 0 else 'raises'} the block error "
+                   f"{'to' if r >= 2 else 'by'} {size} (same k, d, init and seed).")
     return v
 
 

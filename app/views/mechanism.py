@@ -19,6 +19,8 @@ from ..store import run_label
 
 
 def _mark(v) -> str:
+    if v.measure == "Hard switch":
+        return {True: "**switched by itself**", False: "**forced at the end**", None: "**no data**"}[v.effect]
     return {True: "**effect**", False: "**no effect**", None: "**no data**"}[v.effect]
 
 
