@@ -48,6 +48,10 @@ class LRU:
                 return self._data[key]
         return self.put(key, make())
 
+    def clear(self):
+        with self._lock:
+            self._data.clear()
+
     def drop(self, match: Callable[[Hashable], bool]):
         """Forget every entry whose key matches (e.g. a run that was rewritten)."""
         with self._lock:

@@ -141,7 +141,7 @@ def test_bad_run_json_is_isolated(app):
     status = {row[0]: row[-1] for row in table["data"]}
     for name in bad.values():
         assert str(status[name]).startswith("unreadable"), (name, status[name])
-    assert rid in [c[0] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
+    assert rid in [c[1] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
     img, metrics, note = client.predict(rid, "3", 0, 4.0, 2, api_name="/images")  # Images view still works
     assert len(metrics["data"]) >= 2
     with pytest.raises(AppError, match="unreadable"):
