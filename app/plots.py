@@ -15,6 +15,8 @@ from plotly.subplots import make_subplots
 from vq4dit.config import METHODS
 from vq4dit.layers import LAYER_KINDS, block_index, layer_kind
 
+from .config import method_spec
+
 LAYER_COLUMNS = list(LAYER_KINDS)  # one heatmap column per layer kind (q, k, v, out, fc1, fc2, adaLN)
 FP_COLOR = "#444444"
 _METHOD_PALETTE = ["#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf",
@@ -28,9 +30,8 @@ def color(method: str) -> str:
     """One colour per method, by its place in the registry (derived names 'm+switch=..' share m's)."""
     if method == "fp":
         return FP_COLOR
-    names = list(METHODS)
-    base = (method or "").split("+", 1)[0]
-    return _METHOD_PALETTE[names.index(base) % len(_METHOD_PALETTE)] if base in names else "#7f7f7f"
+    spec = method_spec(method)   # the app's one parser of derived names
+    return _METHOD_PALETTE[list(METHODS).index(spec.name) % len(_METHOD_PALETTE)] if spec else "#7f7f7f"
 
 
 def layer_label(name: str) -> str:

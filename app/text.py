@@ -32,7 +32,7 @@ def status_text(a) -> str:
     k-means time does not inflate the calibration ETA)."""
     s = a.settings
     el = time.time() - a.t0
-    head = f"**{s.method} W{s.bits}** — "
+    head = phase_bar(a) + "\n\n" + f"**{s.method} W{s.bits}** — "
     tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
     done = len(a.rows)
     if a.phase == "k-means init" and a.layers_total:
@@ -48,6 +48,31 @@ def status_text(a) -> str:
                        f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
                 + tail)
     return head + f"{a.phase}…" + tail
+
+
+PHASES = (("k-means", ("k-means init",)), ("calibration", ("calibrating", "measuring block MSE vs FP")),
+          ("evaluation", ("evaluating images",)), ("saving", ("saving", "saved")))
+
+
+def phase_bar(a) -> str:
+    """The run's phases in order, the current one with a bar of its own progress (text: it streams with
+    the status line, and reads in any client)."""
+    cur = next((i for i, (_, ph) in enumerate(PHASES) if a.phase in ph), None)
+    frac = None
+    if cur == 0 and a.layers_total:
+        frac = a.layers_done / a.layers_total
+    elif cur == 1 and a.total_steps:
+        frac = min(len(a.rows) / a.total_steps, 1.0)
+    out = []
+    for i, (name, _) in enumerate(PHASES):
+        if cur is None or i > cur:
+            out.append(f"○ {name}")
+        elif i < cur:
+            out.append(f"● {name}")
+        else:
+            bar = "" if frac is None else " " + "█" * round(10 * frac) + "░" * (10 - round(10 * frac)) + f" {100 * frac:.0f}%"
+            out.append(f"**▶ {name}{bar}**")
+    return " → ".join(out)
 
 
 def estimate_text(engine: Engine, form: SetupForm) -> str:

@@ -451,6 +451,8 @@ def test_status_line_and_eta():
     assert "block MSE 0.002" in s and "L_r 0.498" in s and "loss" not in s
     eta = float(s.split("~")[1].split(" s")[0])
     assert 45 <= eta <= 180, s  # truth: 90 s
+    # the phases in order: k-means done, calibration 10% through, evaluation and saving to come
+    assert "● k-means → **▶ calibration █░░░░░░░░░ 10%** → ○ evaluation → ○ saving" in s
     a = ActiveRun(settings=RunRequest(), total_steps=0, phase="k-means init", layers_done=10, layers_total=40)
     a.t0 -= 20
     assert "layer 10/40" in status_text(a) and "~60 s left" in status_text(a)
