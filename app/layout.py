@@ -29,7 +29,11 @@ CAPTIONS = {
         "noise and nudges codewords and assignments so each transformer block's output matches the teacher's. "
         "Left: output error of each block (blue lines) and their mean (red) — lower is better. Middle: the "
         "regularizer L_r, which is 0 when every sub-vector has committed to one codeword. Right: share of "
-        "sub-vectors already frozen to their codeword. Curves update about once a second while a run is going."),
+        "sub-vectors already frozen to their codeword. Curves update about once a second while a run is going. "
+        "The sawtooth of the block-MSE curve is one teacher trajectory per tooth (25 sampler steps: each starts "
+        "from pure noise, where blocks are hardest to match), not instability. If the frozen share stays at 0 "
+        "until the last step, progressive freezing never happened at this budget: every layer was made hard at "
+        "the end (the *Mechanism* tab says so per run)."),
     "clusters": (
         "**How to read this.** Each dot is one weight sub-vector (a fixed random sample), each black cross a "
         "codeword; grey rings mark where the codewords started (k-means). Every dot is replaced by the codeword "

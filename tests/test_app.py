@@ -364,12 +364,14 @@ def test_run_buttons_disabled_while_running(app):
     for btn, api in ((ui.run_btn, "run"), (ui.other_btn, "run_missing")):
         first, chain = deps(demo, btn, "click")
         assert [f.name for f in first] == ["lock_run"]
-        assert {o._id for o in first[0].outputs} == {ui.run_btn._id, ui.other_btn._id}
-        assert all(u["interactive"] is False for u in first[0].fn())
+        assert [o._id for o in first[0].outputs] == [ui.run_btn._id, ui.other_btn._id, ui.cancel_btn._id]
+        assert [u["interactive"] for u in first[0].fn()] == [False, False, True]  # Cancel only while running
         names = [f.name for f in chain]
         assert api in names and "unlock_run" in names and names.index("unlock_run") > names.index(api)
         unlock = next(f for f in chain if f.name == "unlock_run")
         assert unlock.trigger_only_on_success is False  # re-enabled after a failed run too
+        assert [u["interactive"] for u in unlock.fn()] == [True, True, False]
+    assert ui.cancel_btn.interactive is False  # idle: Cancel does not look active
 
 
 def test_typing_a_snapshot_number_updates_the_selection(app):
@@ -545,9 +547,12 @@ def test_compare_any_two_runs_in_every_view(app):
     img, table, note = client.predict(other, api_name="/compare")
     assert img is None and other in note
     res = client.predict("codeword", "PCA", api_name="/render_layer_views")
-    assert other in res[0] and "Compared with" in res[0]
-    assert val(res[4]) is not None and res[4].get("visible") is True  # compared run's evolution shown
-    assert other in res[5] and "picked" in res[5]                        # conflicts note
+    from app.handlers import LAYER_VIEWS
+    res = dict(zip([n for n in LAYER_VIEWS if n != "other_btn"], res))  # API clients get no button outputs
+    assert other in res["sel_md"] and "Compared with" in res["sel_md"]
+    assert val(res["evol_cmp_plot"]) is not None and res["evol_cmp_plot"].get("visible") is True  # compared evolution
+    assert other in res["conflict_note"] and "picked" in res["conflict_note"]          # conflicts note
+    assert other in res["mech_md"] and "paired with" in res["mech_md"]                 # mechanism: the picked pair
 
     sel = dict(views.initial_selection(rid), other=other)
     heat, table, mse = views.changes(sel)
