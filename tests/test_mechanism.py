@@ -34,7 +34,9 @@ def test_premise_verdict_sees_an_effect_and_says_no_effect_on_a_null():
     effect = hand_trace(0.05 + 0.01 * rng.standard_normal(12))
     v = premise_verdict(effect)
     assert v.effect is True and v.n == 12 and v.lo > 0 and v.mean == pytest.approx(0.05, abs=0.01)
-    assert "more" in v.text and "No effect" not in v.text
+    assert "conflict MORE than chance" in v.text and "No effect" not in v.text
+    less = premise_verdict(hand_trace(-0.05 + 0.01 * rng.standard_normal(12)))
+    assert less.effect is True and less.hi < 0 and "LESS than chance" in less.text
     null = hand_trace(0.01 * np.array([1, -1] * 6) + 0.001 * rng.standard_normal(12))
     v = premise_verdict(null)
     assert v.effect is False and v.lo < 0 < v.hi and "No effect at this setting" in v.text

@@ -181,10 +181,14 @@ def premise_verdict(trace) -> Verdict:
         return Verdict("Conflict inside codewords vs a random regrouping", None, "Premise: this trace has no "
                        "leave-one-out gradient statistics (recorded by calibration runs from this version on).")
     diffs = [obs[k] - null[k] for k in obs if k in null]
-    return _verdict("Conflict inside codewords vs a random regrouping, at the start", diffs, "pp", "layers",
-                    "Sub-vectors sharing a codeword disagree more (positive) or less (negative) than chance.",
-                    "No effect at this setting: the conflict share is what a random grouping of the same "
-                    "gradients gives.", scale=100.0)
+    v = _verdict("Conflict inside codewords vs a random regrouping, at the start", diffs, "pp", "layers", "",
+                 "No effect at this setting: the conflict share is what a random grouping of the same "
+                 "gradients gives.", scale=100.0)
+    if v.effect:
+        v.text += ("Sub-vectors sharing a codeword conflict MORE than chance: the paper's premise holds here."
+                   if v.mean > 0 else "Sub-vectors sharing a codeword conflict LESS than chance (they agree more "
+                   "than a random grouping): no sign of the conflict the paper's argument needs.")
+    return v
 
 
 def moves_verdict(trace) -> Verdict:

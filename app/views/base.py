@@ -106,7 +106,7 @@ class SelectionView:
         init = ((m.get("config") or {}).get("activation_aware") and
                 " · **init: activation-aware k-means** (distances weighted by E[x²]; \"changed\" counts from the "
                 "assignment the run started from)" or "")
-        return (f"**Run** `{sel['run']}`{demo} — {m['method']}, W{m['bits']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
+        return (f"**Run** `{sel['run']}`{demo} — {m['method']} ({kd}{m.get('bits_per_weight', 0):.3f} bits/weight), "
                 f"{m.get('status', '?')}{init}, block MSE {m.get('block_mse') or float('nan'):.4g}"
                 + (f", FD-digits {fd:.2f}" if fd is not None and math.isfinite(fd) else "")
                 + (f" · **Layer** {plots.layer_label(lay)}{shape}" if lay else "")

@@ -50,10 +50,10 @@ class ChangesView:
         if table is not None:
             cell = (sel["block"], layer_kind(sel["layer"])) if sel.get("layer") else None
             diff = self.change_table(other) if om else None
-            how = "" if table.attrs.get("exact") else " (estimated on the trace's sample)"
+            how = "every sub-vector" if table.attrs.get("exact") else "estimated on the trace's sample"
             heat = plots.changes_heatmap(
-                table, cell, title=f"Sub-vectors whose codeword differs from the run's start, step {step}{how} — "
-                                   f"{run_label(meta)}",
+                table, cell, title=f"Codeword differs from the run's start, step {step}<br>"
+                                   f"<sub>{run_label(meta)} · {how}</sub>",
                 diff=diff, diff_title=f"minus {run_label(om)} (final)" if om else "")
         else:
             table = pd.DataFrame(columns=["block"] + plots.LAYER_COLUMNS)

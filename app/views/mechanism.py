@@ -82,8 +82,8 @@ class MechanismView:
             fig.add_trace(go.Bar(x=x, y=100 * first["null_conflict_share"], name="random regrouping (null)",
                                  marker_color="#bbbbbb"), 1, 1)
         else:
-            fig.add_annotation(text="not recorded in this trace (older run)", showarrow=False, xref="x domain",
-                               yref="y domain", x=0.5, y=0.5, row=1, col=1)
+            fig.add_annotation(text="not recorded in this trace<br>(older run)", showarrow=False, xref="paper",
+                               yref="paper", x=0.2, y=0.5, font=dict(size=14, color="#777"))
         for m, color in ((meta_a, plots.color(meta_a["method"])), (mb, plots.color(mb["method"]) if mb else None)):
             if m is None or not m.get("per_block_mse"):
                 continue
