@@ -42,7 +42,7 @@ def parse_args(argv=None):
                    help="open a public Gradio share link (needs --auth or $VQ4DIT_AUTH; GRADIO_SHARE is ignored)")
     p.add_argument("--threads", type=bounded_int(1, 1024), default=1,
                    help="torch CPU threads (1: tiny ops are much faster single-threaded on a busy box)")
-    # bounds = the app's own input limits (app/runs.py APP_LIMITS), checked here so no run fails after its work
+    # bounds = the app's own input limits (app/config.py APP_LIMITS), checked here so no run fails after its work
     g = p.add_argument_group("defaults shown in the Set-up panel (tests use tiny values)")
     g.add_argument("--iterations", type=bounded_int(1, 10_000), default=None,
                    help="calibration trajectories (default: library recipe)")
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class ServerSettings:
+class ServerBinding:
     def __init__(self, host: str, port: int, auth, exposed: bool, share: bool = False, notes=()):
         self.host, self.port, self.auth, self.exposed = host, port, auth, exposed
         self.share = share  # passed to launch() explicitly, so Gradio never decides it from GRADIO_SHARE
@@ -83,7 +83,7 @@ class ServerSettings:
                 f"(--no-auth): anyone who can reach it can start and cancel runs and download models")
 
 
-def resolve_server(args, env=None) -> ServerSettings:
+def resolve_server(args, env=None) -> ServerBinding:
     """Bind address, port and credentials from flags, then the project's and Gradio's variables.
     ValueError (one clear line) for a bad port, bad credentials or an exposed address without them."""
     from vq4dit.checks import is_loopback
@@ -116,7 +116,7 @@ def resolve_server(args, env=None) -> ServerSettings:
     notes = []
     if env.get("GRADIO_SHARE", "").strip() and not share:
         notes.append(f"GRADIO_SHARE={env['GRADIO_SHARE']!r} is ignored: no share link (pass --share and --auth for one)")
-    return ServerSettings(host, port, auth, exposed, share, notes)
+    return ServerBinding(host, port, auth, exposed, share, notes)
 
 
 def check_port_free(host: str, port: int):

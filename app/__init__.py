@@ -4,16 +4,19 @@
     demo = create_app(AppConfig(runs_dir="runs"))
     demo.launch()
 
-Modules: runs.py (runs dir, worker + stop flag, caches, pre-run estimate), plots.py (pure trace ->
-plotly figures), views.py (what each view shows for the shared selection, read through the Trace
-API), handlers.py (one named handler per event, taking a form object), layout.py (components and
-the wiring of events to handlers).
+Modules: config.py (AppConfig, RunRequest -> the library's build_config, limits), store.py (the runs
+dir and its cached reads), engine.py (FP teacher, the calibration worker, images), cache.py (the one
+LRU), plots.py (pure trace -> plotly figures), views/ (one module per tab, read through the Trace
+API), forms.py + text.py (form dataclasses, status lines), handlers.py (one named handler per event),
+layout.py (components and the wiring of events to handlers), demo.py (the shipped demo runs).
 """
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default (before gradio is imported)
 
-from .runs import AppConfig, Engine, RunSettings, RunStore, warm_umap_async  # noqa: E402
+from .config import AppConfig, RunRequest  # noqa: E402
+from .engine import Engine, warm_umap_async  # noqa: E402
+from .store import RunStore  # noqa: E402
 
 
 def create_app(cfg: AppConfig):
@@ -25,4 +28,4 @@ def create_app(cfg: AppConfig):
     return build_app(engine)
 
 
-__all__ = ["AppConfig", "Engine", "RunSettings", "RunStore", "create_app", "warm_umap_async"]
+__all__ = ["AppConfig", "Engine", "RunRequest", "RunStore", "create_app", "warm_umap_async"]

@@ -5,7 +5,7 @@
 
 `build` runs each DEMO_RUNS entry through the same worker as the app's Run button (the library's
 `run_method`, the app's evaluation), into a scratch runs dir, then writes a compact copy of each
-run (see `vq4dit.trace.Trace.compact(...).save(path)` and `vq4dit.io.save_quantized(fp_base=...)`)
+run (see `vq4dit.trace.Trace.compact` and `vq4dit.io.save_quantized(fp_base=...)`)
 into assets/demo_runs/<id>/. The app lists them read-only next to the runs dir (RunStore's
 `demo_root`): labelled "demo", never deleted or overwritten.
 """
@@ -18,11 +18,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from vq4dit.config import METHODS, SETTINGS, method_names, setting_kd
+import os
+import shutil
+from typing import Optional
 
-from vq4dit.io import load_dit
+from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, method_config, method_names, setting_kd
+from vq4dit.io import PACKED_CONFIG, load_dit, save_quantized
+from vq4dit.sampling import sample
 
-from .runs import DEMO_DIR, DEMO_METHOD, DEMO_PREFIX, AppConfig, Engine, RunSettings, RunStore, compact_run, write_demo_samples
+from .config import ROOT, RUN_ID_RE, AppConfig, RunRequest
+from .engine import Engine
+from .store import DEMO_DIR, DEMO_PREFIX, DEMO_SAMPLES, RUN_FILE, RunStore, _atomic_json, _clean
+
+# The demo runs show the default method with the paper's plain k-means init (its registry name,
+# e.g. vq4dit-ste for vq4dit-ste-aa) against codebook-only at the same init: the assignment
+# mechanism alone, not the init.
+DEMO_METHOD = method_config(DEFAULT_METHOD, activation_aware=False).method
 
 # (method, setting): our demo method (DEMO_METHOD) and the paper's baseline (the registry's calibrated method
 # with fixed k-means assignments) at the README benchmark's three settings, plus the paper's method
@@ -37,6 +48,19 @@ DEMO_ITERATIONS = 4        # half the small recipe's 8 trajectories (100 optimiz
 
 def demo_id(method: str, setting: str) -> str:
     return f"{DEMO_PREFIX}{method}-{setting}"
+
+
+# Opened first (no finished run of one's own yet): the setting where reassignment shows most clearly in
+# the demo pairs (XL-sharing: image MSE about half codebook-only's; at W2 the pair shows no image-space effect).
+FIRST_DEMO = demo_id(DEMO_METHOD, "XL-sharing")
+
+
+def demo_request(method: str, setting: str, iterations: Optional[int] = None) -> RunRequest:
+    """A demo run's request. Through `build_config` with the model's recipe it is the config of
+    `python -m vq4dit quantize --recipe small --method M --bits B --k K --d D --iterations 4 --seed 0`."""
+    k, d = setting_kd(setting)
+    return RunRequest(method=method, bits=SETTINGS[setting]["bits"], k=k, d=d, seed=0,
+                      calib=dict(iterations=iterations or DEMO_ITERATIONS))
 
 
 def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None = None,
@@ -54,12 +78,11 @@ def build(out: Path = DEMO_DIR, work: Path | None = None, only: list[str] | None
         if only and rid not in only:
             continue
         if rid not in done or not (work / "raw" / done[rid]).is_dir():
-            k, d = setting_kd(setting)
-            s = RunSettings(method=method, bits=SETTINGS[setting]["bits"], k=k, d=d,
-                            kmeans_iters=engine.kmeans_default, seed=0, calib=dict(engine.calib_defaults))
+            s = demo_request(method, setting, iterations)
             t0 = time.time()
-            log(f"[{time.strftime('%H:%M:%S')}] {rid}: calibrating ({s.calib['iterations']} x "
-                f"{s.calib['num_sampling_steps']} steps)")
+            c = engine.run_config(s).calib
+            log(f"[{time.strftime('%H:%M:%S')}] {rid}: calibrating ({c.iterations} x {c.num_sampling_steps} "
+                f"steps, recipe {c.recipe})")
             a = engine.start_run(s)
             while not a.done.wait(30):
                 log(f"  {a.phase} {a.layers_done}/{a.layers_total} layers, {len(a.rows)}/{a.total_steps} steps, "
@@ -96,6 +119,68 @@ def check(root: Path = DEMO_DIR, log=print) -> list[str]:
         store.model(rid)
         log(f"ok {rid}")
     return ids
+
+
+def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_base, n_samples: int,
+                max_records: Optional[int] = None) -> Path:
+    """A compact, self-contained copy of a saved run at out_root/new_id (replacing an older copy):
+    the trace via `Trace.compact(n_samples, max_records)`, the packed model without the FP parts it shares with
+    `fp_base`, run.json with the new id. Written to a temp dir and renamed into place."""
+    if not RUN_ID_RE.fullmatch(new_id) or not new_id.startswith(DEMO_PREFIX):
+        raise ValueError(f"demo run ids start with {DEMO_PREFIX!r}, got {new_id!r}")
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    src = store.run_dir(run_id)
+    meta = dict(store.meta(run_id), id=new_id, demo=True, built_from=run_id)
+    src_model = Path(str(meta.get("model_source") or "")).resolve()
+    if ROOT in src_model.parents:   # no absolute paths of the build machine in shipped files
+        meta["model_source"] = str(src_model.relative_to(ROOT))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{new_id}-tmp{os.getpid()}-", dir=out_root))
+    try:
+        tr = store.trace(run_id)
+        if tr is not None:
+            tr.compact(n_samples, max_records).save(tmp / "trace")
+        packed = json.loads((src / "model" / PACKED_CONFIG).read_text())
+
+        def keep_config(d: Path):  # the run's full method config (a reloaded model keeps only the VQ part)
+            m = json.loads((d / PACKED_CONFIG).read_text())
+            m["config"], m["extra"] = packed.get("config"), dict(packed.get("extra") or {}, run=new_id)
+            (d / PACKED_CONFIG).write_text(json.dumps(m, indent=1, default=str))
+
+        b = load_dit(src / "model")
+        save_quantized(b.transformer, tmp / "model", scheduler=b.scheduler, fp_base=fp_base, write_extra=keep_config)
+        _atomic_json(tmp / RUN_FILE, _clean(meta))
+        dst = out_root / new_id
+        if dst.exists():
+            old = out_root / f".{new_id}.old{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_demo_samples(engine: Engine, run_dir: Path, model, labels: list, seed: int, guidance: float, steps: int):
+    """Sample the run's and FP's images at the Images tab's defaults into run_dir/DEMO_SAMPLES (atomic)."""
+    from safetensors.torch import save_file
+    with engine.model_lock:
+        kw = dict(num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed), scheduler=engine.bundle.scheduler,
+                  vae=engine.bundle.vae)
+        run = sample(model, list(labels), **kw)
+        fp = sample(engine.teacher, list(labels), **kw)
+    meta = dict(labels=",".join(map(str, labels)), seed=str(seed), guidance=str(float(guidance)), steps=str(steps))
+    tmp = Path(run_dir) / f".{DEMO_SAMPLES}.tmp{os.getpid()}"
+    try:
+        save_file({"run": run.half().contiguous(), "fp": fp.half().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, Path(run_dir) / DEMO_SAMPLES)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 
 def main(argv=None) -> int:

@@ -7,112 +7,37 @@ component.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import fields, replace
 
 import gradio as gr
 
-from vq4dit.config import METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
+from vq4dit.config import INITS, METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
 from vq4dit.naming import layer_kind
 
 from . import plots
-from .runs import Engine, RunSettings, image_params
+from .config import RunRequest, image_params
+from .engine import Engine
+from .forms import ImageForm, SetupForm, ViewForm
+from .store import pair_key, run_label
+from .text import estimate_text, method_description, status_text
 from .views import Views
-
-# ----------------------------------------------------------------------------------------
-# Forms: the values of a group of components, by name
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class SetupForm:
-    """The Set-up panel (field order = the /run endpoint's parameter order)."""
-    method: str
-    bits: Any
-    k: Any
-    d: Any
-    n_candidates: Any
-    iterations: Any
-    sampling_steps: Any
-    kmeans_iters: Any
-    lr_logits: Any
-    lr_codebook: Any
-    lambda_r: Any
-    seed: Any
-
-    def settings(self, calib_defaults: dict) -> RunSettings:
-        """RunSettings for the library; ValueError naming the field when a value is not usable."""
-        def i(v, name):
-            if v is None or v == "":
-                raise ValueError(f"{name} is empty")
-            if not math.isfinite(float(v)):
-                raise ValueError(f"{name} must be a finite whole number, got {v}")
-            if float(v) != int(float(v)):
-                raise ValueError(f"{name} must be a whole number, got {v}")
-            return int(float(v))
-        calib = dict(calib_defaults, iterations=i(self.iterations, "iterations"),
-                     num_sampling_steps=i(self.sampling_steps, "sampling steps"),
-                     lr_logits=float(self.lr_logits), lr_codebook=float(self.lr_codebook),
-                     lambda_r=float(self.lambda_r), seed=i(self.seed, "seed"))
-        return RunSettings(method=self.method, bits=i(self.bits, "bits"), k=i(self.k, "k"), d=i(self.d, "d"),
-                           n_candidates=i(self.n_candidates, "candidates n"),
-                           kmeans_iters=i(self.kmeans_iters, "k-means iterations"), seed=i(self.seed, "seed"),
-                           calib=calib)
-
-
-@dataclass
-class ImageForm:
-    """The Images tab's controls plus the run they sample (and the picked comparison run)."""
-    run: Optional[str]
-    labels: str
-    seed: Any
-    guidance: Any
-    steps: Any
-    compare: Optional[str] = None   # "" / None = automatic baselines
-
-
-@dataclass
-class ViewForm:
-    """What the layer views read: the shared selection and the cluster-view options."""
-    sel: Optional[dict]
-    color_by: str
-    projection: str
-    full: bool = False   # every sub-vector of the final model as a density image
-
-
-def form_inputs(form_cls, ui) -> list:
-    """The components of `form_cls`, in field order (attribute names of `ui` = field names)."""
-    return [getattr(ui, f.name) for f in fields(form_cls)]
-
-
-def form_event(fn, form_cls, lead: int = 0):
-    """Adapter for Gradio: the first `lead` values are passed as they are, the rest become one
-    `form_cls`. Keeps generator functions generators (Gradio streams them) and the name (api_name)."""
-    if inspect.isgeneratorfunction(fn):
-        def event(*values):
-            yield from fn(*values[:lead], form_cls(*values[lead:]))
-    else:
-        def event(*values):
-            return fn(*values[:lead], form_cls(*values[lead:]))
-    event.__name__ = event.__qualname__ = fn.__name__
-    event.__doc__ = fn.__doc__
-    return event
-
 
 AUTO_COMPARE = ("automatic: newest finished baseline", "")
 
 # The outputs of `Handlers.render_layer_views`, in order (names of the ui components), and the
 # views each tab shows (tab ids as in layout.py; the other tabs show no layer view).
-LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "conflict_note", "other_btn",
+LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "mech_md", "mech_plot",
+               "conflict_note", "other_btn",
                "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
 TAB_VIEWS = {"clusters": ["cluster_plot", "cluster_note"], "evolution": ["evol_plot", "evol_cmp_plot"],
+             "mechanism": ["mech_md", "mech_plot"],
              "conflicts": ["conflict_note", "other_btn", "conflict_plot", "worst_plot", "summary_plot", "summary_md"],
              "changes": ["heat_plot", "changes_df", "mse_plot"]}
 TAB_IDS = {"Set up & calibrate": "setup", "Codebook clusters": "clusters", "Assignment evolution": "evolution",
+           "Mechanism": "mechanism",
            "Gradient conflicts": "conflicts", "Per-block changes": "changes", "Images": "images", "Runs": "runs"}
 
 
@@ -144,7 +69,7 @@ class Handlers:
         otherwise the status line offers to calibrate it."""
         k, d = setting_kd(setting)
         bits = SETTINGS[setting]["bits"]
-        rid = self.views.newest(bits, lambda sp: sp is not None and sp.name == method, kd=(k, d))
+        rid = self.views.newest(lambda sp: sp is not None and sp.name == method, kd=(k, d))
         if rid is None:
             msg = f"No finished **{method} {setting}** run yet ({k}×{d}): press **Run** to calibrate it."
             return gr.update(value=bits), gr.update(value=k), gr.update(value=d), gr.skip(), msg
@@ -159,17 +84,18 @@ class Handlers:
         return estimate_text(self.engine, form)
 
     def lock_run(self):
-        """While a run streams, Run buttons are disabled (a second click would only queue silently)."""
-        return gr.update(interactive=False), gr.update(interactive=False)
+        """While a run streams, Run buttons are disabled (a second click would only queue silently) and
+        Cancel is enabled; it is disabled while idle."""
+        return gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=True)
 
     def unlock_run(self):
-        return gr.update(interactive=True), gr.update(interactive=True)
+        return gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=False)
 
     def run(self, form: SetupForm):
         """Validate the Set-up form, then stream the run (status, live curves, runs list)."""
         try:
             s = form.settings(self.engine.calib_defaults)
-            s.config()
+            self.engine.run_config(s)
         except (ValueError, TypeError) as e:
             raise gr.Error(f"Invalid settings: {e}", print_exception=False)
         yield from self._stream_run(s)
@@ -184,7 +110,14 @@ class Handlers:
         meta = self.store.meta(sel["run"])
         rb = int(meta["bits"])
         k, d = meta.get("k") or VQ_PRESETS.get(rb, (form.k, form.d))[0], meta.get("d") or VQ_PRESETS.get(rb, (form.k, form.d))[1]
-        yield from self.run(SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}))
+        try:  # the missing side pairs with the selected run: same k, d and init (`pair_key`)
+            s = SetupForm(**{**vars(form), "method": missing, "bits": rb, "k": k, "d": d}).settings(
+                self.engine.calib_defaults)
+            s = replace(s, init=INITS[1] if pair_key(meta)[2] else INITS[0])  # (plain k-means, act-aware)
+            self.engine.run_config(s)
+        except (ValueError, TypeError) as e:
+            raise gr.Error(f"Invalid settings: {e}", print_exception=False)
+        yield from self._stream_run(s)
 
     def cancel(self):
         a = self.engine.active
@@ -194,7 +127,7 @@ class Handlers:
         return (f"**Cancelling {a.settings.method} W{a.settings.bits}** — calibration stops after the current "
                 f"optimizer step; the partial trace and model are saved.")
 
-    def _stream_run(self, s: RunSettings):
+    def _stream_run(self, s: RunRequest):
         engine, store = self.engine, self.store
         try:
             a = engine.start_run(s)
@@ -229,8 +162,9 @@ class Handlers:
 
     def first_open(self) -> dict:
         """What the page shows before any event: the default run (`Views.default_run`, a demo run
-        when the runs dir has no finished run) loaded into every view, so the first paint has data.
-        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered."""
+        when the runs dir has no finished run) loaded into every view, so the first paint has data,
+        and its settings in Set-up (so the method there is the run's on screen).
+        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered, setup."""
         rid = self.views.default_run()
         if not rid:
             return {}
@@ -239,9 +173,14 @@ class Handlers:
             *layer_views, rendered = self.render_layer_views(None, None, ViewForm(sel, "codeword", "PCA"))
         except gr.Error:
             return {}
+        setup = {f.name: u.get("value") for f, u in zip(fields(SetupForm), self._setup_of(rid))
+                 if isinstance(u, dict) and "value" in u}
+        st = self._setting_of(rid)
+        if isinstance(st, dict) and "value" in st:
+            setup["setting"] = st["value"]
         return dict(run=rid, block=block, layer=layer, snap=snap, sel=sel, live=live, dl_trace=dl_trace,
                     dl_model=dl_model, rd=plots.rd_figure(self.store.table(), rid), layer_views=layer_views,
-                    rendered=rendered)
+                    rendered=rendered, setup=setup)
 
     # -- runs list -------------------------------------------------------------------------
     def _runs_outputs(self, current=None):
@@ -303,9 +242,14 @@ class Handlers:
         cleared (never shown as this run's), and the Set-up panel shows the run's settings."""
         rd = self._runs_outputs(run_id)[2]
         if not run_id:
-            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm)), gr.skip()
+            return rd, None, None, "", *[gr.skip()] * len(fields(SetupForm)), gr.skip(), ""
         note = f"Images cleared: press **Generate images** to sample `{run_id}`."
-        return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id)
+        m = self.store.meta(run_id)
+        c = (m.get("config") or {}).get("calib") or {}
+        budget = f", budget {c['iterations']} × {c['num_sampling_steps']} steps" if c.get("iterations") else ""
+        status = (f"Loaded `{run_id}` ({run_label(m)}). **Set-up now holds its settings**{budget}: change them "
+                  f"before pressing Run for a different run.")
+        return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id), status
 
     def _setting_of(self, run_id):
         """The Setting dropdown for a saved run: the named setting with its bits and k x d, if any."""
@@ -412,6 +356,9 @@ class Handlers:
             return dict(evol_plot=views.evolution(sel),
                         evol_cmp_plot=gr.update(value=ofig, visible=True) if ofig is not None
                         else gr.update(value=None, visible=False))
+        if tab == "mechanism":
+            md, fig = views.mechanism(sel)
+            return dict(mech_md=md, mech_plot=fig)
         if tab == "conflicts":
             note, missing, kfig, wfig = views.conflicts(sel)
             sfig, smd = views.conflict_summary(sel)
@@ -478,62 +425,3 @@ class Handlers:
             raise _error(e)
 
 
-# ----------------------------------------------------------------------------------------
-# Text
-# ----------------------------------------------------------------------------------------
-
-
-def setting_choices() -> list[tuple[str, str]]:
-    """Dropdown choices: (label with bits and k×d, setting name), every named setting."""
-    return [(f"{n} ({SETTINGS[n]['bits']}-bit, {setting_kd(n)[0]}×{setting_kd(n)[1]})", n) for n in SETTINGS]
-
-
-def method_description(method: Optional[str]) -> str:
-    spec = METHODS.get(method or "")
-    return f"**{method}** — {spec.description}" if spec else ""
-
-
-def methods_table() -> str:
-    """Markdown list of every registered method with its one-line description."""
-    return "\n".join(f"- **{n}** — {m.description}" for n, m in METHODS.items())
-
-
-def status_text(a) -> str:
-    """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
-    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
-    k-means time does not inflate the calibration ETA)."""
-    s = a.settings
-    el = time.time() - a.t0
-    head = f"**{s.method} W{s.bits}** — "
-    tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
-    done = len(a.rows)
-    if a.phase == "k-means init" and a.layers_total:
-        i, n = a.layers_done, a.layers_total
-        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
-        return head + f"k-means: layer {i}/{n}{eta}" + tail
-    if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
-        return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
-    if a.phase == "calibrating" and a.total_steps and done:
-        r = a.rows[-1]
-        eta = r["seconds"] / done * (a.total_steps - done)
-        return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
-                       f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
-                + tail)
-    return head + f"{a.phase}…" + tail
-
-
-def estimate_text(engine: Engine, form: SetupForm) -> str:
-    """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
-    try:
-        s = form.settings(engine.calib_defaults)
-        cfg = s.config()
-    except (ValueError, TypeError, KeyError) as e:
-        return f"**Estimate:** invalid settings ({e})"
-    est = engine.estimate(cfg)
-    if est.get("error"):
-        return f"**Estimate:** {est['error']}"
-    t = est.get("seconds")
-    when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
-    return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "
-            f"({est['n_weights'] / 1e6:.2f} M quantized weights → {est['bytes'] / 2**20:.2f} MiB packed, "
-            f"vs {est['n_weights'] * 4 / 2**20:.1f} MiB fp32); {est['steps']} calibration steps; time {when}.")

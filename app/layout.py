@@ -14,9 +14,10 @@ import gradio as gr
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
-from .handlers import (AUTO_COMPARE, LAYER_VIEWS, Handlers, ImageForm, SetupForm, ViewForm, form_event, form_inputs,
-                       method_description, methods_table, setting_choices)
-from .runs import Engine
+from .engine import Engine
+from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
+from .handlers import AUTO_COMPARE, LAYER_VIEWS, Handlers
+from .text import method_description, methods_table, setting_choices
 from .views import FULL_CLUSTER_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
@@ -28,7 +29,11 @@ CAPTIONS = {
         "noise and nudges codewords and assignments so each transformer block's output matches the teacher's. "
         "Left: output error of each block (blue lines) and their mean (red) — lower is better. Middle: the "
         "regularizer L_r, which is 0 when every sub-vector has committed to one codeword. Right: share of "
-        "sub-vectors already frozen to their codeword. Curves update about once a second while a run is going."),
+        "sub-vectors already frozen to their codeword. Curves update about once a second while a run is going. "
+        "The sawtooth of the block-MSE curve is one teacher trajectory per tooth (25 sampler steps: each starts "
+        "from pure noise, where blocks are hardest to match), not instability. If the frozen share stays at 0 "
+        "until the last step, progressive freezing never happened at this budget: every layer was made hard at "
+        "the end (the *Mechanism* tab says so per run)."),
     "clusters": (
         "**How to read this.** Each dot is one weight sub-vector (a fixed random sample), each black cross a "
         "codeword; grey rings mark where the codewords started (k-means). Every dot is replaced by the codeword "
@@ -50,14 +55,26 @@ CAPTIONS = {
         "its own loss gradient. Coherence = |sum of the gradients| / sum of their lengths: 1 means they all "
         "agree, near 0 means they cancel and the codeword cannot move usefully. Heatmaps: distribution of the "
         "coherence over all codewords of this layer at each logged step (one per method; the line is the "
-        "mean). Right: share of sub-vector gradients pointing against their codeword's sum. The paper's "
-        "argument: with codebook-only calibration this conflict stays; VQ4DiT lets conflicting sub-vectors "
-        "move to another codeword, so conflict should drop. Bottom: the least coherent codeword's gradients "
-        "as arrows (projected to 2-D by PCA when d > 2); orange arrows oppose the sum."),
+        "mean). Right: share of sub-vector gradients pointing against their codeword's sum (each sub-vector is "
+        "included in its own codeword's sum here, which biases it toward agreement; the *Mechanism* tab reads the "
+        "unbiased leave-one-out version against a random-regrouping null and says whether there is an effect). "
+        "Bottom: the least coherent codeword's gradients as arrows (projected to 2-D by PCA when d > 2); orange "
+        "arrows oppose the sum."),
+    "mechanism": (
+        "**How to read this.** The paper's argument: sub-vectors sharing a codeword pull it in conflicting "
+        "directions, so calibrating codebooks alone fails, and letting sub-vectors move to another codeword "
+        "fixes it. Each line above tests one step of that on this run and its pair (same k×d, init and seed; "
+        "codebook-only vs an assignment-training method), with a 95% interval over layers or blocks: "
+        "**effect** only where the interval excludes 0, otherwise **no effect at this setting**. Left: per layer, "
+        "the share of sub-vectors whose gradient points against the rest of its codeword (leave-one-out) at the "
+        "first logged step, next to the share a random regrouping of the same gradients into codewords of the "
+        "same sizes gives. Right: block-output MSE of the two runs (lower is better). The calibration curve's "
+        "sawtooth in Set-up is one teacher trajectory per cycle (noisy, early timesteps first), not instability."),
     "changes": (
         "**How to read this.** Each cell is one layer (q, k, v attention projections shown separately, out "
         "projection, MLP fc1/fc2, adaLN modulation) of one transformer block: the % of its sub-vectors whose "
-        "codeword at the selected snapshot differs from the k-means one (white = none). With a run picked in "
+        "codeword at the selected snapshot differs from the one the run started from (step 0, so snapshot 0 "
+        "reads 0; white = none). With a run picked in "
         "*Compare with*, the right panel shows this run minus that run's final map (red = this run changed more). "
         "Click a cell of the heatmap or of the table below to make that layer the current layer in every view. "
         "Right: block-output MSE against the FP model on held-out noise (bars; hatched = the compared "
@@ -88,6 +105,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
     store = engine.store
     cd = engine.calib_defaults
     init = init or {}
+    su = init.get("setup") or {}   # the default run's settings, so Set-up matches the run on screen
     lv = dict(zip(LAYER_VIEWS, init.get("layer_views") or [None] * len(LAYER_VIEWS)))
     upd = lambda name, **default: {**default, **{k: v for k, v in (init.get(name) or {}).items() if k != "__type__"}}
     with gr.Blocks(title="VQ4DiT explorer") as demo:
@@ -114,17 +132,18 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate", id="setup"):
                 with gr.Row():
-                    bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1, value=2)
-                    setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value="W2",
+                    bits = gr.Slider(label="Bit-width (index bits per weight)", minimum=2, maximum=4, step=1,
+                                     value=su.get("bits", 2))
+                    setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value=su.get("setting", "W2"),
                                           info="XL-sharing: as many sub-vectors per codeword as DiT-XL/2 at W2")
-                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=DEFAULT_METHOD)
-                method_md = gr.Markdown(method_description(DEFAULT_METHOD))
+                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=su.get("method", DEFAULT_METHOD))
+                method_md = gr.Markdown(method_description(su.get("method", DEFAULT_METHOD)))
                 with gr.Accordion("What the methods are", open=False):
                     gr.Markdown(methods_table())
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
-                        k_nb = gr.Number(label="k (codewords, power of 2)", value=VQ_PRESETS[2][0], precision=0)
-                        d_nb = gr.Number(label="d (sub-vector length)", value=VQ_PRESETS[2][1], precision=0)
+                        k_nb = gr.Number(label="k (codewords, power of 2)", value=su.get("k", VQ_PRESETS[2][0]), precision=0)
+                        d_nb = gr.Number(label="d (sub-vector length)", value=su.get("d", VQ_PRESETS[2][1]), precision=0)
                         n_nb = gr.Number(label="candidates n", value=2, precision=0)
                         km_nb = gr.Number(label="k-means iterations", value=engine.kmeans_default, precision=0)
                     with gr.Row():
@@ -141,7 +160,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                 "W3: 64×2, W4: 256×2).")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary")
-                    cancel_btn = gr.Button("Cancel", variant="stop")
+                    cancel_btn = gr.Button("Cancel", variant="stop", interactive=False)  # enabled while a run goes
                 estimate_md = gr.Markdown()
                 status_md = gr.Markdown("Idle. Press **Run** to quantize and calibrate the model.")
                 live_plot = gr.Plot(label="Calibration curves", value=init.get("live") or views.calibration(None))
@@ -149,7 +168,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
             with gr.Tab("Codebook clusters", id="clusters"):
                 with gr.Row():
                     color_by = gr.Radio(label="Colour sub-vectors by", value="codeword",
-                                        choices=["codeword", "top ratio", "assignment changed"])
+                                        choices=["codeword", "top ratio", "assignment changed", "gradient agreement"])
                     projection = gr.Radio(label="Projection (d > 2)", value="PCA", choices=["PCA", "UMAP"])
                     full_cb = gr.Checkbox(label="All sub-vectors of the final model (density image)", value=False,
                                           info=f"up to {FULL_CLUSTER_MAX:,} points, from the weights; snapshots and UMAP "
@@ -161,6 +180,10 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 evol_plot = gr.Plot(label="Assignment ratios over calibration", value=lv["evol_plot"])
                 evol_cmp_plot = gr.Plot(label="Assignment ratios of the compared run", visible=False)
                 gr.Markdown(CAPTIONS["evolution"])
+            with gr.Tab("Mechanism", id="mechanism"):
+                mech_md = gr.Markdown(lv["mech_md"])
+                mech_plot = gr.Plot(label="Mechanism measures", value=lv["mech_plot"])
+                gr.Markdown(CAPTIONS["mechanism"])
             with gr.Tab("Gradient conflicts", id="conflicts"):
                 conflict_note = gr.Markdown(lv["conflict_note"])
                 other_btn = gr.Button(variant="secondary", **{**dict(value="Run", visible=False),
@@ -173,7 +196,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 gr.Markdown(CAPTIONS["conflicts"])
             with gr.Tab("Per-block changes", id="changes"):
                 with gr.Row():
-                    heat_plot = gr.Plot(label="Assignment changes vs k-means (click a cell to select that layer)", scale=3,
+                    heat_plot = gr.Plot(label="Assignment changes since the run's start (click a cell to select that layer)", scale=3,
                                         value=lv["heat_plot"], elem_id="heat-plot")
                     mse_plot = gr.Plot(label="Per-block MSE", scale=2, value=lv["mse_plot"])
                 changes_df = gr.Dataframe(label="Changed codewords (% of sub-vectors) — click a cell to select that layer",
@@ -211,7 +234,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         mse_plot=mse_plot, changes_df=changes_df, gen_btn=gen_btn, image_out=image_out, image_note=image_note,
         image_metrics=image_metrics, runs_df=runs_df, refresh_btn=refresh_btn, dl_trace=dl_trace,
         dl_model=dl_model, rd_plot=rd_plot, estimate_md=estimate_md, tabs=tabs,
-        summary_plot=summary_plot, summary_md=summary_md,
+        summary_plot=summary_plot, summary_md=summary_md, mech_md=mech_md, mech_plot=mech_plot,
         setup=SimpleNamespace(method=method, bits=bits, k=k_nb, d=d_nb, n_candidates=n_nb, iterations=it_nb,
                               sampling_steps=st_nb, kmeans_iters=km_nb, lr_logits=lrl_nb, lr_codebook=lrc_nb,
                               lambda_r=lam_nb, seed=seed_nb),
@@ -254,13 +277,16 @@ def wire(ui: SimpleNamespace, h: Handlers):
     make_images = form_event(h.make_images, ImageForm)
     render_cluster = form_event(h.render_cluster, ViewForm)
 
-    run_buttons = [ui.run_btn, ui.other_btn]
+    run_buttons = [ui.run_btn, ui.other_btn, ui.cancel_btn]
     ui.setup.bits.input(h.preset, [ui.setup.bits, ui.setup.method],
                         [ui.setting, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md],
                         queue=False, api_name="bits")  # user moves only (load_run sets bits too)
     ui.setting.input(h.choose_setting, [ui.setting, ui.setup.method],
                      [ui.setup.bits, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md], queue=False, api_name="setting")
     ui.setup.method.change(h.describe_method, ui.setup.method, ui.method_md, queue=False)
+    ui.setup.method.input(h.choose_setting, [ui.setting, ui.setup.method],  # the same run lookup as the slider
+                          [ui.setup.bits, ui.setup.k, ui.setup.d, ui.run_dd, ui.status_md], queue=False,
+                          api_name="method")
     estimate = form_event(h.estimate, SetupForm)
     gr.on([c.change for c in setup], estimate, setup, ui.estimate_md, queue=False,
           trigger_mode="always_last", api_name="estimate")
@@ -271,6 +297,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
             fn, inputs, run_outputs, api_name=name, **MODEL_QUEUE)
         ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
         ran.then(h.unlock_run, None, run_buttons, queue=False)
+        ran.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)  # the new run is comparable at once
         ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
     ui.gen_btn.click(form_event(h.check_images, ImageForm), images, None, concurrency_limit=None).success(
@@ -279,7 +306,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.run_dd.change(h.load_run, [ui.run_dd, ui.sel],
                      [ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot, ui.dl_trace, ui.dl_model],
                      api_name="load_run", show_progress="full",
-                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting],
+                     show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting, ui.status_md],
                                                   api_name="run_context")
     busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)

@@ -15,6 +15,8 @@ from plotly.subplots import make_subplots
 from vq4dit.config import METHODS
 from vq4dit.naming import LAYER_KINDS, block_index, layer_kind
 
+from .config import method_spec
+
 LAYER_COLUMNS = list(LAYER_KINDS)  # one heatmap column per layer kind (q, k, v, out, fc1, fc2, adaLN)
 FP_COLOR = "#444444"
 _METHOD_PALETTE = ["#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf",
@@ -28,9 +30,8 @@ def color(method: str) -> str:
     """One colour per method, by its place in the registry (derived names 'm+switch=..' share m's)."""
     if method == "fp":
         return FP_COLOR
-    names = list(METHODS)
-    base = (method or "").split("+", 1)[0]
-    return _METHOD_PALETTE[names.index(base) % len(_METHOD_PALETTE)] if base in names else "#7f7f7f"
+    spec = method_spec(method)   # the app's one parser of derived names
+    return _METHOD_PALETTE[list(METHODS).index(spec.name) % len(_METHOD_PALETTE)] if spec else "#7f7f7f"
 
 
 def layer_label(name: str) -> str:
@@ -93,22 +94,31 @@ def calibration_figure(steps: pd.DataFrame, title: str = "", uirevision: str = "
 
 def cluster_figure(xy_samples: np.ndarray, xy_codebook: np.ndarray, xy_codebook0: Optional[np.ndarray],
                    assign: np.ndarray, top_ratio: np.ndarray, assign0: np.ndarray, color_by: str,
-                   title: str, axis: str, n_candidates: int = 2, uirevision: str = "") -> go.Figure:
+                   title: str, axis: str, n_candidates: int = 2, uirevision: str = "",
+                   loo_cos: Optional[np.ndarray] = None) -> go.Figure:
     """Sample sub-vectors (dots) and codewords (crosses) in 2-D; step-0 codewords as grey rings.
+    `loo_cos`: each sub-vector's leave-one-out gradient cosine with its codeword (colour "gradient agreement").
     SVG scatter, not WebGL: ~800 points draw fast, and every re-render of a Scattergl plot leaks a
     WebGL context in the browser ("Too many active WebGL contexts")."""
     fig = go.Figure()
-    hover = [f"codeword {a}<br>top ratio {r:.3f}<br>k-means codeword {a0}"
+    hover = [f"codeword {a}<br>top ratio {r:.3f}<br>codeword at the start {a0}"
              for a, r, a0 in zip(assign, top_ratio, assign0)]
-    if color_by == "top ratio":
+    if color_by == "gradient agreement" and loo_cos is not None:
+        marker = dict(size=6, color=loo_cos, colorscale="RdBu", cmin=-1.0, cmax=1.0,
+                      colorbar=dict(title="cos(g, rest of<br>its codeword)", len=0.8))
+        fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
+                                 name=f"sub-vectors (red = conflicts: {100 * float((loo_cos < 0).mean()):.0f}%)",
+                                 text=[f"{h}<br>leave-one-out cos {c:+.2f}" for h, c in zip(hover, loo_cos)],
+                                 hoverinfo="text"))
+    elif color_by == "top ratio":
         marker = dict(size=6, color=top_ratio, colorscale="Viridis", cmin=1.0 / max(n_candidates, 1), cmax=1.0,
                       colorbar=dict(title="top ratio", len=0.8))
         fig.add_trace(go.Scatter(x=xy_samples[:, 0], y=xy_samples[:, 1], mode="markers", marker=marker,
                                    name="sub-vectors", text=hover, hoverinfo="text"))
     elif color_by == "assignment changed":
         changed = assign != assign0
-        for mask, name, col in ((~changed, f"same codeword as k-means ({(~changed).sum()})", "#9ecae1"),
-                                (changed, f"changed vs k-means ({changed.sum()})", "#d62728")):
+        for mask, name, col in ((~changed, f"same codeword as at the start ({(~changed).sum()})", "#9ecae1"),
+                                (changed, f"changed since the start ({changed.sum()})", "#d62728")):
             fig.add_trace(go.Scatter(x=xy_samples[mask, 0], y=xy_samples[mask, 1], mode="markers",
                                        marker=dict(size=6 if name.startswith("changed") else 5, color=col),
                                        name=name, text=[h for h, m in zip(hover, mask) if m], hoverinfo="text"))
@@ -237,112 +247,6 @@ def evolution_figure(hist: tuple, frozen: pd.DataFrame, paths: pd.DataFrame, har
 # ----------------------------------------------------------------------------------------
 
 
-def conflict_figure(per_run: dict, title: str) -> go.Figure:
-    """per_run: {label: (method, `Trace.conflicts(layer)` frame)}. Coherence histogram vs step per run
-    (bins from the frame's `coherence_hist`) + conflict share of every run on one axis."""
-    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
-    if not per_run:
-        return message_figure("No gradient statistics for this layer.")
-    n = len(per_run)
-    titles = [f"{k}: per-codeword coherence" for k in per_run] + ["Conflicting gradients (%)"]
-    fig = make_subplots(rows=1, cols=n + 1, horizontal_spacing=0.08, subplot_titles=titles)
-    for i, (label, (method, rows)) in enumerate(per_run.items()):
-        hist = rows.attrs["coherence_hist"]                        # (T, bins) over [0, 1]
-        centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
-        fig.add_trace(go.Heatmap(x=rows["step"], y=centers, z=100 * hist.T, colorscale="Magma_r",
-                                 zmin=0, zmax=100, showscale=i == 0,
-                                 colorbar=dict(title="% of codewords", orientation="h", y=-0.42, x=0.3, len=0.4,
-                                               thickness=12),
-                                 hovertemplate=f"{label}<br>step %{{x}}<br>coherence ≈ %{{y:.2f}}<br>%{{z:.1f}}% of codewords<extra></extra>"),
-                      1, i + 1)
-        fig.add_trace(go.Scatter(x=rows["step"], y=rows["coherence_mean"], mode="lines",
-                                 line=dict(color=color(method), width=2), name=f"{label}: mean coherence",
-                                 showlegend=False), 1, i + 1)
-        fig.add_trace(go.Scatter(x=rows["step"], y=100 * rows["conflict_share"], mode="lines+markers",
-                                 marker=dict(size=4), line=dict(color=color(method), dash="solid" if i == 0 else "dot"),
-                                 name=label), 1, n + 1)
-        fig.update_yaxes(title_text="coherence |Σg| / Σ|g|" if i == 0 else None, range=[0, 1], row=1, col=i + 1)
-        fig.update_xaxes(title_text="optimizer step", row=1, col=i + 1)
-    fig.update_yaxes(title_text="% opposing their codeword's sum", row=1, col=n + 1)
-    fig.update_xaxes(title_text="optimizer step", row=1, col=n + 1)
-    fig.update_layout(**{**BASE, "margin": dict(l=60, r=20, t=90, b=40)}, height=460, title=title,
-                      legend=dict(orientation="h", y=-0.3, x=0.7))
-    return fig
-
-
-def conflict_summary_figure(per_run: dict, title: str) -> go.Figure:
-    """per_run: {label: (method, `Trace.conflict_summary()` frame)}. Conflict share of every layer
-    (blocks x layer kinds, in model order), one bar series per run, the model-wide mean as a line."""
-    per_run = {k: v for k, v in per_run.items() if v[1] is not None and len(v[1])}
-    if not per_run:
-        return message_figure("No gradient statistics in these runs (methods without calibration record none).")
-    order = {c: i for i, c in enumerate(LAYER_COLUMNS)}
-    fig = go.Figure()
-    for i, (label, (method, df)) in enumerate(per_run.items()):
-        df = df.assign(_o=df["kind"].map(lambda k: order.get(k, 99))).sort_values(["block", "_o"])
-        x = [f"{b}·{k}" for b, k in zip(df["block"], df["kind"])]
-        mean = 100 * float(df["conflict_share"].mean())
-        fig.add_trace(go.Bar(x=x, y=100 * df["conflict_share"], name=f"{label} (mean {mean:.1f}%)",
-                             marker_color=color(method), opacity=0.85 if i == 0 else 0.6,
-                             marker_pattern_shape="" if i == 0 else "/",
-                             hovertemplate=f"{label}<br>block·layer %{{x}}<br>%{{y:.1f}}% conflicting<extra></extra>"))
-        fig.add_hline(y=mean, line=dict(color=color(method), dash="dash" if i == 0 else "dot", width=1.5))
-    fig.update_layout(**BASE, height=360, title=title, barmode="group", bargap=0.15,
-                      xaxis=dict(title="block · layer", tickangle=-60, tickfont=dict(size=9)),
-                      yaxis=dict(title="% conflicting gradients"),
-                      legend=dict(orientation="h", y=1.12, x=0))
-    return fig
-
-
-def worst_codeword_figure(grads: Optional[np.ndarray], codeword: Optional[int], step: Optional[int],
-                          method: str) -> go.Figure:
-    """The lowest-coherence codeword's sub-vector gradients as arrows from the origin (2-D)."""
-    if grads is None or len(grads) == 0:
-        return message_figure("No gradient snapshot for this layer at this step\n(step 0 and the final step have none).", 380)
-    g = np.asarray(grads, dtype=np.float64)
-    axis = "gradient dim"
-    if g.shape[1] > 2:
-        _, _, vt = np.linalg.svd(g - g.mean(0), full_matrices=False)  # PCA axes of the gradients
-        g2 = g @ vt[:2].T
-        axis = "gradient PC"
-    elif g.shape[1] == 1:
-        g2 = np.concatenate([g, np.zeros_like(g)], 1)
-    else:
-        g2 = g
-    scale = np.abs(g2).max() or 1.0
-    g2 = g2 / scale
-    s_full = g.sum(0)
-    opposing_mask = g @ s_full < 0  # cosine sign in the full d-dim space, not the projection
-    s = g2.sum(0)
-    coherence = np.linalg.norm(g.sum(0)) / max(np.linalg.norm(g, axis=1).sum(), 1e-30)
-    fig = go.Figure()
-    xs, ys, xo, yo = [], [], [], []
-    for v, opposing in zip(g2, opposing_mask):
-        (xo if opposing else xs).extend([0, v[0], None])
-        (yo if opposing else ys).extend([0, v[1], None])
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", line=dict(color="#1f77b4", width=1.2),
-                             marker=dict(symbol="arrow", size=9, angleref="previous"),
-                             name="sub-vector gradient agreeing with the sum"))
-    fig.add_trace(go.Scatter(x=xo, y=yo, mode="lines+markers", line=dict(color="#ff7f0e", width=1.2),
-                             marker=dict(symbol="arrow", size=9, angleref="previous"),
-                             name="opposing the sum (cos < 0)"))
-    sn = s / (np.abs(s).max() or 1.0)
-    fig.add_trace(go.Scatter(x=[0, sn[0]], y=[0, sn[1]], mode="lines+markers", line=dict(color="black", width=3),
-                             marker=dict(symbol="arrow", size=14, angleref="previous"),
-                             name="sum (direction the codeword moves, rescaled)"))
-    fig.update_layout(**BASE, height=420,
-                      title=f"{method}: worst codeword #{codeword} at step {step} — {len(g)} gradients, coherence {coherence:.2f}",
-                      xaxis=dict(title=f"{axis} 1 (scaled to max 1)", zeroline=True, scaleanchor="y"),
-                      yaxis=dict(title=f"{axis} 2 (scaled)", zeroline=True),
-                      legend=dict(orientation="h", y=-0.2, x=0))
-    return fig
-
-
-# ----------------------------------------------------------------------------------------
-# Per-block assignment changes and block MSE
-# ----------------------------------------------------------------------------------------
-
-
 def changes_table(final_rows: pd.DataFrame, n_blocks: int, value: str = "changed_frac") -> pd.DataFrame:
     """Blocks x layer kinds (q, k, v, out, fc1, fc2, adaLN) of `value` in %, for the table and heatmap."""
     t = pd.DataFrame(index=range(n_blocks), columns=LAYER_COLUMNS, dtype=float)
@@ -367,7 +271,11 @@ def changes_heatmap(table: pd.DataFrame, selected: Optional[tuple] = None, title
     fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14,
                         subplot_titles=("this run", diff_title) if cols == 2 else None)
     bar = dict(title="%", x=0.44, xanchor="left", thickness=12) if cols == 2 else dict(title="% changed")
-    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, colorbar=bar,
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
+    if top <= 0:   # nothing changed: white everywhere (a zero-width colour range would paint it red), say so
+        title = (title + "<br>" if title else "") + "<sub>no sub-vector changed codeword (0% everywhere)</sub>"
+    fig.add_trace(go.Heatmap(x=LAYER_COLUMNS, y=ylab, z=z, colorscale=CHANGE_SCALE, zmin=0, zmax=max(top, 1.0),
+                             colorbar=bar,
                              text=text(z), texttemplate="%{text}",
                              hovertemplate="%{y} · %{x}<br>%{z:.2f}% of sub-vectors changed codeword<extra></extra>"),
                   1, 1)

@@ -37,7 +37,7 @@ PENDING = """() => [...document.querySelectorAll('[data-testid="status-tracker"]
                  .some(e => !e.classList.contains('hide') && e.offsetParent !== null)"""
 PLOT_WITH_DATA = """() => [...document.querySelectorAll('.js-plotly-plot')].some(
                  e => e.offsetParent !== null && e.querySelector('.scatterlayer .trace, .heatmaplayer .hm, .barlayer .trace'))"""
-TABS = ["Codebook clusters", "Assignment evolution", "Gradient conflicts", "Per-block changes", "Images", "Runs",
+TABS = ["Codebook clusters", "Assignment evolution", "Mechanism", "Gradient conflicts", "Per-block changes", "Images", "Runs",
         "Set up & calibrate"]
 
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     from app.demo import DEMO_RUNS, demo_id
-    from app.runs import DEMO_DIR
+    from app.store import DEMO_DIR
     from vq4dit.trace import Trace
 
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="vq4dit-perf-runs-")
@@ -122,6 +122,10 @@ def main(argv=None) -> int:
     rows = []   # (measure, seconds, load)
     runs = [demo_id(m, s) for m, s in DEMO_RUNS if (DEMO_DIR / demo_id(m, s)).is_dir()]
     steps = Trace.load(DEMO_DIR / runs[0] / "trace").snapshot_steps()
+    import json
+
+    from app.store import RUN_FILE, run_label
+    labels = {r: f"{run_label(json.loads((DEMO_DIR / r / RUN_FILE).read_text()))} — demo" for r in runs}
 
     proc = None
     try:
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
                 snap = (snap + 3) % len(steps)
                 measure("switch snapshot", lambda: type_snapshot(snap), title=f"— step {steps[snap]}: sub-vectors")
                 run = runs[(i + 1) % len(runs)] if i % 2 == 0 else runs[0]
-                measure("switch run", lambda: pick(page, "Run", run, prefix=True), text=f"Run {run}")
+                measure("switch run", lambda: pick(page, "Run", labels[run]), text=f"Run {run}")
                 snap = len(steps) - 1  # a run switch selects the final snapshot
                 print(f"round {i + 1}/{args.repeats} done", flush=True)
 

@@ -18,7 +18,6 @@ calibration data, so methods compared at one seed share both. Rows already in th
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -28,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq4dit import quantize, size_summary
 from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, build_config, method_config, method_names
-from vq4dit.runner import EvalSpec, RunResult, generate
-from vq4dit.metrics import block_mse
+from vq4dit.runner import EvalSpec, RunResult, generate, run_method
 from vq4dit.peers import PEERS
 
 from .common import machine_name, read_rows, write_csv
@@ -257,16 +254,7 @@ def job_config(job: Job, recipe: str = "small", calib_extra: dict | None = None,
 
 def run_config(teacher, config, measure_block_mse: bool = True) -> RunResult:
     """Quantize a copy of `teacher` with `config` (the teacher is left untouched), then its block MSE."""
-    model = copy.deepcopy(teacher).eval()
-    t0 = time.time()
-    trace = quantize(model, config, teacher=teacher, progress=False)
-    seconds = time.time() - t0
-    model.eval()
-    res = RunResult(config.method, config.bits, model, config, trace, seconds, size_summary(model))
-    if measure_block_mse:
-        m = block_mse(model, teacher)
-        res.block_mse, res.per_block_mse = m["mean"], m["per_block"]
-    return res
+    return run_method(teacher, config=config, progress=False, measure_block_mse=measure_block_mse)
 
 
 def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,

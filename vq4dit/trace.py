@@ -35,6 +35,7 @@ from .fs import check_replace_target, replace_dir, temp_dir_for
 RATIO_BINS = 10      # histogram of top assignment ratio over [1/n, 1]
 COHERENCE_BINS = 10  # histogram of per-codeword gradient coherence over [0, 1]
 N_TRAJECTORIES = 8   # sample sub-vectors whose ratio trajectories are kept per layer
+START_ASSIGN_MAX = 4_000_000  # keep every sub-vector's start assignment when the model has at most this many
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,18 @@ class Trace:
                         _f32(s[key + "top_ratio"]), None if wg is None else _f32(wg),
                         None if wc is None else int(wc[0]))
 
+    def start_assignment(self, layer: str) -> Optional[np.ndarray]:
+        """(S,) codeword of every sub-vector when calibration started; None when not kept (large models,
+        older traces)."""
+        t = self.snapshots.get(f"{layer}|start_assign")
+        return None if t is None else t.long().numpy()
+
+    def loo_cosines(self, layer: str, step: int) -> Optional[np.ndarray]:
+        """(n_samples,) leave-one-out cosine of each sampled sub-vector's gradient with its codeword's
+        summed gradient at snapshot `step` (vq4dit.mechanism.gradient_stats); None when not recorded."""
+        t = self.snapshots.get(f"{layer}|{int(step)}|loo_cos")
+        return None if t is None else _f32(t)
+
     def gradient_steps(self, layer: str) -> list[int]:
         """Snapshot steps that hold the worst codeword's gradients."""
         return [t for t in self.snapshot_steps(layer) if f"{layer}|{t}|worst_grads" in self.snapshots]
@@ -240,7 +253,7 @@ class Trace:
             if name in ("layers", "ratios"):
                 rows = [r for r in rows if int(r["step"]) in keep]
             getattr(out, "_" + name).extend(rows)
-        per_sample = ("|sample_fp", "|sample_index", "|assign", "|top_ratio")
+        per_sample = ("|sample_fp", "|sample_index", "|assign", "|top_ratio", "|loo_cos")
         for key, t in self.snapshots.items():
             if n_samples is not None and key.endswith(per_sample):
                 t = t[:n_samples]
@@ -334,7 +347,9 @@ def gradient_conflict(layer: VQLinear) -> Optional[dict]:
     cand = torch.where(count >= 4, coherence.nan_to_num(2.0), torch.full_like(coherence, 2.0))
     worst = int(cand.argmin())
     worst_grads = g[a == worst][:64]
-    return dict(coherence=coherence, conflict_share=conflict_share, worst=worst, worst_grads=worst_grads)
+    # g and a travel to Recorder.record_layers for vq4dit.mechanism.gradient_stats (dropped there)
+    return dict(coherence=coherence, conflict_share=conflict_share, worst=worst, worst_grads=worst_grads,
+                grad=g, assign=a)
 
 
 class Recorder:
@@ -349,6 +364,15 @@ class Recorder:
         g = torch.Generator().manual_seed(cfg.seed)
         self.samples = {}
         self.codebook0 = {n: m.codebook.detach().clone() for n, m in layers.items()}
+        # "changed" = differs from the assignment the run starts from (after init_soft), so step 0 reads 0
+        # whatever the init (vq4dit.mechanism.changed_shares); kept whole for small models (full-weight views)
+        self.assign0 = {n: m.current_assignment().detach().clone() for n, m in layers.items()}
+        self.prev_assign = {}   # assignment at the previous gradient record (mechanism's move statistics)
+        self.null_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        trace.meta["changed_vs"] = "start"
+        if sum(m.num_subvectors for m in layers.values()) <= START_ASSIGN_MAX:
+            for n, a in self.assign0.items():
+                trace.snapshots[f"{n}|start_assign"] = a.cpu().to(torch.int32)
         for name, m in layers.items():
             idx = torch.randperm(m.num_subvectors, generator=g)[: cfg.trace_samples].to(m.assignment.device)
             self.samples[name] = idx
@@ -367,11 +391,18 @@ class Recorder:
             row = dict(step=step, layer=name, block=block_index(name), type=layer_type(name),
                        hard=bool(m.hard),
                        frozen_frac=1.0 if m.hard else m.frozen_mask.float().mean().item(),
-                       changed_frac=(assign != m.kmeans_assignment).float().mean().item(),
+                       changed_frac=(assign != self.assign0[name]).float().mean().item(),
                        codebook_drift=((m.codebook.detach() - self.codebook0[name]).norm()
                                        / self.codebook0[name].norm().clamp_min(1e-30)).item())
             row.update({f"ratio_hist_{i}": v for i, v in enumerate(_hist(top, lo, 1.0, RATIO_BINS))})
             c = conflicts.get(name)
+            mech = None
+            if c is not None and "grad" in c:  # leave-one-out / null / move measures (vq4dit.mechanism)
+                from .mechanism import gradient_stats
+                mech = gradient_stats(c.pop("grad"), c["assign"], self.prev_assign.get(name, self.assign0[name]), m.codebook.detach(),
+                                      self.null_gen, self.samples[name])
+                self.prev_assign[name] = c.pop("assign").clone()
+                row.update({key: v for key, v in mech.items() if key != "sample_loo_cos"})
             if c is not None:
                 coh = c["coherence"][~torch.isnan(c["coherence"])]
                 row.update(coherence_mean=coh.mean().item() if coh.numel() else float("nan"),
@@ -394,6 +425,8 @@ class Recorder:
                 s[key + "codebook"] = m.codebook.detach().float().cpu().clone()
                 s[key + "assign"] = assign[self.samples[name]].cpu().clone()
                 s[key + "top_ratio"] = top[self.samples[name]].float().cpu().clone()
+                if mech is not None:
+                    s[key + "loo_cos"] = mech["sample_loo_cos"].float().clone()
                 if c is not None:
                     s[key + "worst_grads"] = c["worst_grads"].cpu().clone()
                     s[key + "worst_codeword"] = torch.tensor([c["worst"]])

@@ -77,6 +77,9 @@ def test_run_streams_and_saves(app):
     meta = json.loads((rd / "run.json").read_text())
     assert meta["method"] == "vq4dit" and meta["bits"] == 2 and meta["status"] == "finished"
     assert meta["steps_done"] == meta["total_steps"] == 3
+    # the embedded model's recipe, as the CLI builds it (Engine._work runs the config build_config made)
+    assert meta["config"]["calib"]["recipe"] == "small" and meta["config"]["kmeans_points_per_codeword"] is None
+    assert meta["config"]["calib"]["teacher_sampler"] == "ddim"
     assert 2.0 < meta["bits_per_weight"] < 2.3  # indices + fp16 codebooks + fp32 biases
     assert meta["block_mse"] > 0 and len(meta["per_block_mse"]) == demo.engine.n_blocks
     assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0 and meta["metrics"]["psnr"] > 0
@@ -263,7 +266,7 @@ def test_corrupt_run_dirs_are_reported(app):
 
 def test_runs_survive_restart_and_download(app):
     demo, client, runs = app
-    from app.runs import RunStore
+    from app.store import RunStore
     store = RunStore(runs)  # a fresh process would see the same list
     ids = store.readable_ids()
     assert len(ids) >= 3
@@ -293,7 +296,7 @@ def test_bad_model_dir_exits_with_one_line(tmp_path):
 def test_app_reads_runs_only_through_trace_api():
     """No storage keys, no meta layout, no hard-coded method lists in the app (issue 8)."""
     import re
-    src = {p.name: p.read_text() for p in (ROOT / "app").glob("*.py")}
+    src = {p.name: p.read_text() for p in (ROOT / "app").rglob("*.py")}
     for name, text in src.items():
         for pat in (r'\|codebook', r'\|sample_fp', r'\|worst_grads', r'\.snapshots\[', r'\bmeta\[\s*"layers"',
                     r'ratio_hist_', r'coherence_hist_', r'CALIBRATED', r'_fix_hard_ratios',
@@ -360,12 +363,14 @@ def test_run_buttons_disabled_while_running(app):
     for btn, api in ((ui.run_btn, "run"), (ui.other_btn, "run_missing")):
         first, chain = deps(demo, btn, "click")
         assert [f.name for f in first] == ["lock_run"]
-        assert {o._id for o in first[0].outputs} == {ui.run_btn._id, ui.other_btn._id}
-        assert all(u["interactive"] is False for u in first[0].fn())
+        assert [o._id for o in first[0].outputs] == [ui.run_btn._id, ui.other_btn._id, ui.cancel_btn._id]
+        assert [u["interactive"] for u in first[0].fn()] == [False, False, True]  # Cancel only while running
         names = [f.name for f in chain]
         assert api in names and "unlock_run" in names and names.index("unlock_run") > names.index(api)
         unlock = next(f for f in chain if f.name == "unlock_run")
         assert unlock.trigger_only_on_success is False  # re-enabled after a failed run too
+        assert [u["interactive"] for u in unlock.fn()] == [True, True, False]
+    assert ui.cancel_btn.interactive is False  # idle: Cancel does not look active
 
 
 def test_typing_a_snapshot_number_updates_the_selection(app):
@@ -437,16 +442,19 @@ def test_cluster_plot_is_svg_not_webgl(app):
 def test_status_line_and_eta():
     """Status shows block MSE and L_r (not the summed loss), and an ETA from the calibration clock:
     990 s of k-means before the first step must not inflate it (was '~2182 s left' with 37 s left)."""
-    from app.handlers import status_text
-    from app.runs import ActiveRun, RunSettings
-    a = ActiveRun(settings=RunSettings(method="vq4dit", bits=2), total_steps=100, phase="calibrating")
+    from app.text import status_text
+    from app.config import RunRequest
+    from app.engine import ActiveRun
+    a = ActiveRun(settings=RunRequest(method="vq4dit", bits=2), total_steps=100, phase="calibrating")
     a.t0 -= 1000
     a.rows = [dict(step=i, loss=0.5, block_loss=0.002, l_r=0.498, frozen_frac=0.1, seconds=i) for i in range(1, 11)]
     s = status_text(a)
     assert "block MSE 0.002" in s and "L_r 0.498" in s and "loss" not in s
     eta = float(s.split("~")[1].split(" s")[0])
     assert 45 <= eta <= 180, s  # truth: 90 s
-    a = ActiveRun(settings=RunSettings(), total_steps=0, phase="k-means init", layers_done=10, layers_total=40)
+    # the phases in order: k-means done, calibration 10% through, evaluation and saving to come
+    assert "● k-means → **▶ calibration █░░░░░░░░░ 10%** → ○ evaluation → ○ saving" in s
+    a = ActiveRun(settings=RunRequest(), total_steps=0, phase="k-means init", layers_done=10, layers_total=40)
     a.t0 -= 20
     assert "layer 10/40" in status_text(a) and "~60 s left" in status_text(a)
 
@@ -456,12 +464,12 @@ def test_estimate_before_run_matches_saved_size(app):
     eng = demo.engine
     rid = first_run(runs)
     meta = eng.store.meta(rid)
-    from app.handlers import SetupForm
+    from app.forms import SetupForm
     st = meta["settings"]
     form = SetupForm(st["method"], st["bits"], st["k"], st["d"], st["n_candidates"], st["calib"]["iterations"],
                      st["calib"]["num_sampling_steps"], st["kmeans_iters"], st["calib"]["lr_logits"],
                      st["calib"]["lr_codebook"], st["calib"]["lambda_r"], st["seed"])
-    est = eng.estimate(form.settings(eng.calib_defaults).config())
+    est = eng.estimate(eng.run_config(form.settings(eng.calib_defaults)))
     assert est["bits_per_weight"] == pytest.approx(meta["bits_per_weight"], rel=1e-9)
     assert est["seconds"] is not None and est["seconds"] > 0  # earlier runs at this k x d exist
     text = client.predict(*setup_args(bits=3, k=64, d=2), api_name="/estimate")
@@ -525,8 +533,12 @@ def test_compare_any_two_runs_in_every_view(app):
     rid = first_run(runs)
     other = first_run(runs, status="cancelled")
     labels = dict((v, l) for l, v in views.run_choices())
-    assert "cancelled" in labels[other] and labels[rid] == rid
-    assert other not in views.baselines(2) and all(store.meta(b)["status"] == "finished" for b in views.baselines(2))
+    assert "cancelled" in labels[other] and "cancelled" not in labels[rid]
+    # a label says what the run is: method, k x d, bits/weight, and which run (its timestamp)
+    assert labels[rid].startswith("vq4dit 256×4, 2.2") and "b/w" in labels[rid] and labels[rid].endswith(rid[:15])
+    assert other not in views.baselines(rid) and all(store.meta(b)["status"] == "finished" for b in views.baselines(rid))
+    # baselines pair by (k, d, init): every one shares the run's codebook shape and init
+    assert all(store.pair_key(store.meta(b)) == store.pair_key(store.meta(rid)) for b in views.baselines(rid))
     pair, _ = views.conflict_pair(rid)
     assert other not in pair.values()
 
@@ -534,9 +546,12 @@ def test_compare_any_two_runs_in_every_view(app):
     img, table, note = client.predict(other, api_name="/compare")
     assert img is None and other in note
     res = client.predict("codeword", "PCA", api_name="/render_layer_views")
-    assert other in res[0] and "Compared with" in res[0]
-    assert val(res[4]) is not None and res[4].get("visible") is True  # compared run's evolution shown
-    assert other in res[5] and "picked" in res[5]                        # conflicts note
+    from app.handlers import LAYER_VIEWS
+    res = dict(zip([n for n in LAYER_VIEWS if n != "other_btn"], res))  # API clients get no button outputs
+    assert other in res["sel_md"] and "Compared with" in res["sel_md"]
+    assert val(res["evol_cmp_plot"]) is not None and res["evol_cmp_plot"].get("visible") is True  # compared evolution
+    assert other in res["conflict_note"] and "picked" in res["conflict_note"]          # conflicts note
+    assert other in res["mech_md"] and "paired with" in res["mech_md"]                 # mechanism: the picked pair
 
     sel = dict(views.initial_selection(rid), other=other)
     heat, table, mse = views.changes(sel)
@@ -577,7 +592,7 @@ def test_evolution_marks_finalize_and_codebook_only_has_no_ratios(app):
 def test_bit_width_slider_shows_matching_run_or_offers_to_calibrate(app):
     demo, client, runs = app
     views = demo.views
-    want = views.newest(2, lambda sp: sp is not None and sp.name == "vq4dit")
+    want = views.newest(lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
     assert want is not None
     setting, k, d, run, msg = client.predict(2, "vq4dit", api_name="/bits")
     assert val(setting) == "W2" and (val(k), val(d)) == (256, 4) and val(run) == want and want in msg
@@ -597,7 +612,7 @@ def test_named_settings_next_to_the_slider(app):
     assert (val(k), val(d)) == (64, 4)
     bits, k, d, run, msg = client.predict("W2", "vq4dit", api_name="/setting")
     assert (val(k), val(d)) == (256, 4) and val(run) == demo.views.newest(
-        2, lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
+        lambda sp: sp is not None and sp.name == "vq4dit", kd=(256, 4))
 
 
 def test_evolution_shows_switched_subvectors(app):

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, make_tiny_dit
 
 from app.demo import DEMO_RUNS, DEMO_TRACE_SAMPLES, demo_id
-from app.runs import DEMO_DIR, DEMO_METHOD, RunStore
+from app.demo import DEMO_METHOD
+from app.store import DEMO_DIR, RunStore
 from vq4dit.config import SETTINGS, setting_kd
 
 DEMO_IDS = [demo_id(m, s) for m, s in DEMO_RUNS]
@@ -173,19 +174,23 @@ def _arr(v):
 
 def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     """An empty runs dir: the page is built with the default demo run already in every view
-    (values set before any event), labelled as a demo run; the default is the default method at W2."""
+    (values set before any event), labelled as a demo run with what it is (k x d, bits/weight); the
+    default is the demo method at XL-sharing (FIRST_DEMO: where the pair shows an effect)."""
     from app import AppConfig, create_app
+    from app.demo import FIRST_DEMO
     demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False))
     ui = demo.ui
-    want = demo_id(DEMO_METHOD, "W2")
+    want = FIRST_DEMO
+    assert want == demo_id(DEMO_METHOD, "XL-sharing")
     assert ui.run_dd.value == want and ui.sel.value["run"] == want
     labels = {v: k for k, v in ui.run_dd.choices}
-    assert all("demo (read-only)" in labels[r] for r in DEMO_IDS)
+    assert all(labels[r].endswith("— demo") for r in DEMO_IDS)
+    assert "16×4" in labels[want] and "1.1" in labels[want] and "b/w" in labels[want]
     assert "demo run" in ui.sel_md.value
     plot = lambda c: json.loads(c.value["plot"])
     cluster = plot(ui.cluster_plot)
     assert len(_arr(cluster["data"][0]["x"])) == DEMO_TRACE_SAMPLES
-    assert any(t.get("name") == "codewords (this step)" and len(_arr(t["x"])) == 256 for t in cluster["data"])
+    assert any(t.get("name") == "codewords (this step)" and len(_arr(t["x"])) == 16 for t in cluster["data"])
     heat = [t for t in plot(ui.heat_plot)["data"] if t["type"] == "heatmap"][0]
     z = _arr(heat["z"]).astype(float)
     assert z.shape == (demo.engine.n_blocks, 7) and np.isfinite(z).all() and z.max() > 0
@@ -253,7 +258,7 @@ def test_full_weight_cluster_view(demo_app, monkeypatch):
     the layer's sub-vectors); above FULL_CLUSTER_MAX it says 'sampled N of M'; snapshots and UMAP
     keep the trace's sample."""
     demo, _ = demo_app
-    import app.views as V
+    import app.views.clusters as V
     views = demo.views
     rid = demo_id(DEMO_METHOD, "W2")
     sel = dict(views.initial_selection(rid), block=1, layer="transformer_blocks.1.ff.net.0.proj")
@@ -264,8 +269,11 @@ def test_full_weight_cluster_view(demo_app, monkeypatch):
     assert f"all {info.n_subvectors:,}" in note.replace("**", "")
     assert len([t for t in fig.data if t.name == "codewords (final)"][0].x) == info.k
     fig, note = views.cluster(sel, "assignment changed", "PCA", full=True)
-    share = np.asarray(fig.data[0].z, float)
-    assert np.nanmax(share) <= 100 and np.nanmin(share) >= 0 and np.isfinite(share).sum() > 100
+    if views.trace(rid).start_assignment(sel["layer"]) is None:   # traces recorded before it was kept
+        assert "does not keep every sub-vector's start assignment" in note and "different codeword" not in note
+    else:   # "changed" = differs from the start assignment (never the nearest plain-Euclidean codeword)
+        share = np.asarray(fig.data[0].z, float)
+        assert np.nanmax(share) <= 100 and np.nanmin(share) >= 0 and np.isfinite(share).sum() > 100
     # every sub-vector's final codeword is the packed model's
     fw = views.full_weights(rid, sel["layer"])
     lin = dict(views.store.model(rid).transformer.named_modules())[sel["layer"]]
@@ -297,7 +305,8 @@ def test_selection_changes_show_loading_and_update_the_visible_views(demo_app):
         assert f.show_progress == "full" and view_ids <= {c._id for c in f.show_progress_on}, (f.name, event)
     render = next(f for f in fns if f.name == "render_layer_views" and (ui.sel._id, "change") in f.targets)
     assert render.show_progress == "full"
-    from app.handlers import LAYER_VIEWS, ViewForm
+    from app.forms import ViewForm
+    from app.handlers import LAYER_VIEWS
     h = render.fn
     sel = dict(demo.views.initial_selection(demo_id(DEMO_METHOD, "W2")), block=3)
     sel["layer"] = demo.views.layer_choices(sel["run"], 3)[0][1]
@@ -320,7 +329,7 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
     demo, _ = demo_app
     from safetensors import safe_open
 
-    from app.runs import DEMO_SAMPLES
+    from app.store import DEMO_SAMPLES
     from vq4dit.sampling import sample
     eng, views = demo.engine, demo.views
     for rid in DEMO_IDS:
@@ -339,7 +348,7 @@ def test_shipped_images_match_fresh_samples_and_open_the_images_tab(demo_app):
                                           seed=0, scheduler=eng.bundle.scheduler), atol=2e-3, rtol=0)
     assert eng.shipped_images(rid, tuple(labels), 1, 4.0, eng.cfg.image_steps) is None  # other seed: not shipped
     # opening the Images tab shows them (no sampling); a request that needs sampling is left to Generate
-    from app.handlers import ImageForm
+    from app.forms import ImageForm
     auto = next(f for f in demo.fns.values() if f.name == "auto_images").fn
     assert views.images_ready(rid, "0-9", 0, 4.0, eng.cfg.image_steps)
     img, table, note = auto("images", rid, "0-9", 0, 4.0, eng.cfg.image_steps, "")
@@ -384,7 +393,14 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(url)
-            expect(page.get_by_text("Calibration of demo-vq4dit-ste-W2")).to_be_visible(timeout=60_000)
+            from app.demo import FIRST_DEMO
+            expect(page.get_by_text(f"Calibration of {FIRST_DEMO}")).to_be_visible(timeout=60_000)
+
+            # the Mechanism tab states a verdict per measure (this demo pair: codebook-only at the same k x d)
+            page.get_by_role("tab", name="Mechanism").click()
+            expect(page.get_by_text("Hard switch:", exact=False).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Block MSE, ", exact=False).first).to_be_visible()
+            expect(page.get_by_text("should drop", exact=False)).to_have_count(0)
 
             page.get_by_role("tab", name="Per-block changes").click()
             page.wait_for_function("() => document.querySelector('#heat-plot .js-plotly-plot .hm') !== null", timeout=60_000)
@@ -425,3 +441,36 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# The shipped demo runs were built before the app used the CLI's config path (recipe "small"): their
+# k-means init is not what today's code computes. Rebuild with `python -m app.demo build` (about 50 min
+# on 2 busy cores), then remove this marker: strict, so a rebuilt set fails here until it is removed.
+STALE = pytest.mark.xfail(strict=True, reason="demo runs built by an older config path: rebuild them")
+
+
+@STALE
+@pytest.mark.parametrize("setting", ["W2", "W3", "XL-sharing"])
+def test_demo_kmeans_init_is_what_todays_code_computes(demo_store, base, setting):
+    """The codebook-only demo run keeps its start assignment, so its step-0 snapshot is the k-means
+    init it was built from: recompute that init with today's config of the same request (first, middle
+    and last layer) and compare the sampled sub-vectors' codewords and the codebook."""
+    from app.demo import _FIXED, demo_request
+    from vq4dit.config import build_config
+    from vq4dit.layers import VQLinear
+    from vq4dit.mechanism import changed_shares  # noqa: F401  (the same "start" the views read)
+    rid = demo_id(_FIXED, setting)
+    tr = demo_store.trace(rid)
+    req = demo_request(_FIXED, setting)
+    cfg = req.config(model=base)
+    assert cfg.to_dict() == build_config(_FIXED, bits=req.bits, k=req.k, d=req.d, recipe="small", seed=0,
+                                         calib=dict(iterations=req.calib["iterations"], seed=0)).to_dict()
+    mods = dict(base.named_modules())
+    names = tr.layer_names
+    for name in (names[0], names[len(names) // 2], names[-1]):
+        q = VQLinear.from_linear(mods[name], cfg, name=name, seed=cfg.seed)
+        _, idx = tr.samples(name)
+        shipped = tr.snapshot(name, 0)
+        same = float((q.assignment.numpy()[idx] == shipped.assign).mean())
+        assert same > 0.99, f"{rid} {name}: only {100 * same:.1f}% of sampled codewords match today's k-means"
+        np.testing.assert_allclose(shipped.codebook, q.codebook.detach().numpy(), rtol=2e-3, atol=2e-3)

@@ -141,7 +141,7 @@ def test_bad_run_json_is_isolated(app):
     status = {row[0]: row[-1] for row in table["data"]}
     for name in bad.values():
         assert str(status[name]).startswith("unreadable"), (name, status[name])
-    assert rid in [c[0] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
+    assert rid in [c[1] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
     img, metrics, note = client.predict(rid, "3", 0, 4.0, 2, api_name="/images")  # Images view still works
     assert len(metrics["data"]) >= 2
     with pytest.raises(AppError, match="unreadable"):
@@ -181,11 +181,11 @@ def test_app_image_inputs_are_capped_before_work(app, labels, seed, guidance, st
 
 
 def test_run_settings_reject_non_finite_numbers():
-    from app.runs import RunSettings, image_params
+    from app.config import RunRequest, image_params
     for calib, msg in ((dict(iterations=float("inf")), "iterations"), (dict(lr_logits=float("nan")), "lr_logits"),
                        (dict(lambda_r=float("inf")), "lambda_r")):
         with pytest.raises(ValueError, match=msg):
-            RunSettings(method="vq4dit", calib=dict(dict(iterations=1, num_sampling_steps=1), **calib)).config()
+            RunRequest(method="vq4dit", calib=dict(dict(iterations=1, num_sampling_steps=1), **calib)).config()
     for args in ((0, float("nan"), 2), (0, float("inf"), 2), (0, 4.0, float("inf")), (float("nan"), 4.0, 2)):
         with pytest.raises(ValueError):
             image_params(*args)

@@ -132,7 +132,7 @@ def test_views_follow_selection_in_browser(server, tmp_path):
         console = []
         page.on("console", lambda m: console.append(m.text))
         page.goto(url)
-        expect(page.get_by_text("Loaded", exact=False).or_(page.get_by_text("Snapshot step"))).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Loaded", exact=False).or_(page.get_by_text("Snapshot step")).first).to_be_visible(timeout=60_000)
         page.get_by_text("Advanced").click()
         expect(page.get_by_label("iterations (trajectories)")).to_have_value("1", timeout=30_000)
         expect(page.get_by_text("Estimate before running")).to_be_visible()

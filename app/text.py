@@ -1,0 +1,91 @@
+"""Text the page shows: method descriptions, the named bit-width choices, run status and estimates."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from vq4dit.config import METHODS, SETTINGS, setting_kd
+
+from .engine import Engine
+from .forms import SetupForm
+
+
+
+def setting_choices() -> list[tuple[str, str]]:
+    """Dropdown choices: (label with bits and k×d, setting name), every named setting."""
+    return [(f"{n} ({SETTINGS[n]['bits']}-bit, {setting_kd(n)[0]}×{setting_kd(n)[1]})", n) for n in SETTINGS]
+
+
+def method_description(method: Optional[str]) -> str:
+    spec = METHODS.get(method or "")
+    return f"**{method}** — {spec.description}" if spec else ""
+
+
+def methods_table() -> str:
+    """Markdown list of every registered method with its one-line description."""
+    return "\n".join(f"- **{n}** — {m.description}" for n, m in METHODS.items())
+
+
+def status_text(a) -> str:
+    """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
+    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
+    k-means time does not inflate the calibration ETA)."""
+    s = a.settings
+    el = time.time() - a.t0
+    head = phase_bar(a) + "\n\n" + f"**{s.method} W{s.bits}** — "
+    tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
+    done = len(a.rows)
+    if a.phase == "k-means init" and a.layers_total:
+        i, n = a.layers_done, a.layers_total
+        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
+        return head + f"k-means: layer {i}/{n}{eta}" + tail
+    if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
+        return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
+    if a.phase == "calibrating" and a.total_steps and done:
+        r = a.rows[-1]
+        eta = r["seconds"] / done * (a.total_steps - done)
+        return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
+                       f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
+                + tail)
+    return head + f"{a.phase}…" + tail
+
+
+PHASES = (("k-means", ("k-means init",)), ("calibration", ("calibrating", "measuring block MSE vs FP")),
+          ("evaluation", ("evaluating images",)), ("saving", ("saving", "saved")))
+
+
+def phase_bar(a) -> str:
+    """The run's phases in order, the current one with a bar of its own progress (text: it streams with
+    the status line, and reads in any client)."""
+    cur = next((i for i, (_, ph) in enumerate(PHASES) if a.phase in ph), None)
+    frac = None
+    if cur == 0 and a.layers_total:
+        frac = a.layers_done / a.layers_total
+    elif cur == 1 and a.total_steps:
+        frac = min(len(a.rows) / a.total_steps, 1.0)
+    out = []
+    for i, (name, _) in enumerate(PHASES):
+        if cur is None or i > cur:
+            out.append(f"○ {name}")
+        elif i < cur:
+            out.append(f"● {name}")
+        else:
+            bar = "" if frac is None else " " + "█" * round(10 * frac) + "░" * (10 - round(10 * frac)) + f" {100 * frac:.0f}%"
+            out.append(f"**▶ {name}{bar}**")
+    return " → ".join(out)
+
+
+def estimate_text(engine: Engine, form: SetupForm) -> str:
+    """Before a run: bits/weight and size from the library's bit accounting, time from earlier runs."""
+    try:
+        cfg = engine.run_config(form.settings(engine.calib_defaults))
+    except (ValueError, TypeError, KeyError) as e:
+        return f"**Estimate:** invalid settings ({e})"
+    est = engine.estimate(cfg)
+    if est.get("error"):
+        return f"**Estimate:** {est['error']}"
+    t = est.get("seconds")
+    when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
+    return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "
+            f"({est['n_weights'] / 1e6:.2f} M quantized weights → {est['bytes'] / 2**20:.2f} MiB packed, "
+            f"vs {est['n_weights'] * 4 / 2**20:.1f} MiB fp32); {est['steps']} calibration steps; time {when}.")
