@@ -1,7 +1,7 @@
 """Download zips, written only where no other user can plant a file and never reused by name.
 
 Every app process gets one private directory (`tempfile.mkdtemp`: a fresh random name, mode 0700,
-removed at exit). A zip is created there with O_EXCL|O_NOFOLLOW under a fresh name; the cache maps
+removed at exit). Each zip is created with O_EXCL|O_NOFOLLOW in its own fresh sub-directory; the cache maps
 (run, what) to the file this process wrote and reuses it only while that exact file (same inode, size
 and mtime, not a link) is still there. Sources are opened with O_NOFOLLOW, so a link swapped in after
 the check is not followed either."""
@@ -54,8 +54,10 @@ class PrivateExports:
         hit = self.cached(key)
         if hit:
             return hit
-        d = self.directory()
-        fd, path = tempfile.mkstemp(prefix=f"{arc_prefix}-{key[1]}-", suffix=".zip", dir=d)  # O_EXCL, 0600
+        # a fresh sub-directory per zip keeps the download's name plain (RUN-what.zip) and never reused
+        sub = tempfile.mkdtemp(prefix="z", dir=self.directory())
+        path = os.path.join(sub, f"{arc_prefix}-{key[1]}.zip")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as z:
                 for rel in rel_files:

@@ -124,7 +124,7 @@ def test_exports_are_private_fresh_and_never_follow_planted_files(app, tmp_path)
     os.unlink(z1)
     os.symlink(secret, z1)
     z2 = store.export_zip(rid, "model")
-    assert z2 != z1 and not os.path.islink(z2)
+    assert z2 != z1 and not os.path.islink(z2) and Path(z2).name == f"{rid}-model.zip"
     assert b"private key" not in Path(z2).read_bytes()
     assert zipfile.ZipFile(z2).read(f"{rid}/model/vq4dit_config.json")
     for what in ("model", "trace"):
@@ -142,7 +142,7 @@ def test_export_sources_are_never_links(app, tmp_path):
     cfg.unlink()
     cfg.symlink_to(secret)
     try:
-        for f in store.export_dir().iterdir():
+        for f in store.export_dir().rglob("*.zip"):
             f.unlink()
         names = zipfile.ZipFile(store.export_zip(rid, "model")).namelist()
         assert f"{rid}/model/vq4dit_config.json" not in names and f"{rid}/model/model.safetensors" in names
