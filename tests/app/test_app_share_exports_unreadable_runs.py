@@ -1,4 +1,4 @@
-"""Issue 21, the explorer: no public link without a login, exports created fresh and private, unreadable
+"""The explorer against hostile or unlucky input: no public link without a login, exports created fresh and private, unreadable
 runs isolated (huge, truncated, nested, non-numeric), app flags checked at start."""
 import importlib.util
 import json

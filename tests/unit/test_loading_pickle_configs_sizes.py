@@ -1,4 +1,4 @@
-"""Issue 21, library level: no pickle by any route, strict configs and schedulers, sizes checked
+"""Loading, library level: no pickle by any route, strict configs and schedulers, sizes checked
 against the weights before anything is allocated."""
 import json
 from pathlib import Path

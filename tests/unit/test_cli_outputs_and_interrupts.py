@@ -1,4 +1,4 @@
-"""Issue 21, command line (subprocess): no output that destroys an input, a finished calibration survives
+"""Command line (subprocess): no output that destroys an input, a finished calibration survives
 an interrupt, one-line errors naming the file."""
 import os
 import signal
