@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from vq4dit.fs import pid_alive
 from vq4dit.io import load_dit, save_quantized
 from vq4dit.trace import Trace
 
@@ -110,18 +111,6 @@ _RUN_TMP_RE = re.compile(r"^\.(?P<id>.+)-tmp(?P<pid>\d+)-[^/]*$")
 LEGACY_TMP_AGE_S = 24 * 3600  # temp dirs from before the pid was in the name: removed once this old
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def clean_stale_run_temps(root: Path) -> list[str]:
     """Remove the `.RUNID-tmpPID-*` dirs a killed app left while saving (its pid no longer runs), and
     pid-less `.RUNID-*` dirs of older versions after a day. Returns the names removed."""
@@ -133,7 +122,7 @@ def clean_stale_run_temps(root: Path) -> list[str]:
             continue
         m = _RUN_TMP_RE.match(p.name)
         try:
-            stale = (not _pid_alive(int(m.group("pid")))) if m else (
+            stale = (not pid_alive(int(m.group("pid")))) if m else (
                 RUN_ID_RE.fullmatch(p.name[1:].rsplit("-", 1)[0] or "-") is not None
                 and time.time() - p.lstat().st_mtime > LEGACY_TMP_AGE_S)
             if not stale:

@@ -1,5 +1,7 @@
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the CLI by subprocess (tests/unit/test_safety_cli.py, test_cli_outputs_and_interrupts.py) ---
+CLI_ENV = dict(os.environ, VQ4DIT_CACHE="off", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+
+
+def cli(*args, cwd=None, env=None):
+    """`python -m vq4dit ARGS`; never a traceback on stderr."""
+    r = subprocess.run([sys.executable, "-m", "vq4dit", *map(str, args)], cwd=cwd or ROOT, env=env or CLI_ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
+def error_line(r) -> str:
+    """The one error line a failed CLI call printed."""
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error") or ": error:" in l]
+    assert len(lines) == 1, r.stderr[-2000:]
+    return lines[0]

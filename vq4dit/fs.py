@@ -34,14 +34,15 @@ def backup_path(out: Path) -> Path:
     return out.with_name(f".{out.name}{BACKUP_SUFFIX}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a temp dir or lock named after it is then not stale)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -54,7 +55,7 @@ def clean_stale_temps(out: Path):
         return
     for p in parent.iterdir():
         m = _TMP_RE.match(p.name)
-        if m and m.group("name") == out.name and not _pid_alive(int(m.group("pid"))):
+        if m and m.group("name") == out.name and not pid_alive(int(m.group("pid"))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -195,7 +196,7 @@ class output_lock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if pid and _pid_alive(pid):
+                if pid and pid_alive(pid):
                     raise FileExistsError(f"another vq4dit process (pid {pid}) is writing {self.out}: wait for it "
                                           f"to finish or pick another --out") from None
                 try:

@@ -8,22 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import CLI_ENV, ROOT, cli, error_line  # noqa: F401
 
-ENV = dict(os.environ, VQ4DIT_CACHE="off", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-
-
-def cli(*args, cwd=None, env=None):
-    r = subprocess.run([sys.executable, "-m", "vq4dit", *map(str, args)], cwd=cwd or ROOT, env=env or ENV,
-                       capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    return r
-
-
-def error_line(r) -> str:
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error") or ": error:" in l]
-    assert len(lines) == 1, r.stderr[-2000:]
-    return lines[0]
+ENV = CLI_ENV
 
 
 # -- item 2 --------------------------------------------------------------------------------
