@@ -25,7 +25,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def parse_args(argv=None):
-    from vq4dit.fs import bounded_int
+    from vq4dit.checks import bounded_int
     from vq4dit.testbed import DIGITS_DIT_DIR
     p = argparse.ArgumentParser(description="Explore VQ4DiT vector quantization of a Diffusion Transformer.")
     p.add_argument("--model", default=str(DIGITS_DIT_DIR), help="diffusers DiT dir (default: embedded digits DiT)")
