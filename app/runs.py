@@ -137,6 +137,7 @@ class AppConfig:
     image_steps: int = 25                 # default sampler steps in the Images view
     warm_umap: bool = True                # compile umap's numba code in the background at start
     demo_runs: bool = True                # list the shipped demo runs (embedded model only; read-only)
+    cache_weights: bool = False           # packed runs keep decoded weights (faster, more memory; io.load_quantized)
 
 
 @dataclass
@@ -257,8 +258,9 @@ class RunStore:
     only inside `demo_root`, and are never written. Their packed models share the FP weights of
     `fp_base` (the embedded model), see `vq4dit.io.save_quantized(fp_base=...)`."""
 
-    def __init__(self, root, device=None, demo_root=None, fp_base=None):
+    def __init__(self, root, device=None, demo_root=None, fp_base=None, cache_weights: bool = False):
         self.root = Path(root)
+        self.cache_weights = cache_weights
         self.root.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.demo_root = Path(demo_root) if demo_root is not None else None
@@ -418,7 +420,7 @@ class RunStore:
         mdir = self.run_dir(run_id) / "model"
         self.meta(run_id)
         try:
-            b = load_dit(mdir, device=self.device, fp_base=self.fp_base)
+            b = load_dit(mdir, device=self.device, fp_base=self.fp_base, cache=self.cache_weights)
         except (FileNotFoundError, ValueError) as e:
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
@@ -612,7 +614,8 @@ class Engine:
         self.is_digits = (tc.in_channels == 1 and tc.sample_size == 16 and self.n_classes == 10
                           and self.bundle.vae is None)
         demo = DEMO_DIR if cfg.demo_runs and self.embedded else None  # demo runs were made from this model
-        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher)
+        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher,
+                              cache_weights=cfg.cache_weights)
         self.calib_defaults = default_calib(cfg, self.embedded)
         self.kmeans_default = cfg.kmeans_iters or (SMALL_MODEL_KMEANS_ITERS if self.embedded else 100)
         self.model_lock = threading.Lock()   # every forward pass of a model goes through here

@@ -270,7 +270,7 @@ class Views:
         info = tr.layer_info(layer)
         w = dict(self.engine.teacher.named_modules())[layer].weight.detach().float().cpu()
         q = dict(self.store.model(run_id).transformer.named_modules()).get(layer)
-        if q is None or not hasattr(q, "assignment") or tuple(w.shape) != info.shape:
+        if q is None or not hasattr(q, "indices") or tuple(w.shape) != info.shape:
             raise ValueError(f"{layer}: the run's packed model has no codebook layer matching the loaded model")
         x = w.reshape(-1, info.d)                                            # (S, d) every sub-vector
         total = len(x)
@@ -278,7 +278,7 @@ class Views:
         if total > FULL_CLUSTER_MAX:
             idx = torch.linspace(0, total - 1, FULL_CLUSTER_MAX).long()
         x = x[idx]
-        assign = q.assignment.detach().cpu()[idx]
+        assign = q.indices().detach().cpu()[idx]
         book0 = torch.from_numpy(tr.snapshot(layer, tr.snapshot_steps(layer)[0]).codebook).float()
         near0 = torch.cat([torch.cdist(c, book0).argmin(1) for c in x.split(32768)])  # nearest k-means codeword
         out = dict(x=x.numpy().astype(np.float64), assign=assign.numpy(), changed=(assign != near0).numpy(),

@@ -170,7 +170,7 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--out {out} is a directory: give a .png file path")
     check_writable(out.parent)
     device = resolve_device(args.device)
-    bundle = load_dit(args.model, device=device)
+    bundle = load_dit(args.model, device=device, cache=args.cache_weights)
     if args.vae is not None:
         from .io import load_vae
         bundle.vae = load_vae(args.vae, device)
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cuda or cpu (default: CUDA when available)")
     s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents; needed for a packed "
                                  "latent-space model such as DiT-XL/2 (the packed dir does not carry the VAE)")
+    s.add_argument("--cache-weights", action="store_true",
+                   help="packed model: keep every decoded weight after the first step (faster; more memory "
+                        "than the FP model). Default: decode each layer per forward (about the packed size)")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -128,7 +128,7 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
         bias = None if m.bias is None else m.bias.detach().float().cpu()
         if isinstance(m, VQLinear):
             tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().to(getattr(torch, m.codebook_dtype))
-            tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, m.index_bits)
+            tensors[f"vq/{name}/indices"] = pack_bits(m.indices(), m.index_bits)
             layout[name] = dict(kind="vq", k=m.k, d=m.d, n_candidates=m.n_candidates,
                                 shape=[m.out_features, m.in_features], bias=bias is not None,
                                 codebook_dtype=m.codebook_dtype)
@@ -237,9 +237,14 @@ def _write_config_with_dir_bytes(tmp: Path, meta: dict):
         meta["size"]["dir_bytes"] = total
 
 
-def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
+def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None, cache: bool = False) -> DiTBundle:
     """Rebuild a packed model; its outputs equal the in-memory quantized model's. `fp_base`: the
-    full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`."""
+    full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`.
+
+    The VQ layers hold their indices at packed width (`VQLinear.compact_`). cache=False (default,
+    compact runtime): each forward decodes its layer's weight from the codebook, so the resident
+    model is about the packed size plus one decoded layer. cache=True: decoded weights are kept
+    after the first forward (faster sampling, +4 bytes per weight, more than the FP model)."""
     from diffusers import DiTTransformer2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -274,7 +279,12 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
                 q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
                              codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
                 q.codebook.data = cb.float()
-                q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
+                packed = t[f"vq/{name}/indices"]
+                # <= 8 bits the file's bytes are the compact buffer; wider ids are unpacked once
+                q.assignment = (packed.clone() if q.index_bits <= 8 else
+                                q.encode_indices(unpack_bits(packed, q.index_bits, q.num_subvectors)))
+                q.compact = True
+                q.set_weight_cache(cache)
                 q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
                 if lay["bias"]:
                     q.bias.data = t[f"vq/{name}/bias"].float()
