@@ -14,6 +14,7 @@ Packed model directory (all tensors in safetensors, written atomically):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -237,6 +238,25 @@ def _write_config_with_dir_bytes(tmp: Path, meta: dict):
         meta["size"]["dir_bytes"] = total
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside hold their parameters on the meta device (no memory): each one is
+    created, then swapped for a meta tensor at once, so building a DiT never holds its FP weights
+    (which the allocator would keep as resident memory). Buffers stay real. Like accelerate's
+    init_empty_weights, without the dependency."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None, cache: bool = False) -> DiTBundle:
     """Rebuild a packed model; its outputs equal the in-memory quantized model's. `fp_base`: the
     full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`.
@@ -244,7 +264,9 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None,
     The VQ layers hold their indices at packed width (`VQLinear.compact_`). cache=False (default,
     compact runtime): each forward decodes its layer's weight from the codebook, so the resident
     model is about the packed size plus one decoded layer. cache=True: decoded weights are kept
-    after the first forward (faster sampling, +4 bytes per weight, more than the FP model)."""
+    after the first forward (faster sampling, +4 bytes per weight, more than the FP model).
+    The model is built without FP weights (parameters on the meta device, then the file's tensors
+    assigned): identical FP copies the file stores once (aliases) share one tensor in memory."""
     from diffusers import DiTTransformer2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -267,7 +289,8 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None,
         t.update(_shared_fp(meta, fp_base, path))
     restore_aliases(meta, t, wfile)
     validate_packed(meta, t, wfile)
-    model = DiTTransformer2DModel.from_config(meta["transformer_config"])
+    with _parameters_on_meta():  # the FP parts are assigned below, the quantized layers replaced
+        model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     cfg_d = meta.get("config") or {}
     if not isinstance(cfg_d, dict):
         cfg_d = {}
@@ -300,10 +323,13 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None,
             raise ValueError(f"{wfile} lacks tensor {e} for layer {name}") from e
         _replace(model, name, q)
     fp = {k[3:]: v for k, v in t.items() if k.startswith("fp/")}
-    missing, unexpected = model.load_state_dict(fp, strict=False)
+    missing, unexpected = model.load_state_dict(fp, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(q + ".") for q in meta["layers"])]
     if missing or unexpected:
         raise ValueError(f"{wfile} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"{wfile} does not match its config: no weights for {left[:5]}")
     if cfg_d:
         cls = VQConfig if "k" in cfg_d else RTNConfig
         try:
