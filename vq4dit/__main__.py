@@ -148,11 +148,14 @@ def _quantize(args, out: Path, device) -> int:
     del teacher
     extra = dict(source=str(args.model), seconds=seconds, block_mse=mse)
     write_trace = (lambda tmp: trace.save(tmp / "trace")) if trace is not None else None
+    # a latent-space pipeline keeps its VAE (vae/, not counted in the transformer's dir_bytes)
     save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
-                   protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+                   protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace,
+                   vae=bundle.vae)
     size = size_summary(model)
     print(json.dumps(dict(out=str(out), method=config.method, bits_per_weight=round(size["bits_per_weight"], 4),
-                          index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out), block_mse=mse,
+                          index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out, vae=False),
+                          vae_bytes=dir_bytes(out) - dir_bytes(out, vae=False), block_mse=mse,
                           seconds=round(seconds, 1)), indent=1))
     return 0
 
@@ -176,7 +179,8 @@ def cmd_sample(args) -> int:
         bundle.vae = load_vae(args.vae, device)
     if bundle.vae is None and bundle.transformer.config.in_channels not in (1, 3):
         raise ValueError(f"{args.model} is a latent-space model ({bundle.transformer.config.in_channels} channels) "
-                         f"without a VAE: pass --vae PIPELINE_DIR (packed models do not carry the VAE)")
+                         f"without a VAE: pass --vae PIPELINE_DIR (a packed model quantized from a transformer dir, not "
+                         f"a pipeline, has no vae/)")
     n_cls = bundle.transformer.config.num_embeds_ada_norm
     labels = args.labels if args.labels else list(range(min(n_cls, 10)))
     bad = [l for l in labels if not 0 <= l < n_cls]
@@ -249,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="noise seed")
     s.add_argument("--nrow", type=bounded_int(1, 1024), help="images per grid row")
     s.add_argument("--device", help="cuda or cpu (default: CUDA when available)")
-    s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents; needed for a packed "
-                                 "latent-space model such as DiT-XL/2 (the packed dir does not carry the VAE)")
+    s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents (default: the model's own "
+                                 "vae/: a pipeline, or a packed dir quantized from one)")
     s.add_argument("--cache-weights", action="store_true",
                    help="packed model: keep every decoded weight after the first step (faster; more memory "
                         "than the FP model). Default: decode each layer per forward (about the packed size)")

@@ -92,6 +92,9 @@ class CalibConfig:
     trace_samples: int = 512          # fixed random sub-vectors per layer kept for cluster plots
     seed: int = 0
     device: Optional[str] = None      # None: CUDA when available, else CPU
+    autocast: Optional[str] = None    # "bf16": teacher and student forwards under bf16 autocast (GPU
+                                      # speed); codebooks, logits, biases and the optimizer stay fp32
+                                      # (master copies). None = fp32 throughout (results as measured)
     recipe: str = "reference"         # name of the budget these settings started from (reports only)
 
     def __post_init__(self):
@@ -103,6 +106,8 @@ class CalibConfig:
                 raise ValueError(f"CalibConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.teacher_sampler not in ("ddim", "ddpm"):
             raise ValueError(f"teacher_sampler must be 'ddim' or 'ddpm', got {self.teacher_sampler!r}")
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', got {self.autocast!r}")
         if self.temperature_end is not None and not 0.0 < self.temperature_end <= 1.0:
             raise ValueError(f"temperature_end must be in (0, 1], got {self.temperature_end}")
         if self.commit_until is not None and not 0.0 < self.commit_until <= 1.0:

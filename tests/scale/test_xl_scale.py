@@ -254,9 +254,47 @@ def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypat
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["block_mse"] is None
-    assert report["dir_bytes"] == sum(f.stat().st_size for f in (tmp_path / "w2").rglob("*") if f.is_file())
+    # the pipeline's VAE is kept in vae/ and counted apart from the quantized transformer
+    files = [f for f in (tmp_path / "w2").rglob("*") if f.is_file()]
+    vae = sum(f.stat().st_size for f in files if f.relative_to(tmp_path / "w2").parts[0] == "vae")
+    assert vae > 50 * 2 ** 20 and report["vae_bytes"] == vae
+    assert report["dir_bytes"] == sum(f.stat().st_size for f in files) - vae
     meta = json.loads((tmp_path / "w2" / "vq4dit_config.json").read_text())
     assert meta["extra"]["block_mse"] is None and meta["size"]["dir_bytes"] == report["dir_bytes"]
+    assert meta["size"]["vae_bytes"] == vae
+
+
+def test_packed_pipeline_samples_as_saved_by_subprocess(xl2_dir, tmp_path):
+    """Issue 20 item 5: `quantize` on a pipeline keeps its VAE in the packed dir, and `sample --model
+    OUT` (no --vae) decodes a 256x256 image with it, in fresh processes as a user runs them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    out, png = tmp_path / "w2", tmp_path / "g.png"
+    run = [sys.executable, "-m", "vq4dit"]
+    q = subprocess.run(run + ["quantize", "--model", str(xl2_dir), "--method", "kmeans", "--kmeans-iters", "1",
+                              "--no-eval", "--out", str(out), "--device", "cpu"], env=env, capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert (out / "vae" / "config.json").is_file() and list((out / "vae").glob("*.safetensors"))
+    s = subprocess.run(run + ["sample", "--model", str(out), "--labels", "207", "--steps", "1", "--out", str(png),
+                              "--device", "cpu"], env=env, capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr[-2000:]
+    import numpy as np
+    img = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    assert min(img.shape[:2]) >= 256 and img.std() > 1  # a decoded 256x256 image, not a blank grid
+    bundle = load_dit(out)
+    assert bundle.vae is not None and bundle.quantized_meta["vae"]["dir"] == "vae"
+    # without vae/ (a transformer-only packed dir) the same command says what is missing
+    import shutil
+    shutil.rmtree(out / "vae")
+    s = subprocess.run(run + ["sample", "--model", str(out), "--labels", "207", "--steps", "1", "--out", str(png),
+                              "--device", "cpu"], env=env, capture_output=True, text=True)
+    assert s.returncode == 2 and "without a VAE" in s.stderr
 
 
 # ---------------------------------------------------------------------------------------------

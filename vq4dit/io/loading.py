@@ -117,8 +117,8 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
 
 
 def load_vae(path, device=None):
-    """The VAE of a pipeline dir (its vae/) or a VAE dir, from safetensors. A packed model does not
-    carry the VAE (it is not quantized): sample through the source pipeline's."""
+    """The VAE of a pipeline dir (its vae/), a packed dir saved with its VAE, or a VAE dir, from
+    safetensors."""
     from diffusers import AutoencoderKL
     p = Path(path)
     folder = p / "vae" if (p / "vae" / "config.json").is_file() else p

@@ -11,6 +11,9 @@ Packed model directory (all tensors in safetensors, written atomically):
                                   identical fp tensors are stored once: `aliases` in the JSON maps
                                   each copy's key to the stored one (DiT-XL/2: 28 embedder copies)
     scheduler/scheduler_config.json
+    vae/                          a latent-space pipeline's VAE (config.json + safetensors), not quantized:
+                                  kept so the directory samples as saved; its bytes are `size.vae_bytes`,
+                                  not part of `size.dir_bytes` (the quantized transformer's cost)
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from ..quant_api import _replace
 from ..sampling import make_scheduler
 from ..fs import check_replace_target, check_writable, recover_backup, replace_dir, temp_dir_for
 from ..size import quantized_layers, size_summary
-from .loading import DiTBundle, scheduler_from
+from .loading import DiTBundle, load_vae, scheduler_from
 from .validation import (FORMAT_VERSION, PACKED_CONFIG, PACKED_WEIGHTS, restore_aliases, validate_packed,
                          check_safetensors)
 
@@ -103,7 +106,7 @@ def _commit_dir(tmp: Path, out: Path):
 
 def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None,
                    protect=(), write_extra: Optional[Callable[[Path], None]] = None,
-                   fp_base: Optional[torch.nn.Module] = None) -> Path:
+                   fp_base: Optional[torch.nn.Module] = None, vae: Optional[torch.nn.Module] = None) -> Path:
     """Write the packed model. Layers must be hard (calibration's `finalize` does that).
 
     fp_base: the full-precision model this one was quantized from. Its full-precision parts are
@@ -113,7 +116,10 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
 
     overwrite=True replaces only a previous packed output (never a path in `protect`, the working
     directory or a parent of it). `write_extra(tmp_dir)` may add files (e.g. the trace) before the
-    directory is renamed into place, so OUT appears complete or not at all."""
+    directory is renamed into place, so OUT appears complete or not at all.
+
+    vae: the pipeline's VAE (latent-space DiTs such as DiT-XL/2), written to vae/ in safetensors so
+    `load_quantized` / `sample --model OUT` decode images without the source pipeline."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     qlayers = quantized_layers(model)
@@ -168,6 +174,10 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
         (scheduler or make_scheduler()).save_pretrained(tmp / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            meta["vae"] = dict(dir="vae", class_name=type(vae).__name__)
+            meta["size"]["vae_bytes"] = dir_bytes(tmp / "vae")
         if write_extra is not None:
             write_extra(tmp)
         meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
@@ -222,17 +232,20 @@ def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return stored, aliases
 
 
-def dir_bytes(path) -> int:
-    """Total bytes of the files under `path`: what a packed model costs on disk."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def dir_bytes(path, vae: bool = True) -> int:
+    """Total bytes of the files under `path`. vae=False leaves out a packed model's vae/ (not
+    quantized): what the quantized transformer costs on disk."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
+               and (vae or f.relative_to(path).parts[0] != "vae"))
 
 
 def _write_config_with_dir_bytes(tmp: Path, meta: dict):
-    """Write the JSON with size.dir_bytes = the whole directory, the JSON itself included."""
+    """Write the JSON with size.dir_bytes = the whole directory but vae/, the JSON itself included."""
     meta["size"]["dir_bytes"] = 0
     for _ in range(4):  # the JSON's own length depends on the number it holds: settle it
         (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
-        total = dir_bytes(tmp)
+        total = dir_bytes(tmp, vae=False)
         if total == meta["size"]["dir_bytes"]:
             return
         meta["size"]["dir_bytes"] = total
@@ -340,5 +353,6 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None,
     for p in model.parameters():
         p.requires_grad_(False)
     device = torch.device(device) if device else torch.device("cpu")
-    return DiTBundle(model.to(device).eval(), scheduler_from(path / "scheduler"), None, str(path), meta)
+    vae = load_vae(path, device) if (path / "vae" / "config.json").is_file() else None
+    return DiTBundle(model.to(device).eval(), scheduler_from(path / "scheduler"), vae, str(path), meta)
 
