@@ -53,6 +53,8 @@ def _sync(device):
 
 
 def run_mode(a) -> list[dict]:
+    from diffusers import DiTTransformer2DModel  # noqa: F401  (in the baseline: every mode imports it)
+
     from vq4dit.io import load_dit
     from vq4dit.sampling import sample
     rows = []
@@ -102,7 +104,7 @@ def setup(a):
     from vq4dit.io import dir_bytes, load_dit, save_quantized
     from vq4dit.testbed.xl import write_xl_pipeline
     write_xl_pipeline(a.work / "xl", num_layers=a.blocks, overwrite=True)
-    bundle = load_dit(a.work / "xl")
+    bundle = load_dit(a.work / "xl", device=a.device)  # k-means where the check runs (fast on a GPU)
     quantize(bundle.transformer, method_config("kmeans", bits=2, kmeans_iters=a.kmeans_iters), progress=False)
     out = save_quantized(bundle.transformer, a.work / "xl-w2", scheduler=bundle.scheduler, overwrite=True)
     meta = json.loads((out / "vq4dit_config.json").read_text())

@@ -60,7 +60,7 @@ class VQLinear(PackedLayer):
     """
 
     def __init__(self, in_features: int, out_features: int, k: int, d: int, n_candidates: int = 2,
-                 bias: bool = True, name: str = "", codebook_dtype: str = "float16"):
+                 bias: bool = True, name: str = "", codebook_dtype: str = "float16", compact: bool = False):
         super().__init__()
         if in_features % d:
             raise ValueError(f"layer {name or '?'}: in_features={in_features} is not divisible by d={d}")
@@ -69,8 +69,13 @@ class VQLinear(PackedLayer):
         s = out_features * in_features // d
         self.codebook = nn.Parameter(torch.zeros(k, d))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_buffer("assignment", torch.zeros(s, dtype=torch.long))         # hard index
-        self.register_buffer("kmeans_assignment", torch.zeros(s, dtype=torch.long))  # for "changed" stats
+        # compact=True (a packed model being loaded): the index buffer at packed width from the start,
+        # never an int64 one (which the allocator would keep resident after it is replaced)
+        bits = index_bits(k)
+        idx = (torch.zeros(-(-s * bits // 8), dtype=torch.uint8) if compact and bits <= 8 else
+               torch.zeros(s, dtype=compact_index_dtype(bits) if compact else torch.long))
+        self.register_buffer("assignment", idx)                                    # hard index
+        self.register_buffer("kmeans_assignment", idx if compact else torch.zeros(s, dtype=torch.long))
         self.candidates: Optional[torch.Tensor] = None  # (S, n) codeword ids, soft phase only
         self.logits: Optional[nn.Parameter] = None      # (S, n) assignment logits
         self.frozen_mask: Optional[torch.Tensor] = None  # (S,) bool
@@ -84,7 +89,7 @@ class VQLinear(PackedLayer):
         # (compact_index_dtype) instead of int64 (calibration keeps int64: it writes them in place).
         # cache_weight: inference keeps the decoded weight between forwards (fast, +4 bytes/weight);
         # off, every forward decodes it (resident size ~ the packed size; `load_quantized(cache=...)`).
-        self.compact = False
+        self.compact = compact
         self.cache_weight = True
 
     @property

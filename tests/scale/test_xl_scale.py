@@ -237,7 +237,7 @@ def test_layers_gone_hard_leave_the_optimizer_with_their_state():
 # CLI on the XL layout
 # ---------------------------------------------------------------------------------------------
 
-def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypatch, capsys):
+def test_cli_kmeans_no_eval_does_not_copy_the_model_and_the_pipeline_samples_as_saved(xl2_dir, tmp_path, monkeypatch, capsys):
     import copy
 
     from vq4dit.__main__ import main
@@ -262,38 +262,33 @@ def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypat
     meta = json.loads((tmp_path / "w2" / "vq4dit_config.json").read_text())
     assert meta["extra"]["block_mse"] is None and meta["size"]["dir_bytes"] == report["dir_bytes"]
     assert meta["size"]["vae_bytes"] == vae
+    _sample_as_saved_by_subprocess(tmp_path / "w2", tmp_path / "g.png")
 
 
-def test_packed_pipeline_samples_as_saved_by_subprocess(xl2_dir, tmp_path):
-    """Issue 20 item 5: `quantize` on a pipeline keeps its VAE in the packed dir, and `sample --model
-    OUT` (no --vae) decodes a 256x256 image with it, in fresh processes as a user runs them."""
+def _sample_as_saved_by_subprocess(out, png):
+    """Issue 20 item 5: `sample --model OUT` (no --vae) on a packed pipeline decodes a 256x256 image
+    with the VAE kept in OUT/vae, in a fresh process as a user runs it; without vae/ it says so."""
     import os
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
+    import numpy as np
     from PIL import Image
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    out, png = tmp_path / "w2", tmp_path / "g.png"
-    run = [sys.executable, "-m", "vq4dit"]
-    q = subprocess.run(run + ["quantize", "--model", str(xl2_dir), "--method", "kmeans", "--kmeans-iters", "1",
-                              "--no-eval", "--out", str(out), "--device", "cpu"], env=env, capture_output=True, text=True)
-    assert q.returncode == 0, q.stderr[-2000:]
+    cmd = [sys.executable, "-m", "vq4dit", "sample", "--model", str(out), "--labels", "207", "--steps", "1",
+           "--out", str(png), "--device", "cpu"]
     assert (out / "vae" / "config.json").is_file() and list((out / "vae").glob("*.safetensors"))
-    s = subprocess.run(run + ["sample", "--model", str(out), "--labels", "207", "--steps", "1", "--out", str(png),
-                              "--device", "cpu"], env=env, capture_output=True, text=True)
+    s = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert s.returncode == 0, s.stderr[-2000:]
-    import numpy as np
     img = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
     assert min(img.shape[:2]) >= 256 and img.std() > 1  # a decoded 256x256 image, not a blank grid
     bundle = load_dit(out)
     assert bundle.vae is not None and bundle.quantized_meta["vae"]["dir"] == "vae"
-    # without vae/ (a transformer-only packed dir) the same command says what is missing
-    import shutil
-    shutil.rmtree(out / "vae")
-    s = subprocess.run(run + ["sample", "--model", str(out), "--labels", "207", "--steps", "1", "--out", str(png),
-                              "--device", "cpu"], env=env, capture_output=True, text=True)
+    shutil.rmtree(out / "vae")  # a transformer-only packed dir: the same command says what is missing
+    s = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert s.returncode == 2 and "without a VAE" in s.stderr
 
 

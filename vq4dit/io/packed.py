@@ -313,13 +313,12 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None,
             if lay["kind"] == "vq":
                 cb = t[f"vq/{name}/codebook"]
                 q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
-                             codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
+                             codebook_dtype="float16" if cb.dtype == torch.float16 else "float32", compact=True)
                 q.codebook.data = cb.float()
                 packed = t[f"vq/{name}/indices"]
                 # <= 8 bits the file's bytes are the compact buffer; wider ids are unpacked once
-                q.assignment = (packed.clone() if q.index_bits <= 8 else
+                q.assignment = (packed if q.index_bits <= 8 else
                                 q.encode_indices(unpack_bits(packed, q.index_bits, q.num_subvectors)))
-                q.compact = True
                 q.set_weight_cache(cache)
                 q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
                 if lay["bias"]:
