@@ -135,6 +135,14 @@ class VQLinear(PackedLayer):
             self.set_weight_cache(cache_weight)
         return self
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) would copy a shared index buffer twice (it maps each buffer name): keep one
+        shared = self.kmeans_assignment is self.assignment
+        super()._apply(fn, recurse)
+        if shared:
+            self.kmeans_assignment = self.assignment
+        return self
+
     def set_weight_cache(self, on: bool):
         """Keep (True) or decode per forward (False) the inference weight; off frees the cache."""
         self.cache_weight = bool(on)
@@ -212,6 +220,16 @@ class VQLinear(PackedLayer):
             r = torch.where(self.frozen_mask[:, None], onehot, r)
         return r
 
+    def first_ratio(self) -> torch.Tensor:
+        """(S, 1) ratio of candidate 0 for n = 2: assignment_ratios()[:, :1] with the same values and
+        gradients, without building (S, 2) ratios and a one-hot (a frozen row is 1 when candidate 0
+        is its argmax, ties included, else 0)."""
+        diff = self.logits[:, :1] - self.logits[:, 1:]                           # (S, 1)
+        p = torch.sigmoid(diff / self.temperature)
+        if self.frozen_mask.any():
+            p = torch.where(self.frozen_mask[:, None], (diff.detach() >= 0).to(p.dtype), p)
+        return p
+
     def ratio_regularizer(self) -> torch.Tensor:
         """L_r = n * mean(r * (1 - r)) over the sub-vectors still soft (0 when hard)."""
         if self.hard:
@@ -246,8 +264,12 @@ class VQLinear(PackedLayer):
         Returns True if the layer switched to hard assignments now."""
         if self.hard:
             return False
-        r = ratio_softmax(self.logits, self.temperature)
-        self.frozen_mask |= r.max(1).values > freeze_threshold
+        if self.n_candidates == 2:  # max(p, 1 - p): the same values as the (S, 2) max below
+            p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
+            top = torch.maximum(p, 1 - p)
+        else:
+            top = ratio_softmax(self.logits, self.temperature).max(1).values
+        self.frozen_mask |= top > freeze_threshold
         # float64 share: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early
         if self.frozen_mask.double().mean().item() > hard_threshold:
             self.make_hard()
@@ -325,7 +347,7 @@ class VQLinear(PackedLayer):
         elif self.n_candidates == 2:
             # Same values and gradients as the general mix below, without the (S, n, d) gather:
             # r = (p, 1-p), so sum_i r_i C[c_i] = C[c_1] + p (C[c_0] - C[c_1]).
-            p = self.assignment_ratios()[:, :1]                                   # (S, 1)
+            p = self.first_ratio()                                                # (S, 1)
             c0, c1 = self.candidates[:, 0], self.candidates[:, 1]
             if self.hard_forward:  # value: the codeword in use; d/dp through the soft mix (STE)
                 cb = self.codebook.detach()

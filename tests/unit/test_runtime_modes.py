@@ -76,6 +76,8 @@ def test_loaded_packed_model_holds_less_than_fp(packed_w2):
         assert q.compact and q.assignment.dtype == torch.uint8 and q.assignment.numel() == q.num_subvectors
     decoded = sum(q.out_features * q.in_features * 4 for q in quantized_layers(cached).values())
     assert resident_bytes(cached) == before + decoded
+    compact._apply(lambda t: t.clone())  # what .to(other device) does to every tensor
+    assert resident_bytes(compact) == before  # the index buffer shared with kmeans_assignment stays one
 
 
 def test_compact_and_cached_outputs_identical_and_see_codebook_changes(packed_w2):
