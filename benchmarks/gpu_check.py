@@ -50,7 +50,8 @@ def check_digits(a) -> list[dict]:
             calib.update(iterations=a.iterations)
         _sync(a.device)
         t = time.time()
-        res = run_method(teacher, DEFAULT_METHOD, bits=2, calib=calib, recipe="small", progress=False)
+        res = run_method(teacher, DEFAULT_METHOD, bits=2, calib=calib, recipe="small", progress=False,
+                         vq=dict(kmeans_iters=a.kmeans_iters) if a.kmeans_iters else None)
         _sync(a.device)
         rows += [dict(check="digits", what=f"{DEFAULT_METHOD} W2 small recipe, {tag}: wall (k-means included)",
                       value=time.time() - t, unit="s"),
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("check", choices=["digits", "project", "app"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iterations", type=int, default=None, help="digits: trajectories (default: the small recipe's)")
+    p.add_argument("--kmeans-iters", type=int, default=None, help="digits: k-means iterations (default: recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-csv", type=Path, help="project: the scale_bench CSV with calib rows")
     p.add_argument("--app-steps", type=int, default=3, help="app: sampler steps of the one trajectory")

@@ -8,7 +8,7 @@
 #   5. the app started with --device cuda, one calibration driven through gradio_client (gpu_check app)
 # Every part writes its CSV under $OUT; a failing part is logged and the others still run.
 #   OUT=$OUT bash benchmarks/gpu_check.sh                                        # on the device machine
-#   DEVICE=cpu BLOCKS=1 CALIB_BLOCKS=1 CALIB_STEPS=2 DIGITS_ITERS=1 SAMPLE_STEPS=1 REPEATS=1 \
+#   DEVICE=cpu BLOCKS=1 CALIB_BLOCKS=1 CALIB_STEPS=2 KMEANS_ITERS=1 DIGITS_ITERS=1 DIGITS_KMEANS_ITERS=2 SAMPLE_STEPS=1 REPEATS=1 \
 #     OUT=benchmarks/results/speed/gpu_check_cpu_smoke bash benchmarks/gpu_check.sh    # CPU smoke
 # Device machine: python3 has torch but no registry; diffusers comes as wheels in .whl/ (as gpu_xl.sh).
 set -uo pipefail
@@ -38,6 +38,7 @@ part() {  # part NAME CMD...: run, time, log; remember a failure
 }
 part cuda_tests python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py tests/unit/test_runtime_modes.py
 part digits python3 -m benchmarks.gpu_check digits --device "$DEVICE" ${DIGITS_ITERS:+--iterations $DIGITS_ITERS} \
+  ${DIGITS_KMEANS_ITERS:+--kmeans-iters $DIGITS_KMEANS_ITERS} \
   --out "$OUT/digits_calib.csv"
 part xl_calib python3 -m benchmarks.scale_bench --device "$DEVICE" --blocks "${CALIB_BLOCKS:-28}" \
   --calib-blocks "${CALIB_BLOCKS:-28}" --calib-steps "${CALIB_STEPS:-6}" --kmeans-iters "${KMEANS_ITERS:-2}" \
