@@ -53,6 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-per-class", type=bounded_int(1, 1000), default=5, help="images per class for a run's metrics")
     g.add_argument("--eval-steps", type=bounded_int(1, 1000), default=25, help="sampler steps for a run's metrics")
     g.add_argument("--image-steps", type=bounded_int(1, 1000), default=25, help="default sampler steps in the Images view")
+    p.add_argument("--cache-weights", action="store_true",
+                   help="keep the decoded weights of loaded packed runs (faster sampling, more memory than FP)")
     p.add_argument("--no-umap-warmup", action="store_true", help="skip compiling UMAP in the background at start")
     p.add_argument("--no-demo-runs", action="store_true",
                    help="do not list the demo runs shipped in assets/demo_runs/ (listed read-only by default)")
@@ -155,7 +157,8 @@ def main(argv=None) -> int:
     cfg = AppConfig(model=args.model, runs_dir=args.runs_dir, device=str(device), iterations=args.iterations,
                     sampling_steps=args.sampling_steps, kmeans_iters=args.kmeans_iters,
                     eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, image_steps=args.image_steps,
-                    warm_umap=not args.no_umap_warmup, demo_runs=not args.no_demo_runs)
+                    warm_umap=not args.no_umap_warmup, demo_runs=not args.no_demo_runs,
+                    cache_weights=args.cache_weights)
     try:
         demo = create_app(cfg)
     except (FileNotFoundError, ValueError, PermissionError) as e:

@@ -40,6 +40,7 @@ class AppConfig:
     image_steps: int = 25                 # default sampler steps in the Images view
     warm_umap: bool = True                # compile umap's numba code in the background at start
     demo_runs: bool = True                # list the shipped demo runs (embedded model only; read-only)
+    cache_weights: bool = False           # packed runs keep decoded weights (faster, more memory; io.load_quantized)
 
 
 @dataclass

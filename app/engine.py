@@ -71,7 +71,8 @@ class Engine:
         self.is_digits = (tc.in_channels == 1 and tc.sample_size == 16 and self.n_classes == 10
                           and self.bundle.vae is None)
         demo = DEMO_DIR if cfg.demo_runs and self.embedded else None  # demo runs were made from this model
-        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher)
+        self.store = RunStore(cfg.runs_dir, device=self.device, demo_root=demo, fp_base=self.teacher,
+                              cache_weights=cfg.cache_weights)
         # the recipe (budget, learning rates, k-means) follows the model's size, as on the CLI
         self.n_quantizable_weights = sum(m.weight.numel() for name, m in self.teacher.named_modules()
                                          if default_filter(m, name))

@@ -147,12 +147,13 @@ class RunStore:
 
     pair_key = staticmethod(pair_key)
 
-    def __init__(self, root, device=None, demo_root=None, fp_base=None):
+    def __init__(self, root, device=None, demo_root=None, fp_base=None, cache_weights: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.demo_root = Path(demo_root) if demo_root is not None else None
         self.fp_base = fp_base
+        self.cache_weights = cache_weights    # packed runs keep decoded weights (io.load_quantized cache=)
         self.bad: dict[str, str] = {}          # runs found corrupt when loading
         self._traces = LRU(8)
         self._models = LRU(6)
@@ -283,7 +284,7 @@ class RunStore:
             self.bad[run_id] = "model/ is a link"
             raise ValueError(f"run {run_id!r}: its model/ is a symbolic link (the app never writes one)")
         try:
-            b = load_dit(mdir, device=self.device, fp_base=self.fp_base)
+            b = load_dit(mdir, device=self.device, fp_base=self.fp_base, cache=self.cache_weights)
         except Exception as e:  # any failure reading the files marks this run, never the app
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e

@@ -112,7 +112,7 @@ MUTANTS = [
      [("vq4dit/trace.py", "coherence = g_sum.norm(dim=1) / norm_sum.clamp_min(1e-30)",
        "coherence = g_sum.norm(dim=1) / count.clamp_min(1)")]),
     ("indices-one-byte", "step 8: indices stored one byte each (still round-trips)",
-     [("vq4dit/io/packed.py", "pack_bits(m.assignment, m.index_bits)", "pack_bits(m.assignment, max(m.index_bits, 8))"),
+     [("vq4dit/io/packed.py", "pack_bits(m.indices(), m.index_bits)", "pack_bits(m.indices(), max(m.index_bits, 8))"),
       ("vq4dit/io/packed.py", "unpack_bits(t[f\"vq/{name}/indices\"], q.index_bits,",
        "unpack_bits(t[f\"vq/{name}/indices\"], max(q.index_bits, 8),")]),
     ("rtn-always-per-tensor", "rtn: per_channel ignored (one grid per tensor)",

@@ -181,7 +181,8 @@ def _quantize(args, out: Path, device) -> int:
     write_trace = (lambda tmp: trace.save(tmp / "trace")) if trace is not None else None
     with _signals_deferred() as got:
         save_quantized(model, out, scheduler=bundle.scheduler, overwrite=args.overwrite, extra=extra,
-                       protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace)
+                       protect=[args.model] if Path(args.model).exists() else [], write_extra=write_trace,
+                       vae=bundle.vae)  # a latent-space pipeline keeps its VAE (vae/, not in dir_bytes)
     if got["sig"] and not stopped:
         stopped = got["sig"] + " while saving"
     if stopped:
@@ -191,7 +192,8 @@ def _quantize(args, out: Path, device) -> int:
         return 143 if stopped.startswith("terminated") else 130
     size = size_summary(model)
     print(json.dumps(dict(out=str(out), method=config.method, bits_per_weight=round(size["bits_per_weight"], 4),
-                          index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out), block_mse=mse,
+                          index_bytes=size["index_bytes"], dir_bytes=dir_bytes(out, vae=False),
+                          vae_bytes=dir_bytes(out) - dir_bytes(out, vae=False), block_mse=mse,
                           seconds=round(seconds, 1)), indent=1))
     return 0
 
@@ -211,13 +213,14 @@ def cmd_sample(args) -> int:
     check_image_out(out, args.overwrite, protect=model_dirs)
     check_writable(out.parent)
     device = resolve_device(args.device)
-    bundle = load_dit(args.model, device=device)
+    bundle = load_dit(args.model, device=device, cache=args.cache_weights)
     if args.vae is not None:
         from .io import load_vae
         bundle.vae = load_vae(args.vae, device)
     if bundle.vae is None and bundle.transformer.config.in_channels not in (1, 3):
         raise ValueError(f"{args.model} is a latent-space model ({bundle.transformer.config.in_channels} channels) "
-                         f"without a VAE: pass --vae PIPELINE_DIR (packed models do not carry the VAE)")
+                         f"without a VAE: pass --vae PIPELINE_DIR (a packed model quantized from a transformer dir, not "
+                         f"a pipeline, has no vae/)")
     n_cls = bundle.transformer.config.num_embeds_ada_norm
     labels = args.labels if args.labels else list(range(min(n_cls, 10)))
     bad = [l for l in labels if not 0 <= l < n_cls]
@@ -296,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="noise seed")
     s.add_argument("--nrow", type=bounded_int(1, 1024), help="images per grid row")
     s.add_argument("--device", help="cuda or cpu (default: CUDA when available)")
-    s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents; needed for a packed "
-                                 "latent-space model such as DiT-XL/2 (the packed dir does not carry the VAE)")
+    s.add_argument("--vae", help="pipeline dir (its vae/) or VAE dir to decode latents (default: the model's own "
+                                 "vae/: a pipeline, or a packed dir quantized from one)")
+    s.add_argument("--cache-weights", action="store_true",
+                   help="packed model: keep every decoded weight after the first step (faster; more memory "
+                        "than the FP model). Default: decode each layer per forward (about the packed size)")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -81,7 +81,11 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.step_cap, desc=f"calibrate {config.method}", leave=False)
     step, stopped, device = 0, None, run.device
+    # opt-in bf16 autocast of the forwards (teacher trajectory and student); parameters and optimizer
+    # state stay fp32. The trajectory generator runs the teacher inside this context.
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
     try:
+        amp.__enter__()
         for it in itertools.count():  # trajectories: `iterations`, or more under until_hard
             if budget_spent(run, step):
                 break
@@ -108,6 +112,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, config: VQConfig, original
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
+        amp.__exit__(None, None, None)
         if bar is not None:
             bar.close()
         forced = [n for n, m in run.layers.items() if not m.hard]  # still soft: finalize takes their argmax
@@ -196,9 +201,11 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
     losses = distributed.all_reduce_mean(torch.stack(losses).detach(), run.weight).unbind()
     block_loss = torch.stack(losses).mean()
     loss_value = block_loss + cfg.lambda_r * l_r_on * l_r.detach()
-    if not torch.isfinite(loss_value):
-        raise FloatingPointError(f"calibration loss became {loss_value.item()} at step {step}: "
-                                 f"lower the learning rates")
+    # the step's scalars leave the device in one transfer (one host sync, not 3 + n_blocks .item())
+    loss_f, block_loss_f, l_r_f, *block_f = torch.stack(
+        [loss_value, block_loss, l_r.detach().to(block_loss.dtype), *losses]).float().tolist()
+    if not np.isfinite(loss_f):
+        raise FloatingPointError(f"calibration loss became {loss_f} at step {step}: lower the learning rates")
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     # data parallel: the full batch's gradients (and weight gradients for the stats)
@@ -213,12 +220,14 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
     freeze_and_switch(run, step)
     for m in layers.values():
         m.record_weight_grad, m.last_weight = False, None
-    frozen = float(np.mean([1.0 if m.hard else m.frozen_mask.float().mean().item() for m in layers.values()]))
-    row = dict(step=step, iteration=iteration, timestep=int(t_in[0]), loss=loss_value.item(), block_loss=block_loss.item(), l_r=l_r.item(),
+    soft_masks = [m.frozen_mask for m in layers.values() if not m.hard]  # one sync for all layers
+    shares = iter(torch.stack([f.float().mean() for f in soft_masks]).tolist() if soft_masks else [])
+    frozen = float(np.mean([1.0 if m.hard else next(shares) for m in layers.values()]))
+    row = dict(step=step, iteration=iteration, timestep=int(t_in[0]), loss=loss_f, block_loss=block_loss_f, l_r=l_r_f,
                l_r_on=l_r_on,
                frozen_frac=frozen, hard_layers=sum(m.hard for m in layers.values()),
                seconds=time.time() - run.t0)
-    row.update({f"block_{b}": v.item() for b, v in enumerate(losses)})
+    row.update({f"block_{b}": v for b, v in enumerate(block_f)})
     run.trace.add("steps", row)
     if want_stats:
         run.recorder.record_layers(step, conflicts)

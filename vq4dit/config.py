@@ -104,11 +104,16 @@ class CalibConfig:
     trace_samples: int = 512          # fixed random sub-vectors per layer kept for cluster plots
     seed: int = 0
     device: Optional[str] = None      # None: CUDA when available, else CPU
+    autocast: Optional[str] = None    # "bf16": teacher and student forwards under bf16 autocast (GPU
+                                      # speed); codebooks, logits, biases and the optimizer stay fp32
+                                      # (master copies). None = fp32 throughout (results as measured)
     recipe: str = "reference"         # name of the budget these settings started from (reports only)
 
     def __post_init__(self):
         for name in ("iterations", "labels_per_iteration", "num_sampling_steps"):
             check_number(f"CalibConfig.{name}", getattr(self, name), 1, integer=True)
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', got {self.autocast!r}")
         # bounded, finite numbers (a huge lr or a NaN lambda_r ends in NaN losses)
         for name in ("lr_logits", "lr_codebook", "lr_bias"):
             check_number(f"CalibConfig.{name}", getattr(self, name), 0, MAX_LR)

@@ -7,6 +7,7 @@
   progressive freezing .... `VQLinear.freeze_confident()`    (step 7)
   hard switch ............. `VQLinear.make_hard()`           (step 7)
   storage ................. `VQLinear.storage_bits()`        (what a packed layer costs, size.py)
+  compact runtime ......... `VQLinear.compact_()`            (indices at packed width, decoded per forward)
 Calibration (steps 5-6) lives in `calibrate.py`; the in-place entry point in `quant_api.py`.
 """
 from __future__ import annotations
@@ -20,6 +21,25 @@ import torch.nn.functional as F
 from .config import RTNConfig, VQConfig, index_bits
 from .kmeans import kmeans_cached, sq_dists
 from .size import PackedLayer, rtn_storage_bits, vq_storage_bits
+
+
+def compact_index_dtype(bits: int) -> torch.dtype:
+    """Dtype of a compact layer's index buffer: a bit stream in uint8 up to 8 bits (k <= 256; exactly
+    the packed file's bytes), int16 up to 15 bits, int32 above (k = 65536)."""
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+
+
+def unpack_indices(stored: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """(n,) int64 codeword ids from a compact index buffer, on its device. Below 8 bits the buffer is
+    the MSB-first bit stream of `io.pack_bits` (ceil(n*bits/8) bytes): each index is read from the
+    16-bit window of the two bytes it starts in."""
+    if bits >= 8:
+        return stored.long()
+    pos = torch.arange(n, device=stored.device, dtype=torch.int64) * bits      # bit offset of each index
+    byte = pos >> 3
+    p = torch.cat([stored, stored.new_zeros(1)]).to(torch.int32)              # +1 byte: last window
+    window = (p.index_select(0, byte) << 8) | p.index_select(0, byte + 1)      # (n,) 16 bits
+    return ((window >> (16 - bits - (pos & 7))) & ((1 << bits) - 1)).long()
 
 
 def ratio_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -40,7 +60,7 @@ class VQLinear(PackedLayer):
     """
 
     def __init__(self, in_features: int, out_features: int, k: int, d: int, n_candidates: int = 2,
-                 bias: bool = True, name: str = "", codebook_dtype: str = "float16"):
+                 bias: bool = True, name: str = "", codebook_dtype: str = "float16", compact: bool = False):
         super().__init__()
         if in_features % d:
             raise ValueError(f"layer {name or '?'}: in_features={in_features} is not divisible by d={d}")
@@ -49,8 +69,13 @@ class VQLinear(PackedLayer):
         s = out_features * in_features // d
         self.codebook = nn.Parameter(torch.zeros(k, d))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_buffer("assignment", torch.zeros(s, dtype=torch.long))         # hard index
-        self.register_buffer("kmeans_assignment", torch.zeros(s, dtype=torch.long))  # for "changed" stats
+        # compact=True (a packed model being loaded): the index buffer at packed width from the start,
+        # never an int64 one (which the allocator would keep resident after it is replaced)
+        bits = index_bits(k)
+        idx = (torch.zeros(-(-s * bits // 8), dtype=torch.uint8) if compact and bits <= 8 else
+               torch.zeros(s, dtype=compact_index_dtype(bits) if compact else torch.long))
+        self.register_buffer("assignment", idx)                                    # hard index
+        self.register_buffer("kmeans_assignment", idx if compact else torch.zeros(s, dtype=torch.long))
         self.candidates: Optional[torch.Tensor] = None  # (S, n) codeword ids, soft phase only
         self.logits: Optional[nn.Parameter] = None      # (S, n) assignment logits
         self.frozen_mask: Optional[torch.Tensor] = None  # (S,) bool
@@ -60,10 +85,69 @@ class VQLinear(PackedLayer):
         self.temperature = 1.0     # softmax temperature of the ratios (1 = paper; annealed by CalibConfig.temperature_end)
         self.record_weight_grad = False
         self.last_weight: Optional[torch.Tensor] = None  # w_hat of the last forward, for conflict stats
+        # Runtime of a hard layer. compact: `assignment` holds the indices at packed width
+        # (compact_index_dtype) instead of int64 (calibration keeps int64: it writes them in place).
+        # cache_weight: inference keeps the decoded weight between forwards (fast, +4 bytes/weight);
+        # off, every forward decodes it (resident size ~ the packed size; `load_quantized(cache=...)`).
+        self.compact = compact
+        self.cache_weight = True
 
     @property
     def num_subvectors(self) -> int:
-        return self.assignment.numel()
+        return self.out_features * self.in_features // self.d
+
+    def indices(self) -> torch.Tensor:
+        """(S,) int64 codeword id of every sub-vector (hard assignment), whatever the storage."""
+        if not self.compact:
+            return self.assignment
+        return unpack_indices(self.assignment, self.index_bits, self.num_subvectors)
+
+    @torch.no_grad()
+    def set_indices(self, idx: torch.Tensor):
+        """Write the hard assignment (S,) in the layer's storage (int64, or compact)."""
+        if not self.compact:
+            self.assignment.copy_(idx)
+            return
+        self.assignment = self.encode_indices(idx)
+
+    def encode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        """(S,) ids -> the compact buffer (same bytes as the packed file's for <= 8 bits)."""
+        bits = self.index_bits
+        if bits < 8:
+            from .io.packed import pack_bits  # the packed format's bit stream, one definition
+            return pack_bits(idx, bits).to(idx.device)
+        return idx.to(compact_index_dtype(bits))
+
+    @torch.no_grad()
+    def compact_(self, cache_weight: Optional[bool] = None) -> "VQLinear":
+        """Hold the indices at packed width (the hard layers of a finished model); optionally set
+        the decoded-weight cache. Idempotent."""
+        if not self.hard:
+            raise ValueError(f"layer {self.name or '?'} is still soft: compact it after finalize / make_hard")
+        if not self.compact:
+            same = self.kmeans_assignment is self.assignment
+            kmeans = None if same else self.kmeans_assignment.clone()
+            self.assignment = self.encode_indices(self.assignment)
+            self.compact = True
+            # the k-means ids are only statistics: keep them compact too (or share the tensor)
+            self.kmeans_assignment = self.assignment if same else self.encode_indices(kmeans)
+        if cache_weight is not None:
+            self.set_weight_cache(cache_weight)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) would copy a shared index buffer twice (it maps each buffer name): keep one
+        shared = self.kmeans_assignment is self.assignment
+        super()._apply(fn, recurse)
+        if shared:
+            self.kmeans_assignment = self.assignment
+        return self
+
+    def set_weight_cache(self, on: bool):
+        """Keep (True) or decode per forward (False) the inference weight; off frees the cache."""
+        self.cache_weight = bool(on)
+        if not on:
+            self._cached_weight = self._cache_key = None
 
     @property
     def index_bits(self) -> int:
@@ -136,6 +220,16 @@ class VQLinear(PackedLayer):
             r = torch.where(self.frozen_mask[:, None], onehot, r)
         return r
 
+    def first_ratio(self) -> torch.Tensor:
+        """(S, 1) ratio of candidate 0 for n = 2: assignment_ratios()[:, :1] with the same values and
+        gradients, without building (S, 2) ratios and a one-hot (a frozen row is 1 when candidate 0
+        is its argmax, ties included, else 0)."""
+        diff = self.logits[:, :1] - self.logits[:, 1:]                           # (S, 1)
+        p = torch.sigmoid(diff / self.temperature)
+        if self.frozen_mask.any():
+            p = torch.where(self.frozen_mask[:, None], (diff.detach() >= 0).to(p.dtype), p)
+        return p
+
     def ratio_regularizer(self) -> torch.Tensor:
         """L_r = n * mean(r * (1 - r)) over the sub-vectors still soft (0 when hard)."""
         if self.hard:
@@ -152,7 +246,7 @@ class VQLinear(PackedLayer):
     def current_assignment(self) -> torch.Tensor:
         """(S,) codeword each sub-vector uses now (top candidate while soft)."""
         if self.hard:
-            return self.assignment
+            return self.indices()
         if self.n_candidates == 2:  # argmax of two logits (ties -> candidate 0, like argmax)
             second = self.logits.detach()[:, 1] > self.logits.detach()[:, 0]
             return torch.where(second, self.candidates[:, 1], self.candidates[:, 0])
@@ -170,8 +264,12 @@ class VQLinear(PackedLayer):
         Returns True if the layer switched to hard assignments now."""
         if self.hard:
             return False
-        r = ratio_softmax(self.logits, self.temperature)
-        self.frozen_mask |= r.max(1).values > freeze_threshold
+        if self.n_candidates == 2:  # max(p, 1 - p): the same values as the (S, 2) max below
+            p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
+            top = torch.maximum(p, 1 - p)
+        else:
+            top = ratio_softmax(self.logits, self.temperature).max(1).values
+        self.frozen_mask |= top > freeze_threshold
         # float64 share: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early
         if self.frozen_mask.double().mean().item() > hard_threshold:
             self.make_hard()
@@ -205,7 +303,7 @@ class VQLinear(PackedLayer):
         w = weight.detach().float().to(self.codebook.device)                 # (out, in)
         h = hessian.float().to(self.codebook.device)                          # (in, in)
         cb = self.codebook.detach()
-        assign = self.assignment.view(out_f, in_f // d).clone()               # (out, in/d)
+        assign = self.indices().view(out_f, in_f // d).clone()                # (out, in/d)
         cand = sq_dists(w.reshape(-1, d), cb).topk(min(n_candidates, self.k), dim=1, largest=False).indices
         cand = cand.view(out_f, in_f // d, -1)                                # (out, in/d, m)
         w_hat = cb[assign].reshape(out_f, in_f)
@@ -225,7 +323,7 @@ class VQLinear(PackedLayer):
                 w_hat[:, cols] += step
                 err[:, cols] += step
                 assign[:, b] = new
-        self.assignment.copy_(assign.reshape(-1))
+        self.set_indices(assign.reshape(-1))
         return float((assign != before).float().mean())
 
     @torch.no_grad()
@@ -246,11 +344,11 @@ class VQLinear(PackedLayer):
     # -- forward ----------------------------------------------------------------------------
     def weight_hat(self) -> torch.Tensor:
         if self.hard:
-            sub = self.codebook[self.assignment]  # (S, d)
+            sub = self.codebook.index_select(0, self.indices())  # (S, d); compact: decoded here, per call
         elif self.n_candidates == 2:
             # Same values and gradients as the general mix below, without the (S, n, d) gather:
             # r = (p, 1-p), so sum_i r_i C[c_i] = C[c_1] + p (C[c_0] - C[c_1]).
-            p = self.assignment_ratios()[:, :1]                                   # (S, 1)
+            p = self.first_ratio()                                                # (S, 1)
             c0, c1 = self.candidates[:, 0], self.candidates[:, 1]
             if self.hard_forward:  # value: the codeword in use; d/dp through the soft mix (STE)
                 cb = self.codebook.detach()
@@ -273,9 +371,10 @@ class VQLinear(PackedLayer):
         return self.weight_hat().detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hard and not torch.is_grad_enabled():
+        if self.hard and self.cache_weight and not torch.is_grad_enabled():
             # inference: rebuild W only when codebook or indices changed (saves a gather per step)
-            key = (self.codebook._version, self.assignment._version, self.codebook.data_ptr(), x.dtype)
+            key = (self.codebook._version, self.assignment._version, self.codebook.data_ptr(),
+                   self.assignment.data_ptr(), x.dtype)
             if getattr(self, "_cache_key", None) != key:
                 self._cached_weight = self.weight_hat().detach().to(x.dtype)
                 self._cache_key = key
@@ -288,6 +387,8 @@ class VQLinear(PackedLayer):
 
     def extra_repr(self) -> str:
         state = "hard" if self.hard else f"soft n={self.n_candidates}"
+        if self.compact:
+            state += ", compact" + (", cached" if self.cache_weight else ", decode per forward")
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, d={self.d}, "
                 f"bits/weight={self.storage_bits()['bits_per_weight']:.3f}, {state}")
 

@@ -99,7 +99,7 @@ class ClusterView:
         info = tr.layer_info(layer)
         w = dict(self.engine.teacher.named_modules())[layer].weight.detach().float().cpu()
         q = dict(self.store.model(run_id).transformer.named_modules()).get(layer)
-        if q is None or not hasattr(q, "assignment") or tuple(w.shape) != info.shape:
+        if q is None or not hasattr(q, "indices") or tuple(w.shape) != info.shape:
             raise ValueError(f"{layer}: the run's packed model has no codebook layer matching the loaded model")
         x = w.reshape(-1, info.d)                                            # (S, d) every sub-vector
         total = len(x)
@@ -107,7 +107,7 @@ class ClusterView:
         if total > FULL_CLUSTER_MAX:
             idx = torch.linspace(0, total - 1, FULL_CLUSTER_MAX).long()
         x = x[idx]
-        assign = q.assignment.detach().cpu()[idx]
+        assign = q.indices().detach().cpu()[idx]
         start = tr.start_assignment(layer)
         changed = None if start is None else assign.numpy() != start[idx.numpy()]
         out = dict(x=x.numpy().astype(np.float64), assign=assign.numpy(), changed=changed,

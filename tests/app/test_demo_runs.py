@@ -78,7 +78,7 @@ def test_demo_run_loads_with_current_format(demo_store, rid):
     # the packed indices agree with the trace's final assignment of the sampled sub-vectors
     layer = tr.layer_names[0]
     lin = dict(b.transformer.named_modules())[layer]
-    np.testing.assert_array_equal(lin.assignment.numpy()[tr.samples(layer)[1]],
+    np.testing.assert_array_equal(lin.indices().numpy()[tr.samples(layer)[1]],
                                   tr.snapshot(layer, tr.snapshot_steps(layer)[-1]).assign)
 
 
@@ -277,7 +277,7 @@ def test_full_weight_cluster_view(demo_app, monkeypatch):
     # every sub-vector's final codeword is the packed model's
     fw = views.full_weights(rid, sel["layer"])
     lin = dict(views.store.model(rid).transformer.named_modules())[sel["layer"]]
-    np.testing.assert_array_equal(fw["assign"], lin.assignment.numpy())
+    np.testing.assert_array_equal(fw["assign"], lin.indices().numpy())
     # over the cap: an evenly strided sample, said so
     monkeypatch.setattr(V, "FULL_CLUSTER_MAX", 1000)
     views._proj.clear()

@@ -237,7 +237,7 @@ def test_layers_gone_hard_leave_the_optimizer_with_their_state():
 # CLI on the XL layout
 # ---------------------------------------------------------------------------------------------
 
-def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypatch, capsys):
+def test_cli_kmeans_no_eval_does_not_copy_the_model_and_the_pipeline_samples_as_saved(xl2_dir, tmp_path, monkeypatch, capsys):
     import copy
 
     from vq4dit.__main__ import main
@@ -254,9 +254,42 @@ def test_cli_kmeans_no_eval_does_not_copy_the_model(xl2_dir, tmp_path, monkeypat
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["block_mse"] is None
-    assert report["dir_bytes"] == sum(f.stat().st_size for f in (tmp_path / "w2").rglob("*") if f.is_file())
+    # the pipeline's VAE is kept in vae/ and counted apart from the quantized transformer
+    files = [f for f in (tmp_path / "w2").rglob("*") if f.is_file()]
+    vae = sum(f.stat().st_size for f in files if f.relative_to(tmp_path / "w2").parts[0] == "vae")
+    assert vae > 50 * 2 ** 20 and report["vae_bytes"] == vae
+    assert report["dir_bytes"] == sum(f.stat().st_size for f in files) - vae
     meta = json.loads((tmp_path / "w2" / "vq4dit_config.json").read_text())
     assert meta["extra"]["block_mse"] is None and meta["size"]["dir_bytes"] == report["dir_bytes"]
+    assert meta["size"]["vae_bytes"] == vae
+    _sample_as_saved_by_subprocess(tmp_path / "w2", tmp_path / "g.png")
+
+
+def _sample_as_saved_by_subprocess(out, png):
+    """Issue 20 item 5: `sample --model OUT` (no --vae) on a packed pipeline decodes a 256x256 image
+    with the VAE kept in OUT/vae, in a fresh process as a user runs it; without vae/ it says so."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "vq4dit", "sample", "--model", str(out), "--labels", "207", "--steps", "1",
+           "--out", str(png), "--device", "cpu"]
+    assert (out / "vae" / "config.json").is_file() and list((out / "vae").glob("*.safetensors"))
+    s = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr[-2000:]
+    img = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    assert min(img.shape[:2]) >= 256 and img.std() > 1  # a decoded 256x256 image, not a blank grid
+    bundle = load_dit(out)
+    assert bundle.vae is not None and bundle.quantized_meta["vae"]["dir"] == "vae"
+    shutil.rmtree(out / "vae")  # a transformer-only packed dir: the same command says what is missing
+    s = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert s.returncode == 2 and "without a VAE" in s.stderr
 
 
 # ---------------------------------------------------------------------------------------------

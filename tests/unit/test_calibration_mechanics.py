@@ -467,3 +467,33 @@ def test_lr_gate_keeps_l_r_out_of_the_gradient_on_gated_steps(method, gated):
         grads[lam] = torch.cat([s["logits_grad"].flatten() for s in seen.values()])
     same = torch.allclose(grads[0.0], grads[500.0], rtol=1e-5, atol=1e-9)
     assert same is gated
+
+
+def test_bf16_autocast_runs_the_forwards_in_bf16_with_fp32_master_parameters(monkeypatch):
+    """Issue 20: CalibConfig.autocast="bf16" puts the block forwards under bf16 autocast (the
+    first step's losses differ from fp32's by bf16 rounding, not more), while codebooks, logits and
+    biases stay fp32 parameters."""
+    teacher = make_tiny_dit()
+    seen = {}
+    real = calibrate_mod.block_losses
+
+    def spy(student, *a, **kw):
+        seen.setdefault("autocast", torch.is_autocast_enabled("cpu"))
+        return real(student, *a, **kw)
+    monkeypatch.setattr(calibrate_mod, "block_losses", spy)
+
+    def run(autocast):
+        seen.clear()
+        student = copy.deepcopy(teacher)
+        cfg = method_config("vq4dit", bits=3, kmeans_iters=3, calib=dict(TINY, num_sampling_steps=2, autocast=autocast))
+        tr = quantize(student, cfg, teacher=teacher, progress=False)
+        return tr.steps.block_loss.tolist(), student, seen.get("autocast")
+
+    fp32, _, on32 = run(None)
+    bf16, student, on16 = run("bf16")
+    assert on32 is False and on16 is True
+    assert fp32[0] != bf16[0] and abs(bf16[0] - fp32[0]) <= 0.05 * fp32[0]
+    for q in quantized_layers(student).values():
+        assert q.codebook.dtype == torch.float32 and q.bias.dtype == torch.float32
+    with pytest.raises(ValueError, match="autocast"):
+        method_config("vq4dit", bits=3, calib=dict(autocast="fp8"))

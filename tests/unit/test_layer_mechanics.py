@@ -359,7 +359,10 @@ def test_packed_indices_take_log2_k_bits_on_disk(tmp_path, k):
         assert spans[f"vq/{name}/codebook"] == ("F16", [k, 2], k * 2 * 2)
     back = load_quantized(tmp_path / "p").transformer
     for name, q in quantized_layers(back).items():
-        assert torch.equal(q.assignment, layers[name].assignment)
+        assert torch.equal(q.indices(), layers[name].assignment)
+        # compact runtime: the buffer is the packed bytes (<= 8 bits) or int16 ids, never int64
+        assert q.assignment.element_size() * q.assignment.numel() == (
+            spans[f"vq/{name}/indices"][2] if k <= 256 else 2 * q.num_subvectors), name
     from safetensors.torch import load_file
     t = load_file(str(tmp_path / "p" / "model.safetensors"))
     name, q = next(iter(layers.items()))

@@ -140,6 +140,10 @@ def test_cli_quantize_then_sample(tiny_dit_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     rc = main(["sample", "--model", str(out), "--labels", "1", "2", "--out", str(tmp_path / "g.png"), "--steps", "3"])
     assert rc == 0 and (tmp_path / "g.png").stat().st_size > 100
+    # the cached runtime (--cache-weights) draws the same picture as the default compact one
+    rc = main(["sample", "--model", str(out), "--labels", "1", "2", "--out", str(tmp_path / "c.png"), "--steps", "3",
+               "--cache-weights"])
+    assert rc == 0 and (tmp_path / "c.png").read_bytes() == (tmp_path / "g.png").read_bytes()
     assert main(["sample", "--model", str(out), "--labels", "12", "--out", str(tmp_path / "h.png")]) == 2
     assert main(["quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -85,9 +85,11 @@ HUB_PREFIX = "hf:"  # `hf:facebook/DiT-XL-2-256` loads from the Hugging Face Hub
 
 
 def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
-             fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
+             fp_base: Optional[torch.nn.Module] = None, cache: bool = False) -> DiTBundle:
     """Load a DiT from a transformer dir, a pipeline dir (transformer/, scheduler/, vae/),
     a packed vq4dit dir, or, only with the explicit `hf:` prefix, a Hub id (`hf:owner/name`).
+    `cache`: runtime mode of a packed model (`load_quantized`): False decodes each layer's weight
+    per forward (smallest memory), True keeps the decoded weights (fastest).
 
     A path that does not exist is an error: it never falls back to the Hub."""
     device = torch.device(device) if device else torch.device("cpu")
@@ -105,7 +107,7 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
     if not p.is_dir():
         raise ValueError(f"{p} is a file: pass a model directory (diffusers format)")
     if (p / PACKED_CONFIG).is_file():
-        return load_quantized(p, device=device, fp_base=fp_base)
+        return load_quantized(p, device=device, fp_base=fp_base, cache=cache)
     if (p / "config.json").is_file():
         bundle = DiTBundle(_load_transformer(p, device, dtype), scheduler_from(p / "scheduler"), None, str(p))
     elif (p / "transformer" / "config.json").is_file():
@@ -120,8 +122,8 @@ def load_dit(path: str | os.PathLike, device=None, dtype=torch.float32,
 
 
 def load_vae(path, device=None):
-    """The VAE of a pipeline dir (its vae/) or a VAE dir, from safetensors. A packed model does not
-    carry the VAE (it is not quantized): sample through the source pipeline's."""
+    """The VAE of a pipeline dir (its vae/), a packed dir saved with its VAE, or a VAE dir, from
+    safetensors."""
     from diffusers import AutoencoderKL
     p = Path(path)
     folder = p / "vae" if (p / "vae" / "config.json").is_file() else p

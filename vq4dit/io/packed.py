@@ -11,9 +11,13 @@ Packed model directory (all tensors in safetensors, written atomically):
                                   identical fp tensors are stored once: `aliases` in the JSON maps
                                   each copy's key to the stored one (DiT-XL/2: 28 embedder copies)
     scheduler/scheduler_config.json
+    vae/                          a latent-space pipeline's VAE (config.json + safetensors), not quantized:
+                                  kept so the directory samples as saved; its bytes are `size.vae_bytes`,
+                                  not part of `size.dir_bytes` (the quantized transformer's cost)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -99,7 +103,8 @@ def _atomic_dir(out: Path, overwrite: bool, protect=()):
 
 def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extra: Optional[dict] = None,
                    protect=(), write_extra: Optional[Callable[[Path], None]] = None,
-                   fp_base: Optional[torch.nn.Module] = None, config=None) -> Path:
+                   fp_base: Optional[torch.nn.Module] = None, config=None,
+                   vae: Optional[torch.nn.Module] = None) -> Path:
     """Write the packed model. Layers must be hard (calibration's `finalize` does that).
 
     config: the method config recorded in the JSON; default `model.vq4dit_config`, which
@@ -112,7 +117,10 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
 
     overwrite=True replaces only a previous packed output (never a path in `protect`, the working
     directory or a parent of it). `write_extra(tmp_dir)` may add files (e.g. the trace) before the
-    directory is renamed into place, so OUT appears complete or not at all."""
+    directory is renamed into place, so OUT appears complete or not at all.
+
+    vae: the pipeline's VAE (latent-space DiTs such as DiT-XL/2), written to vae/ in safetensors so
+    `load_quantized` / `sample --model OUT` decode images without the source pipeline."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     qlayers = quantized_layers(model)
@@ -151,6 +159,10 @@ def save_quantized(model, out_dir, scheduler=None, overwrite: bool = False, extr
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PACKED_WEIGHTS))
         (scheduler or make_scheduler()).save_pretrained(tmp / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            meta["vae"] = dict(dir="vae", class_name=type(vae).__name__)
+            meta["size"]["vae_bytes"] = dir_bytes(tmp / "vae")
         if write_extra is not None:
             write_extra(tmp)
         meta["size"]["file_bytes"] = (tmp / PACKED_WEIGHTS).stat().st_size
@@ -171,7 +183,7 @@ def _pack_layer(name: str, m, tensors: dict) -> dict:
     shape = [m.out_features, m.in_features]
     if isinstance(m, VQLinear):
         tensors[f"vq/{name}/codebook"] = m.codebook.detach().cpu().to(getattr(torch, m.codebook_dtype))
-        tensors[f"vq/{name}/indices"] = pack_bits(m.assignment, m.index_bits)
+        tensors[f"vq/{name}/indices"] = pack_bits(m.indices(), m.index_bits)
         lay = dict(kind="vq", k=m.k, d=m.d, n_candidates=m.n_candidates, shape=shape, bias=bias is not None,
                    codebook_dtype=m.codebook_dtype)
     elif isinstance(m, RTNLinear):
@@ -187,15 +199,20 @@ def _pack_layer(name: str, m, tensors: dict) -> dict:
     return lay
 
 
-def _unpack_layer(name: str, lay: dict, t: dict):
-    """The VQLinear / RTNLinear of layer `name` from its (validated) layout and tensors."""
+def _unpack_layer(name: str, lay: dict, t: dict, cache: bool = False):
+    """The VQLinear / RTNLinear of layer `name` from its (validated) layout and tensors. VQ layers
+    hold their indices at packed width (compact runtime); cache=True keeps decoded weights."""
     out_f, in_f = lay["shape"]
     if lay["kind"] == "vq":
         cb = t[f"vq/{name}/codebook"]
         q = VQLinear(in_f, out_f, lay["k"], lay["d"], lay.get("n_candidates", 2), lay["bias"], name,
-                     codebook_dtype="float16" if cb.dtype == torch.float16 else "float32")
+                     codebook_dtype="float16" if cb.dtype == torch.float16 else "float32", compact=True)
         q.codebook.data = cb.float()
-        q.assignment.copy_(unpack_bits(t[f"vq/{name}/indices"], q.index_bits, q.num_subvectors))
+        packed = t[f"vq/{name}/indices"]
+        # <= 8 bits the file's bytes are the compact buffer; wider ids are unpacked once
+        q.assignment = (packed if q.index_bits <= 8 else
+                        q.encode_indices(unpack_bits(packed, q.index_bits, q.num_subvectors)))
+        q.set_weight_cache(cache)
         q.kmeans_assignment = q.assignment  # same tensor: a packed model has no k-means history
     else:
         q = RTNLinear(in_f, out_f, lay["bits"], lay["per_channel"], lay["bias"], name)
@@ -251,25 +268,54 @@ def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return stored, aliases
 
 
-def dir_bytes(path) -> int:
-    """Total bytes of the files under `path`: what a packed model costs on disk."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def dir_bytes(path, vae: bool = True) -> int:
+    """Total bytes of the files under `path`. vae=False leaves out a packed model's vae/ (not
+    quantized): what the quantized transformer costs on disk."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
+               and (vae or f.relative_to(path).parts[0] != "vae"))
 
 
 def _write_config_with_dir_bytes(tmp: Path, meta: dict):
-    """Write the JSON with size.dir_bytes = the whole directory, the JSON itself included."""
+    """Write the JSON with size.dir_bytes = the whole directory but vae/, the JSON itself included."""
     meta["size"]["dir_bytes"] = 0
     for _ in range(4):  # the JSON's own length depends on the number it holds: settle it
         (tmp / PACKED_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
-        total = dir_bytes(tmp)
+        total = dir_bytes(tmp, vae=False)
         if total == meta["size"]["dir_bytes"]:
             return
         meta["size"]["dir_bytes"] = total
 
 
-def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None) -> DiTBundle:
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside hold their parameters on the meta device (no memory): each one is
+    created, then swapped for a meta tensor at once, so building a DiT never holds its FP weights
+    (which the allocator would keep as resident memory). Buffers stay real. Like accelerate's
+    init_empty_weights, without the dependency."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None, cache: bool = False) -> DiTBundle:
     """Rebuild a packed model; its outputs equal the in-memory quantized model's. `fp_base`: the
-    full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`."""
+    full-precision model, for a packed model saved with `save_quantized(..., fp_base=...)`.
+
+    The VQ layers hold their indices at packed width (`VQLinear.compact_`). cache=False (default,
+    compact runtime): each forward decodes its layer's weight from the codebook, so the resident
+    model is about the packed size plus one decoded layer. cache=True: decoded weights are kept
+    after the first forward (faster sampling, +4 bytes per weight, more than the FP model).
+    The model is built without FP weights (parameters on the meta device, then the file's tensors
+    assigned): identical FP copies the file stores once (aliases) share one tensor in memory."""
     from diffusers import DiTTransformer2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -292,22 +338,28 @@ def load_quantized(path, device=None, fp_base: Optional[torch.nn.Module] = None)
         t.update(_shared_fp(meta, fp_base, path))
     restore_aliases(meta, t, wfile)
     validate_packed(meta, t, wfile)
-    model = DiTTransformer2DModel.from_config(meta["transformer_config"])
+    with _parameters_on_meta():  # the FP parts are assigned below, the quantized layers replaced
+        model = DiTTransformer2DModel.from_config(meta["transformer_config"])
     for name, lay in meta["layers"].items():
         try:
-            replace_module(model, name, _unpack_layer(name, lay, t))
+            replace_module(model, name, _unpack_layer(name, lay, t, cache))
         except KeyError as e:
             raise ValueError(f"{wfile} lacks tensor {e} for layer {name}") from e
     fp = {k[3:]: v for k, v in t.items() if k.startswith("fp/")}
-    missing, unexpected = model.load_state_dict(fp, strict=False)
+    missing, unexpected = model.load_state_dict(fp, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(q + ".") for q in meta["layers"])]
     if missing or unexpected:
         raise ValueError(f"{wfile} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"{wfile} does not match its config: no weights for {left[:5]}")
     model.vq4dit_config = _saved_config(meta.get("config"), path / PACKED_CONFIG)
     for p in model.parameters():
         p.requires_grad_(False)
     device = torch.device(device) if device else torch.device("cpu")
-    return DiTBundle(model.to(device).eval(), scheduler_from(path / "scheduler"), None, str(path), meta)
+    from .loading import load_vae  # loading imports this module
+    vae = load_vae(path, device) if (path / "vae" / "config.json").is_file() else None
+    return DiTBundle(model.to(device).eval(), scheduler_from(path / "scheduler"), vae, str(path), meta)
 
 
 def _saved_config(cfg_d, where: Path):
