@@ -243,7 +243,7 @@ RECIPES: dict[str, dict] = {
 RECIPE_KMEANS_ITERS = {"reference": 100, "small": 50}
 # Lloyd on a subsample of k * this many sub-vectors (faiss's default), then one assignment pass:
 # what makes XL/2's 196 layers tractable. The small recipe keeps full Lloyd: its layers are small,
-# and on the digits model subsampling cost W3 k-means +17% block MSE (seeds 0-2, results/xl_scale/).
+# and on the digits model subsampling cost W3 k-means +17% block MSE (seeds 0-2, docs/scale.md).
 RECIPE_KMEANS_POINTS = {"reference": KMEANS_POINTS_PER_CODEWORD, "small": None}
 SMALL_MODEL_KMEANS_ITERS = RECIPE_KMEANS_ITERS["small"]
 # Models with fewer quantizable weights than this default to the small recipe (the embedded
@@ -307,7 +307,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("rtn-tensor", "rtn", "Uniform round-to-nearest, one min-max grid per tensor (the paper's UQ).",
                None, rtn_per_channel=False),
 ]}
-DEFAULT_METHOD = "vq4dit-ste-aa"  # best measured on the embedded model (README, results/)
+DEFAULT_METHOD = "vq4dit-ste-aa"  # best measured on the embedded model (docs/benchmarks.md, benchmarks/results/digits/)
 
 
 def method_names(calibrated: Optional[bool] = None) -> list[str]:
