@@ -66,7 +66,7 @@ def changed_mask(trace, layer: str, step: Optional[int] = None) -> np.ndarray:
 
 
 def _type_of(trace, layer: str) -> str:
-    from .layers import layer_type
+    from .naming import layer_type
     return layer_type(layer)
 
 
