@@ -288,6 +288,7 @@ def _sample_as_saved_by_subprocess(out, png):
     bundle = load_dit(out)
     assert bundle.vae is not None and bundle.quantized_meta["vae"]["dir"] == "vae"
     shutil.rmtree(out / "vae")  # a transformer-only packed dir: the same command says what is missing
+    cmd[cmd.index(str(png))] = str(png.with_name("again-" + png.name))  # (sample never replaces an image unasked)
     s = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert s.returncode == 2 and "without a VAE" in s.stderr
 

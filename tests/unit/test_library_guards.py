@@ -141,7 +141,7 @@ def test_packed_format_refuses_an_unknown_layer_kind(tiny_dit, tmp_path):
 
     m, _ = _quantized(tiny_dit)
     m.transformer_blocks[0].ff.net[2] = Other()
-    with pytest.raises(TypeError, match="stores VQLinear and RTNLinear, not Other"):
+    with pytest.raises(TypeError, match="is a Other: the packed format stores VQLinear and RTNLinear only"):
         save_quantized(m, tmp_path / "p")
     assert not (tmp_path / "p").exists()
     assert storage_bits(Other()) == dict(bits_per_weight=1.0)

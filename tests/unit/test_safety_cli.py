@@ -126,7 +126,8 @@ def test_cli_mismatched_or_tampered_models_are_errors(tiny_dit_dir, tmp_path):
 
 NUMERIC = {
     "quantize": ["--bits", "--k", "--d", "--candidates", "--kmeans-iters", "--iterations", "--sampling-steps",
-                 "--labels-per-iteration", "--lr-logits", "--lr-codebook", "--lambda-r", "--max-seconds", "--seed"],
+                 "--labels-per-iteration", "--lr-logits", "--lr-codebook", "--lambda-r", "--max-seconds", "--seed",
+                 "--max-steps"],
     "sample": ["--steps", "--cfg", "--seed", "--nrow", "--labels"],
 }
 ZERO_OK = {"--lr-logits", "--lr-codebook", "--lambda-r", "--seed", "--cfg", "--labels"}
