@@ -386,6 +386,12 @@ class VQLinear(PackedLayer):
                 self._cached_weight = self.weight_hat().detach().to(x.dtype)
                 self._cache_key = key
             return F.linear(x, self._cached_weight, None if self.bias is None else self.bias.to(x.dtype))
+        if self.hard and not torch.is_grad_enabled() and x.dtype != self.codebook.dtype:
+            # half-precision inference (bf16/fp16 on a GPU): gather from the codebook cast to x's dtype,
+            # so the layer's decoded weight is never materialised in fp32 (same values: a cast is elementwise)
+            sub = self.codebook.to(x.dtype).index_select(0, self.indices())              # (S, d)
+            w = sub.reshape(self.out_features, self.in_features)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         w = self.weight_hat()
         if self.record_weight_grad and w.requires_grad:
             w.retain_grad()
