@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vq4dit.config import METHODS
+
 from .bench import T975, canonical_label
 from .common import read_rows
 
@@ -51,6 +53,22 @@ def load(paths):
     return rows
 
 
+def unranked(rs) -> bool:
+    """A point not to rank (drawn hollow): `finalize` forced still-soft layers in one of its runs, or
+    the run predates that record and its method forwards the soft mix (the paper's `vq4dit` and
+    `vq4dit-ref`: at the 200-step recipe most of their layers are still soft at the end, issue 19)."""
+    for r in rs:
+        forced = r.get("forced_layers")
+        if forced not in (None, ""):
+            if float(forced) > 0:
+                return True
+            continue
+        spec = METHODS.get(r.get("method") or "")
+        if spec is not None and spec.trains_assignments and not spec.calib.get("hard_forward", False):
+            return True
+    return False
+
+
 def points(rows, metric):
     """(setting, label) -> (bits/weight, mean, half-width of the 95% interval or 0, n)."""
     out = {}
@@ -61,7 +79,8 @@ def points(rows, metric):
         if not v:
             continue
         h = T975.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else 0.0
-        out[key] = (float(np.mean([float(r["bits_per_weight"]) for r in rs])), float(np.mean(v)), h, len(v))
+        out[key] = (float(np.mean([float(r["bits_per_weight"]) for r in rs])), float(np.mean(v)), h, len(v),
+                    unranked(rs))
     return out
 
 
@@ -77,9 +96,13 @@ def draw(rows, out_path):
             if not p:
                 continue
             x, y, h = (np.array(c) for c in zip(*[v[:3] for v in p]))
+            hollow = any(v[4] for v in p)
             lo = np.minimum(h, y * 0.999)  # a log axis cannot show an interval reaching 0
+            note = " (ours, default)" if lab == "vq4dit-ste-aa" else ""
+            if hollow:
+                note = " (hollow: layers forced hard at the end, not ranked)"
             ax.errorbar(x, y, yerr=[lo, h], color=color, marker="o", ms=5, lw=1.2 if lab != "vq4dit-ste-aa" else 2.2,
-                        capsize=3, label=lab + (" (ours, default)" if lab == "vq4dit-ste-aa" else ""))
+                        capsize=3, label=lab + note, mfc="white" if hollow else color, ls=":" if hollow else "-")
         for fam, (color, marker) in PEER_STYLE.items():  # peers: one deterministic run per scheme
             p = sorted(((v, lb) for (s, lb), v in pts.items() if s == "peers" and family(lb) == fam), key=lambda t: t[0][0])
             if not p:

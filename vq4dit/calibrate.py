@@ -54,7 +54,8 @@ class Calibration:
     # and L_r's running minimum within the current trajectory (the lr_gate switch)
     last_switch: int = 0
     soft_steps: int = 0
-    lr_min: float = float("inf")
+    lr_min: object = float("inf")  # a 0-d tensor on the device once set (no host sync)
+    frozen_shares: Optional[dict] = None  # soft layers' frozen shares read by this step's freezing check
 
     @property
     def cfg(self):
@@ -192,18 +193,20 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
     soft = [m.ratio_regularizer() for m in layers.values() if not m.hard]
     run.soft_steps += bool(soft)
     l_r = torch.stack(soft).mean() if soft else block_loss.new_zeros(())
-    l_r_on = 1.0
+    l_r_on = block_loss.new_ones(())
     if cfg.lr_gate and soft:  # reference code: L_r counts only on steps it rises above its running min
-        l_r_on = float(l_r.item() > run.lr_min)
-        run.lr_min = min(run.lr_min, l_r.item())
+        l_r_on = (l_r.detach() > run.lr_min).to(l_r.dtype)       # on the device: no host sync
+        run.lr_min = torch.minimum(l_r.detach(), torch.as_tensor(run.lr_min, dtype=l_r.dtype, device=l_r.device))
     loss = block_loss + cfg.lambda_r * l_r_on * l_r
     # the full batch's block losses (this rank's on one process), recorded below
     losses = distributed.all_reduce_mean(torch.stack(losses).detach(), run.weight).unbind()
     block_loss = torch.stack(losses).mean()
     loss_value = block_loss + cfg.lambda_r * l_r_on * l_r.detach()
     # the step's scalars leave the device in one transfer (one host sync, not 3 + n_blocks .item())
-    loss_f, block_loss_f, l_r_f, *block_f = torch.stack(
-        [loss_value, block_loss, l_r.detach().to(block_loss.dtype), *losses]).float().tolist()
+    # (the timestep too: an integer < 2^24, exact in float32)
+    loss_f, block_loss_f, l_r_f, l_r_on, timestep, *block_f = torch.stack(
+        [loss_value, block_loss, l_r.detach().to(block_loss.dtype), l_r_on.to(block_loss.dtype),
+         t_in[0].to(block_loss.dtype), *losses]).float().tolist()
     if not np.isfinite(loss_f):
         raise FloatingPointError(f"calibration loss became {loss_f} at step {step}: lower the learning rates")
     run.opt.zero_grad(set_to_none=True)
@@ -220,10 +223,8 @@ def calibration_step(run: Calibration, step: int, iteration: int, x_in, t_in, y_
     freeze_and_switch(run, step)
     for m in layers.values():
         m.record_weight_grad, m.last_weight = False, None
-    soft_masks = [m.frozen_mask for m in layers.values() if not m.hard]  # one sync for all layers
-    shares = iter(torch.stack([f.float().mean() for f in soft_masks]).tolist() if soft_masks else [])
-    frozen = float(np.mean([1.0 if m.hard else next(shares) for m in layers.values()]))
-    row = dict(step=step, iteration=iteration, timestep=int(t_in[0]), loss=loss_f, block_loss=block_loss_f, l_r=l_r_f,
+    frozen = float(np.mean(frozen_shares(run)))
+    row = dict(step=step, iteration=iteration, timestep=int(timestep), loss=loss_f, block_loss=block_loss_f, l_r=l_r_f,
                l_r_on=l_r_on,
                frozen_frac=frozen, hard_layers=sum(m.hard for m in layers.values()),
                seconds=time.time() - run.t0)
@@ -242,13 +243,20 @@ def freeze_and_switch(run: Calibration, step: int) -> list[str]:
     force = cfg.force_hard_at is not None and step >= cfg.force_hard_at * cfg.total_steps
     commit = (None if cfg.commit_until is None
               else min(1.0, step / (cfg.commit_until * cfg.total_steps)))
-    if step > cfg.freeze_after or force:
-        for n, m in run.layers.items():
-            if m.hard:
-                continue
+    run.frozen_shares = None
+    soft = {n: m for n, m in run.layers.items() if not m.hard}
+    if soft and (step > cfg.freeze_after or force):
+        if force:
+            shares = dict.fromkeys(soft, 1.0)
+        else:  # every soft layer's frozen share in one host transfer (not one .item() per layer)
+            shares = dict(zip(soft, torch.stack([m.freeze_confident_rows(cfg.freeze_threshold)
+                                                 for m in soft.values()]).tolist()))
+            if commit is None:  # still exact after the switches below: the row reuses them
+                run.frozen_shares = shares
+        for n, m in soft.items():
             if force:
                 m.make_hard()
-            elif not (m.freeze_confident(cfg.freeze_threshold, cfg.hard_threshold)
+            elif not (m.switch_if_frozen(shares[n], cfg.hard_threshold)
                       or (commit is not None and m.commit_most_confident(commit, cfg.hard_threshold))):
                 continue
             m.codebook.requires_grad_(True)  # hard layers train their codebook
@@ -259,6 +267,18 @@ def freeze_and_switch(run: Calibration, step: int) -> list[str]:
     if newly_hard:
         release_hard_logits(run.opt, run.logit_owner)
     return newly_hard
+
+
+def frozen_shares(run: Calibration) -> list[float]:
+    """Each layer's frozen share after this step's switches (1 when hard): reuses the shares the
+    freezing check read, else one host transfer for all soft layers."""
+    soft = [n for n, m in run.layers.items() if not m.hard]
+    known = run.frozen_shares or {}
+    missing = [n for n in soft if n not in known]
+    if missing:
+        known = dict(known, **dict(zip(missing, torch.stack(
+            [run.layers[n].frozen_mask.double().mean() for n in missing]).tolist())))
+    return [1.0 if m.hard else known[n] for n, m in run.layers.items()]
 
 
 def finish(run: Calibration, step: int, stopped: Optional[str], forced: list[str]) -> Trace:

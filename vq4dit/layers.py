@@ -215,10 +215,9 @@ class VQLinear(PackedLayer):
     def assignment_ratios(self) -> torch.Tensor:
         """(S, n) ratios over candidates; frozen sub-vectors are one-hot at their top candidate."""
         r = ratio_softmax(self.logits, self.temperature)
-        if self.frozen_mask.any():
-            onehot = F.one_hot(self.logits.detach().argmax(1), self.n_candidates).to(r.dtype)
-            r = torch.where(self.frozen_mask[:, None], onehot, r)
-        return r
+        # no `if frozen_mask.any()`: that is a host sync per layer per step on a GPU
+        onehot = F.one_hot(self.logits.detach().argmax(1), self.n_candidates).to(r.dtype)
+        return torch.where(self.frozen_mask[:, None], onehot, r)
 
     def first_ratio(self) -> torch.Tensor:
         """(S, 1) ratio of candidate 0 for n = 2: assignment_ratios()[:, :1] with the same values and
@@ -226,22 +225,20 @@ class VQLinear(PackedLayer):
         is its argmax, ties included, else 0)."""
         diff = self.logits[:, :1] - self.logits[:, 1:]                           # (S, 1)
         p = torch.sigmoid(diff / self.temperature)
-        if self.frozen_mask.any():
-            p = torch.where(self.frozen_mask[:, None], (diff.detach() >= 0).to(p.dtype), p)
-        return p
+        return torch.where(self.frozen_mask[:, None], (diff.detach() >= 0).to(p.dtype), p)  # no host sync
 
     def ratio_regularizer(self) -> torch.Tensor:
         """L_r = n * mean(r * (1 - r)) over the sub-vectors still soft (0 when hard)."""
         if self.hard:
             return self.codebook.new_zeros(())
+        # masked means (0 when every row is frozen): no `soft.any()` or boolean indexing, which sync
         soft = ~self.frozen_mask
-        if not soft.any():
-            return self.codebook.new_zeros(())
-        if self.n_candidates == 2:  # r = (p, 1-p): both entries of r(1-r) equal p(1-p); masked mean, no gather
+        n_soft = soft.sum().clamp_min(1)
+        if self.n_candidates == 2:  # r = (p, 1-p): both entries of r(1-r) equal p(1-p)
             p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
-            return 2 * (p * (1 - p) * soft).sum() / soft.sum()
-        r = ratio_softmax(self.logits[soft], self.temperature)
-        return self.n_candidates * (r * (1 - r)).mean()
+            return 2 * (p * (1 - p) * soft).sum() / n_soft
+        r = ratio_softmax(self.logits, self.temperature)                  # (S, n)
+        return ((r * (1 - r)).sum(1) * soft).sum() / n_soft  # = n * mean over the soft rows' (S_soft, n) entries
 
     def current_assignment(self) -> torch.Tensor:
         """(S,) codeword each sub-vector uses now (top candidate while soft)."""
@@ -264,14 +261,24 @@ class VQLinear(PackedLayer):
         Returns True if the layer switched to hard assignments now."""
         if self.hard:
             return False
+        return self.switch_if_frozen(float(self.freeze_confident_rows(freeze_threshold)), hard_threshold)
+
+    @torch.no_grad()
+    def freeze_confident_rows(self, freeze_threshold: float) -> torch.Tensor:
+        """Freeze the sub-vectors whose top ratio > threshold; returns the frozen share as a 0-d
+        float64 tensor on the layer's device (no host sync: the caller reads all layers' at once).
+        float64: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early."""
         if self.n_candidates == 2:  # max(p, 1 - p): the same values as the (S, 2) max below
             p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
             top = torch.maximum(p, 1 - p)
         else:
             top = ratio_softmax(self.logits, self.temperature).max(1).values
         self.frozen_mask |= top > freeze_threshold
-        # float64 share: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early
-        if self.frozen_mask.double().mean().item() > hard_threshold:
+        return self.frozen_mask.double().mean()
+
+    def switch_if_frozen(self, frozen_share: float, hard_threshold: float) -> bool:
+        """Go hard when more than `hard_threshold` of the sub-vectors are frozen; True if it did now."""
+        if frozen_share > hard_threshold:
             self.make_hard()
             return True
         return False
@@ -379,6 +386,12 @@ class VQLinear(PackedLayer):
                 self._cached_weight = self.weight_hat().detach().to(x.dtype)
                 self._cache_key = key
             return F.linear(x, self._cached_weight, None if self.bias is None else self.bias.to(x.dtype))
+        if self.hard and not torch.is_grad_enabled() and x.dtype != self.codebook.dtype:
+            # half-precision inference (bf16/fp16 on a GPU): gather from the codebook cast to x's dtype,
+            # so the layer's decoded weight is never materialised in fp32 (same values: a cast is elementwise)
+            sub = self.codebook.to(x.dtype).index_select(0, self.indices())              # (S, d)
+            w = sub.reshape(self.out_features, self.in_features)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         w = self.weight_hat()
         if self.record_weight_grad and w.requires_grad:
             w.retain_grad()

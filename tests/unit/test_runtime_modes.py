@@ -118,3 +118,26 @@ def test_compact_in_memory_layers_w3_bit_packed_and_set_indices():
     soft.init_soft(torch.randn(4, 8))
     with pytest.raises(ValueError, match="still soft"):
         soft.compact_()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inference_decodes_in_the_input_dtype_with_the_same_values(dtype, monkeypatch):
+    """A hard VQLinear fed bf16/fp16 activations (GPU inference) gathers from the codebook cast to
+    that dtype: the output equals the fp32 decode cast down, and no fp32 (out, in) weight is built."""
+    from vq4dit import method_config
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    q = VQLinear.from_linear(lin, method_config("kmeans", bits=2, kmeans_iters=2), name="blocks.0.ff.net.0.proj")
+    q.compact_(cache_weight=False)   # the compact runtime mode (the default of a loaded model)
+    x = torch.randn(5, 64).to(dtype)
+    want = torch.nn.functional.linear(x, q.weight_hat().detach().to(dtype), q.bias.to(dtype))
+    built = []
+    orig = VQLinear.weight_hat
+    monkeypatch.setattr(VQLinear, "weight_hat", lambda self: built.append(1) or orig(self))
+    with torch.no_grad():
+        got = q(x)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert not built  # the fp32 decode (weight_hat) was not called
+    with torch.no_grad():  # fp32 input: the usual fp32 decode
+        q(x.float())
+    assert built
