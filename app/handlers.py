@@ -24,7 +24,7 @@ from .forms import ImageForm, SetupForm, ViewForm
 from .handlers_runs import RunsHandlers
 from .store import pair_key, run_label
 from .text import estimate_text, method_description, status_text
-from .url_state import TAB_VIEWS, parse_query, selection_key, view_state
+from .url_state import TAB_VIEWS, page_query, parse_query, selection_key, view_state
 from .views import Views
 
 # The outputs of `Handlers.render_layer_views`, in order (names of the ui components); the views each
@@ -181,21 +181,23 @@ class Handlers(RunsHandlers):
         """Page load: the run, block, layer, snapshot and tab of the URL's query (`url_state.parse_query`);
         without one (or for values that are not valid here: an unknown run, a block out of range) the
         defaults: the newest finished run of the runs dir, else the demo run. Outputs: run, block, layer,
-        snapshot, sel, live plot, downloads, the Tabs and the tab box. The run dropdown's change event
+        snapshot, sel, live plot, downloads, the Tabs, the tab box and the URL the page then shows (the
+        restored state, so a bad query does not stay in the address bar). The run dropdown's change event
         then loads the run's context (Set-up, status) when it differs from the page's first paint."""
         q = parse_query(request.query_params if request is not None else {})
         tab = q["tab"] or "setup"
         rid = q["run"] if q["run"] in self.store.readable_ids() else self.views.default_run()
+        url = lambda s: "?" + page_query(s, tab)
         if not rid:
-            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab)
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(None))
         want = dict(run=rid, block=q["block"], layer=q["layer"], snap=q["snap"], other=(sel or {}).get("other"))
         if q["run"] != rid:   # the query's block / layer / snapshot belonged to a run that is not here
             want.update(block=(sel or {}).get("block"), layer=(sel or {}).get("layer"), snap=None)
         try:
             out = self.load_run(rid, want)
         except gr.Error:
-            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab)
-        return (gr.update(value=rid), *out, gr.Tabs(selected=tab), tab)
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(None))
+        return (gr.update(value=rid), *out, gr.Tabs(selected=tab), tab, url(out[3]))
 
     # -- selection -------------------------------------------------------------------------
     def load_run(self, run_id, sel):

@@ -20,7 +20,7 @@ from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
 from .handlers import LAYER_VIEWS, Handlers
 from .handlers_runs import AUTO_COMPARE
 from .text import method_description, methods_table, setting_choices
-from .url_state import TAB_JS, WRITE_URL_JS
+from .url_state import SET_URL_JS, TAB_JS, WRITE_URL_JS
 from .views import FULL_CLUSTER_MAX, SIDE_BY_SIDE_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
@@ -133,6 +133,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         tab_tb = gr.Textbox("setup", visible=False)        # the visible tab's id
         stale_tb = gr.Textbox("", visible=False)           # "tab:time" when that tab must be redrawn
         shown_tb = gr.Textbox("", visible=False)           # "images:time" when Images opens with no picture
+        url_tb = gr.Textbox("", visible=False)             # the restored state's URL query, after a page load
         view_state = gr.HTML(init.get("view_state") or "{}", html_template="<span style='display:none'>${value}</span>",
                              elem_id="view-state", padding=False, container=False, min_height=0)
         api_render = gr.Button(visible=False)              # /render_layer_views for API clients
@@ -235,7 +236,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                     dl_model = gr.DownloadButton("Download packed model (zip)", value=init.get("dl_model"))
                 rd_plot = gr.Plot(label="Rate-distortion across runs (click a point to load that run)", value=init.get("rd"),
                                   elem_id="rd-plot")
-                with gr.Group(elem_id="side-by-side"):
+                with gr.Column(elem_id="side-by-side"):
                     runs_pick = gr.CheckboxGroup(label=f"Runs side by side (tick up to {SIDE_BY_SIDE_MAX})",
                                                  choices=views.run_choices(), value=[], elem_id="runs-pick",
                                                  info="each labelled by method, k×d and bits/weight")
@@ -250,7 +251,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, tab=tab, rendered=rendered, tab_tb=tab_tb, stale_tb=stale_tb, shown_tb=shown_tb,
+        demo=demo, sel=sel, tab=tab, rendered=rendered, tab_tb=tab_tb, stale_tb=stale_tb, shown_tb=shown_tb, url_tb=url_tb,
         view_state=view_state, api_render=api_render, runs_pick=runs_pick, side_md=side_md, side_plot=side_plot,
         side_df=side_df, side_btn=side_btn, side_img=side_img, side_img_df=side_img_df, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
@@ -368,7 +369,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
     # a page load restores the URL's run / block / layer / snapshot / tab (else the defaults), then lists runs
     restored = ui.demo.load(h.restore, ui.sel, [ui.run_dd, ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot,
-                                                ui.dl_trace, ui.dl_model, ui.tabs, ui.tab_tb], api_name=False)
+                                                ui.dl_trace, ui.dl_model, ui.tabs, ui.tab_tb, ui.url_tb], api_name=False)
+    restored.then(None, ui.url_tb, None, js=SET_URL_JS)   # the address bar shows what was restored
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
                restored.then(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name=False)):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)

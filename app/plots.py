@@ -361,7 +361,7 @@ def side_by_side_figure(runs: pd.DataFrame) -> go.Figure:
     """Small multiples of picked runs: bits/weight, block MSE and image MSE vs FP, one bar per run
     (method colour), the same run order in every panel. Missing values are left out, not drawn as 0."""
     panels = [("bits/weight", "bits per weight (as packed)", False), ("block MSE", "block-output MSE (log)", True),
-              ("image MSE vs FP", "image MSE vs FP (log)", True)]
+              ("image MSE vs FP (eval set)", "image MSE vs FP (log)", True)]
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.06, shared_yaxes=True,
                         subplot_titles=[p[0] + (" (lower is better)" if p[2] else "") for p in panels])
     names = [f"{w} · {r[:15]}" for w, r in zip(runs["what"], runs["run"])]

@@ -73,6 +73,11 @@ def query_string(sel: Optional[dict]) -> str:
     return urlencode(q)
 
 
+def page_query(sel: Optional[dict], tab: Optional[str]) -> str:
+    """The whole page's query: the selection's, then the tab (what the page's script writes too)."""
+    return "&".join(p for p in (query_string(sel), urlencode(dict(tab=tab)) if tab else "") if p)
+
+
 def selection_key(sel: Optional[dict], color_by=None, projection=None, full=False) -> str:
     """What a tab's views show, as one string: two equal keys draw the same figures."""
     return json.dumps([sel, color_by, projection, bool(full)], sort_keys=True, default=str)
@@ -93,6 +98,8 @@ const writeUrl = (vs, tab) => {
   if (url !== window.location.pathname + window.location.search) history.replaceState(null, '', url);
 };
 """
+# A page load restored a state: the address bar shows it (`Handlers.restore` wrote the query).
+SET_URL_JS = "(q) => { history.replaceState(null, '', window.location.pathname + (q && q !== '?' ? q : '')); }"
 # view_state changed (a render finished): the URL follows the selection.
 WRITE_URL_JS = "(vs, tab) => {" + _WRITE + "writeUrl(vs, tab); }"
 # A tab opened: its id goes to the hidden tab box (no server call); only when that tab's views were

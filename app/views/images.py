@@ -139,12 +139,12 @@ def composite(rows, labels, preds, fp) -> np.ndarray:
     scale = max(1, 64 // h)
     pad, text_h = 4, 14
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))   # labels say what a run is: as wide as they need
-    label_w = int(max([190] + [measure.textlength(r[0]) + 16 for r in rows]))
+    label_w = int(max([190] + [measure.textlength(r[0].replace("×", "x")) + 16 for r in rows]))
     cell = h * scale
     n = len(labels)
     lines = []
     for label, rid, method, x in rows:
-        lines.append(("img", label, rid, method, x))
+        lines.append(("img", label.replace("×", "x"), rid, method, x))   # PIL's default font has no ×
         if rid != "fp":
             # |x - FP| averaged over channels, 1 = half the range -> white (same) .. red (off by >= 1),
             # written as an RGB image in [-1, 1] so the one grid helper draws it

@@ -28,9 +28,10 @@ class RunsView:
             rows.append({"run": rid, "what": run_label(m), "method": m.get("method"),
                          "k x d": f"{m.get('k')}x{m.get('d')}" if m.get("k") else "-",
                          "bits/weight": _num(m.get("bits_per_weight"), 3), "block MSE": _num(m.get("block_mse"), 5),
-                         "image MSE vs FP": _num(met.get("image_mse"), 5), "accuracy": _num(met.get("accuracy"), 3),
+                         "image MSE vs FP (eval set)": _num(met.get("image_mse"), 5), "accuracy": _num(met.get("accuracy"), 3),
                          "status": m.get("status", "?")})
-        cols = ["run", "what", "method", "k x d", "bits/weight", "block MSE", "image MSE vs FP", "accuracy", "status"]
+        cols = ["run", "what", "method", "k x d", "bits/weight", "block MSE", "image MSE vs FP (eval set)", "accuracy",
+                "status"]
         table = pd.DataFrame(rows, columns=cols)
         if not rows:
             note = "Tick two or more runs above to see them side by side."

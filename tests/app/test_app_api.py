@@ -401,7 +401,8 @@ def test_run_switch_clears_images_restores_settings_and_moves_rd_highlight(app):
     meta = demo.engine.store.meta(b)
     setup = out[4:]
     assert val(setup[0]) == meta["settings"]["method"] and val(setup[1]) == meta["bits"]
-    assert val(setup[5]) == meta["settings"]["calib"]["iterations"]
+    assert val(setup[2]) == meta["k"] and val(setup[3]) == meta["d"]
+    assert setup[5] == setup[6] == {"__type__": "update"}   # its budget is not copied into Set-up unasked
     rd = plot_json(out[0])
     sizes = {}
     for t in rd["data"]:
