@@ -364,7 +364,7 @@ def side_by_side_figure(runs: pd.DataFrame) -> go.Figure:
               ("image MSE vs FP (eval set)", "image MSE vs FP (log)", True)]
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.06, shared_yaxes=True,
                         subplot_titles=[p[0] + (" (lower is better)" if p[2] else "") for p in panels])
-    names = [f"{w} · {r[:15]}" for w, r in zip(runs["what"], runs["run"])]
+    names = [f"{w} · {r}" for w, r in zip(runs["what"], runs["where"])]   # what the run is, then demo / when
     for col, (c, title, log) in enumerate(panels, 1):
         v = pd.to_numeric(runs[c], errors="coerce")
         fig.add_trace(go.Bar(x=v, y=names, orientation="h", marker_color=[color(m) for m in runs["method"]],

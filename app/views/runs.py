@@ -25,12 +25,13 @@ class RunsView:
         for rid in ids:
             m = self.store.meta(rid)
             met = m.get("metrics") or {}
-            rows.append({"run": rid, "what": run_label(m), "method": m.get("method"),
+            rows.append({"run": rid, "what": run_label(m), "where": "demo" if self.store.is_demo(rid) else rid[:15],
+                         "method": m.get("method"),
                          "k x d": f"{m.get('k')}x{m.get('d')}" if m.get("k") else "-",
                          "bits/weight": _num(m.get("bits_per_weight"), 3), "block MSE": _num(m.get("block_mse"), 5),
                          "image MSE vs FP (eval set)": _num(met.get("image_mse"), 5), "accuracy": _num(met.get("accuracy"), 3),
                          "status": m.get("status", "?")})
-        cols = ["run", "what", "method", "k x d", "bits/weight", "block MSE", "image MSE vs FP (eval set)", "accuracy",
+        cols = ["run", "what", "where", "method", "k x d", "bits/weight", "block MSE", "image MSE vs FP (eval set)", "accuracy",
                 "status"]
         table = pd.DataFrame(rows, columns=cols)
         if not rows:
