@@ -219,3 +219,31 @@ def test_ticked_runs_show_side_by_side(server, page, tmp_path):
     page.locator("#side-by-side").first.scroll_into_view_if_needed()
     page.wait_for_timeout(800)
     _shot(page, tmp_path, "runs-side-by-side.png", page.locator("#side-by-side").first)
+
+
+def test_method_change_loads_its_run_keeps_the_budget_and_replaces_the_status(server, page):
+    """Set-up's Method does the bit slider's run lookup: the newest finished run of that method at the
+    setting's k x d is loaded; the status line then names it (the previous message is gone); Set-up's
+    budget stays its own (the demo run's 4 x 25 steps are not copied)."""
+    url, _ = server
+    from playwright.sync_api import expect
+    page.goto(url)
+    expect(page.get_by_text("Calibration of demo-vq4dit-ste-XL-sharing")).to_be_visible(timeout=90_000)
+    _settle(page)
+    page.get_by_text("Advanced").click()
+    iters, steps = page.get_by_label("iterations (trajectories)"), page.get_by_label("sampling steps per trajectory")
+    budget = (iters.input_value(), steps.input_value())
+    assert budget != ("4", "25")   # the server's recipe, not the demo runs' budget
+    method = page.get_by_label("Method")
+    method.click()
+    page.get_by_role("option", name="codebook-only", exact=True).click()
+    expect(page.get_by_text("Loaded `demo-codebook-only-XL-sharing`", exact=False).or_(
+        page.get_by_text("Loaded demo-codebook-only-XL-sharing", exact=False)).first).to_be_visible(timeout=60_000)
+    expect(page.get_by_label("Run", exact=True)).to_have_value("codebook-only 16×4, 1.11 b/w — demo")
+    expect(page.get_by_text("Idle. Press")).to_have_count(0)
+    expect(page.get_by_text("not copied", exact=False).first).to_be_visible()
+    _settle(page)
+    assert (iters.input_value(), steps.input_value()) == budget
+    assert method.input_value() == "codebook-only"
+    page.wait_for_function("() => new URLSearchParams(location.search).get('run') === 'demo-codebook-only-XL-sharing'",
+                           timeout=30_000)
