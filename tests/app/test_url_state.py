@@ -91,6 +91,10 @@ def test_restore_falls_back_to_defaults(demo):
     r = _restore(demo, run="no-such-run", block="99", layer="zzz", snap="-3", tab="bogus")
     assert _value(r["run"]) == FIRST_DEMO and r["sel"]["block"] == 0 and r["sel"]["snap"] == last
     assert r["tab"] == "setup" and dict(parse_qsl(r["url"][1:]))["run"] == FIRST_DEMO
+    # an unknown run: its block and snapshot are not applied to the default run either
+    r = _restore(demo, run="no-such-run", block="2", snap="1", tab="clusters")
+    assert _value(r["run"]) == FIRST_DEMO and (r["sel"]["block"], r["sel"]["snap"]) == (0, last)
+    assert r["tab"] == "clusters"
     # a known run with a block out of range and a snapshot past the end: block 0, the final snapshot
     r = _restore(demo, run=W2, block="6", snap="1000", layer="adaLN")
     assert r["sel"]["block"] == 0 and r["sel"]["snap"] == len(demo.views.steps_of(W2)) - 1
