@@ -238,7 +238,7 @@ class Handlers(RunsHandlers):
         m = self.store.meta(run_id)
         c = (m.get("config") or {}).get("calib") or {}
         budget = (f" Its budget ({c['iterations']} × {c['num_sampling_steps']} steps) is **not** copied: Set-up "
-                  f"keeps its own (Advanced)." if c.get("iterations") else "")
+                  f"keeps its own iterations and sampling steps." if c.get("iterations") else "")
         status = (f"Loaded `{run_id}` ({run_label(m)}). **Set-up now holds its method, bits and k×d**; change "
                   f"them before pressing Run for a different run.{budget}")
         return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id), status
