@@ -190,6 +190,10 @@ class Handlers(RunsHandlers):
         url = lambda s: "?" + page_query(s, tab)
         if not rid:
             return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(None))
+        asked = {k: q[k] for k in ("block", "layer", "snap") if q[k] is not None} if q["run"] == rid else {}
+        if sel and sel.get("run") == rid and all(
+                (layer_kind(sel.get("layer") or "") if k == "layer" else sel.get(k)) == v for k, v in asked.items()):
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(sel))   # the first paint shows it already
         want = dict(run=rid, block=q["block"], layer=q["layer"], snap=q["snap"], other=(sel or {}).get("other"))
         if q["run"] != rid:   # the query's block / layer / snapshot belonged to a run that is not here
             want.update(block=(sel or {}).get("block"), layer=(sel or {}).get("layer"), snap=None)

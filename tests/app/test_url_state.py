@@ -103,6 +103,18 @@ def test_restore_falls_back_to_defaults(demo):
     assert _value(_restore(demo)["run"]) == FIRST_DEMO
 
 
+def test_restore_sends_nothing_the_first_paint_already_shows(demo):
+    sel = demo.ui.sel.value   # the page's first paint (the default run)
+    skip = {"__type__": "update"}
+    for query in ({}, dict(tab="changes"), dict(run="no-such-run"),
+                  dict(run=sel["run"], block=str(sel["block"]), snap=str(sel["snap"]), tab="mechanism")):
+        out = _fn(demo, "restore")(sel, SimpleNamespace(query_params=query))
+        assert all(o == skip for o in out[:8]), query
+        assert dict(parse_qsl(out[-1][1:]))["run"] == sel["run"]
+    out = _fn(demo, "restore")(sel, SimpleNamespace(query_params=dict(run=sel["run"], block="4")))
+    assert out[4]["block"] == 4 and out[4]["snap"] == sel["snap"]   # asked for another block: loaded
+
+
 def test_a_tab_drawn_for_this_selection_is_not_drawn_again(demo):
     from app.handlers import LAYER_VIEWS
     render, open_tab = _fn(demo, "render_page"), _fn(demo, "open_tab")
