@@ -362,7 +362,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
                        concurrency_limit=4, trigger_mode="always_last", show_progress="full", api_name=False)
     ui.shown_tb.change(form_event(h.auto_images, ImageForm, lead=1), [ui.tab_tb] + images, image_outputs,
                        api_name="auto_images")  # Images opened: shipped / cached images at once
-    ui.view_state.change(None, [ui.view_state, ui.tab_tb], None, js=WRITE_URL_JS)  # the URL follows
+    # the URL follows; a tab opened while its render was under way is drawn after it
+    ui.view_state.change(None, [ui.view_state, ui.tab_tb, ui.stale_tb], ui.stale_tb, js=WRITE_URL_JS)
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])

@@ -89,29 +89,32 @@ def view_state(sel: Optional[dict], key: str, rendered: Optional[dict]) -> str:
 
 
 # The page's scripts (js= of events, no server call). `view_state` lives as text in #view-state.
-_TAB_OF = "const TAB_IDS = " + json.dumps(TAB_IDS) + ";\n"
-_WRITE = """
-const writeUrl = (vs, tab) => {
-  let s = {}; try { s = JSON.parse(vs || '{}'); } catch (e) {}
+_JS_HELPERS = "const TAB_IDS = " + json.dumps(TAB_IDS) + ";\nconst LAYER_TABS = " + json.dumps(list(TAB_VIEWS)) + """;
+const parse = (vs) => { try { return JSON.parse(vs || '{}'); } catch (e) { return {}; } };
+const writeUrl = (s, tab) => {
   const q = (s.query || '') + (tab ? ((s.query ? '&' : '') + 'tab=' + encodeURIComponent(tab)) : '');
   const url = window.location.pathname + (q ? '?' + q : '');
   if (url !== window.location.pathname + window.location.search) history.replaceState(null, '', url);
 };
+// the `stale` box's next value: 'tab:time' (ask the server to draw `tab`) or unchanged (ask nothing)
+const redraw = (s, tab, stale) => LAYER_TABS.includes(tab) && (s.drawn || {})[tab] !== s.key
+  ? tab + ':' + Date.now() : stale;
 """
 # A page load restored a state: the address bar shows it (`Handlers.restore` wrote the query).
 SET_URL_JS = "(q) => { history.replaceState(null, '', window.location.pathname + (q && q !== '?' ? q : '')); }"
-# view_state changed (a render finished): the URL follows the selection.
-WRITE_URL_JS = "(vs, tab) => {" + _WRITE + "writeUrl(vs, tab); }"
+# view_state changed (a render finished): the URL follows the selection, and if the visible tab is not
+# the one that render drew (it was opened meanwhile, still showing the previous selection), it is drawn.
+WRITE_URL_JS = "(vs, tab, stale) => {" + _JS_HELPERS + """
+  const s = parse(vs); writeUrl(s, tab); return redraw(s, tab, stale);
+}"""
 # A tab opened: its id goes to the hidden tab box (no server call); only when that tab's views were
 # drawn for another selection is the `stale` box changed, which starts the server's render. The Images
 # tab asks the server only while it shows no picture (it may have shipped images to show at once).
-TAB_JS = "(vs, tab, stale, shown) => {" + _TAB_OF + _WRITE + """
+TAB_JS = "(vs, tab, stale, shown) => {" + _JS_HELPERS + """
   const b = document.querySelector('button[role=tab][aria-selected=true]');
   const id = b ? (TAB_IDS[b.textContent.trim()] || tab) : tab;
-  let s = {}; try { s = JSON.parse(vs || '{}'); } catch (e) {}
-  const layerTab = """ + json.dumps(list(TAB_VIEWS)) + """.includes(id);
-  const redraw = layerTab && (s.drawn || {})[id] !== s.key;
+  const s = parse(vs);
   const images = id === 'images' && !document.querySelector('#samples img');
-  writeUrl(vs, id);
-  return [id, redraw ? id + ':' + Date.now() : stale, images ? 'images:' + Date.now() : shown];
+  writeUrl(s, id);
+  return [id, redraw(s, id, stale), images ? 'images:' + Date.now() : shown];
 }"""

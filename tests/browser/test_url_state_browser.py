@@ -21,6 +21,8 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 W2 = "demo-vq4dit-ste-W2"
+PENDING = """() => [...document.querySelectorAll('[data-testid="status-tracker"]')]
+                 .some(e => !e.classList.contains('hide') && e.offsetParent !== null)"""   # a loading overlay
 
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} not installed", allow_module_level=True)
@@ -247,3 +249,27 @@ def test_method_change_loads_its_run_keeps_the_budget_and_replaces_the_status(se
     assert method.input_value() == "codebook-only"
     page.wait_for_function("() => new URLSearchParams(location.search).get('run') === 'demo-codebook-only-XL-sharing'",
                            timeout=30_000)
+
+
+def test_a_tab_opened_while_its_render_runs_shows_the_new_selection(server, page):
+    """Block changed on one tab and another tab opened at once (its views were drawn for the previous
+    block, and the render under way draws only the first tab): the opened tab is drawn afterwards."""
+    url, _ = server
+    from playwright.sync_api import expect
+    page.goto(url + f"?run={W2}&block=1&tab=clusters")
+    expect(page.get_by_text("block 1 · q — step").first).to_be_visible(timeout=90_000)
+    page.get_by_role("tab", name="Per-block changes").click()     # drawn for block 1
+    page.wait_for_function("""() => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
+        return gd && gd.layout.shapes && gd.layout.shapes.length && gd.layout.shapes[0].y0 === 0.5; }""", timeout=60_000)
+    page.get_by_role("tab", name="Codebook clusters").click()
+    _settle(page, 1500)
+    block = page.get_by_label("Block", exact=True)
+    block.click()
+    page.get_by_role("option", name="block 4", exact=True).click()
+    page.wait_for_function("() => new URLSearchParams(location.search).get('block') !== '4' && "   # not drawn yet,
+                           "[...document.querySelectorAll('#heat-plot, .js-plotly-plot')].length > 0", timeout=5_000)
+    page.wait_for_function(PENDING, timeout=30_000, polling=20)     # ... and its render is under way
+    page.get_by_role("tab", name="Per-block changes").click()
+    page.wait_for_function("""() => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
+        return gd && gd.layout.shapes && gd.layout.shapes.length && gd.layout.shapes[0].y0 === 3.5; }""", timeout=60_000)
+    assert _query(page)["block"] == "4" and _query(page)["tab"] == "changes"
