@@ -250,26 +250,27 @@ def test_method_change_loads_its_run_keeps_the_budget_and_replaces_the_status(se
 
 
 def test_a_tab_opened_while_its_render_runs_shows_the_new_selection(server, page):
-    """Block changed on one tab and another tab opened at once (its views were drawn for the previous
-    block, and the render under way draws only the first tab): the opened tab is drawn afterwards."""
+    """Block changed on one tab and another tab opened while that tab's render runs (the opened tab's
+    views were drawn for the previous block; the render under way draws only the first tab): the
+    opened tab is drawn after it. (The Gradient conflicts tab: its render takes long enough to open
+    another tab meanwhile.)"""
     url, _ = server
     from playwright.sync_api import expect
-    page.goto(url + f"?run={W2}&block=1&tab=clusters")
-    expect(page.get_by_text("block 1 · q — step").first).to_be_visible(timeout=90_000)
-    page.get_by_role("tab", name="Per-block changes").click()     # drawn for block 1
-    page.wait_for_function("""() => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
-        return gd && gd.layout.shapes && gd.layout.shapes.length && gd.layout.shapes[0].y0 === 0.5; }""", timeout=60_000)
-    page.get_by_role("tab", name="Codebook clusters").click()
+    page.goto(url + f"?run={W2}&block=1&tab=changes")
+    heat_block = """(b) => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
+        return gd && gd.layout.shapes && gd.layout.shapes.length && gd.layout.shapes[0].y0 === b - 0.5; }"""
+    page.wait_for_function(heat_block, arg=1, timeout=90_000)      # drawn for block 1
+    page.get_by_role("tab", name="Gradient conflicts").click()
+    expect(page.get_by_text("Model-wide conflict summary").first).to_be_visible(timeout=60_000)
     _settle(page, 1500)
-    block = page.get_by_label("Block", exact=True)
-    block.click()
     n = len(page.calls)
+    page.get_by_label("Block", exact=True).click()
     page.get_by_role("option", name="block 4", exact=True).click()
     t = time.time()
-    while len(page.calls) < n + 2 and time.time() - t < 30:   # on_block, then the clusters tab's render sent
-        page.wait_for_timeout(10)
+    while len(page.calls) < n + 2 and time.time() - t < 30:   # on_block, then the conflicts tab's render sent
+        page.wait_for_timeout(5)
     assert len(page.calls) >= n + 2, page.calls
     page.get_by_role("tab", name="Per-block changes").click()      # while that render is under way
-    page.wait_for_function("""() => { const gd = document.querySelector('#heat-plot .js-plotly-plot');
-        return gd && gd.layout.shapes && gd.layout.shapes.length && gd.layout.shapes[0].y0 === 3.5; }""", timeout=60_000)
+    page.wait_for_function(heat_block, arg=4, timeout=60_000)
+    _settle(page, 1500)
     assert _query(page)["block"] == "4" and _query(page)["tab"] == "changes"
