@@ -61,9 +61,14 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.calls = []   # fn ids of every server call the page makes (queue joins)
-        pg.on("request", lambda r: pg.calls.append(json.loads(r.post_data or "{}").get("fn_index"))
-              if "/queue/join" in r.url else None)
+        pg.calls, pg.inputs = [], []   # fn ids and first input of every server call the page makes (queue joins)
+
+        def joined(r):
+            if "/queue/join" in r.url:
+                body = json.loads(r.post_data or "{}")
+                pg.calls.append(body.get("fn_index"))
+                pg.inputs.append((body.get("data") or [None])[0])
+        pg.on("request", joined)
         yield pg
         browser.close()
 
@@ -263,14 +268,15 @@ def test_a_tab_opened_while_its_render_runs_shows_the_new_selection(server, page
     page.get_by_role("tab", name="Gradient conflicts").click()
     expect(page.get_by_text("Model-wide conflict summary").first).to_be_visible(timeout=60_000)
     _settle(page, 1500)
-    n = len(page.calls)
     page.get_by_label("Block", exact=True).click()
+    page.inputs.clear()
     page.get_by_role("option", name="block 4", exact=True).click()
     t = time.time()
-    while len(page.calls) < n + 2 and time.time() - t < 30:   # on_block, then the conflicts tab's render sent
+    while "conflicts" not in page.inputs and time.time() - t < 30:   # the conflicts tab's render was sent
         page.wait_for_timeout(5)
-    assert len(page.calls) >= n + 2, page.calls
-    page.get_by_role("tab", name="Per-block changes").click()      # while that render is under way
+    assert "conflicts" in page.inputs, page.inputs
+    page.evaluate("""() => [...document.querySelectorAll('button[role=tab]')]   // at once, while it runs
+        .find(b => b.textContent.trim() === 'Per-block changes').click()""")
     page.wait_for_function(heat_block, arg=4, timeout=60_000)
     _settle(page, 1500)
     assert _query(page)["block"] == "4" and _query(page)["tab"] == "changes"
