@@ -21,24 +21,17 @@ from . import plots
 from .config import RunRequest, image_params
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm
+from .handlers_runs import RunsHandlers
 from .store import pair_key, run_label
 from .text import estimate_text, method_description, status_text
+from .url_state import TAB_VIEWS, page_query, parse_query, selection_key, view_state
 from .views import Views
 
-AUTO_COMPARE = ("automatic: newest finished baseline", "")
-
-# The outputs of `Handlers.render_layer_views`, in order (names of the ui components), and the
-# views each tab shows (tab ids as in layout.py; the other tabs show no layer view).
+# The outputs of `Handlers.render_layer_views`, in order (names of the ui components); the views each
+# tab shows are `TAB_VIEWS` (url_state.py, tab ids as in layout.py; the other tabs show no layer view).
 LAYER_VIEWS = ["sel_md", "cluster_plot", "cluster_note", "evol_plot", "evol_cmp_plot", "mech_md", "mech_plot",
                "conflict_note", "other_btn",
                "conflict_plot", "worst_plot", "summary_plot", "summary_md", "heat_plot", "changes_df", "mse_plot"]
-TAB_VIEWS = {"clusters": ["cluster_plot", "cluster_note"], "evolution": ["evol_plot", "evol_cmp_plot"],
-             "mechanism": ["mech_md", "mech_plot"],
-             "conflicts": ["conflict_note", "other_btn", "conflict_plot", "worst_plot", "summary_plot", "summary_md"],
-             "changes": ["heat_plot", "changes_df", "mse_plot"]}
-TAB_IDS = {"Set up & calibrate": "setup", "Codebook clusters": "clusters", "Assignment evolution": "evolution",
-           "Mechanism": "mechanism",
-           "Gradient conflicts": "conflicts", "Per-block changes": "changes", "Images": "images", "Runs": "runs"}
 
 
 def _error(e: Exception) -> gr.Error:
@@ -50,7 +43,7 @@ def _error(e: Exception) -> gr.Error:
 # ----------------------------------------------------------------------------------------
 
 
-class Handlers:
+class Handlers(RunsHandlers):
     """Every event of the page. Reads runs through `Views` (and so through the Trace API)."""
 
     def __init__(self, engine: Engine, views: Views):
@@ -164,7 +157,8 @@ class Handlers:
         """What the page shows before any event: the default run (`Views.default_run`, a demo run
         when the runs dir has no finished run) loaded into every view, so the first paint has data,
         and its settings in Set-up (so the method there is the run's on screen).
-        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered, setup."""
+        Keys: run, block, layer, snap (updates), sel, live, dl_trace, dl_model, rd, layer_views, rendered, setup,
+        view_state (for the page's script: what each tab shows, `url_state.view_state`)."""
         rid = self.views.default_run()
         if not rid:
             return {}
@@ -180,36 +174,34 @@ class Handlers:
             setup["setting"] = st["value"]
         return dict(run=rid, block=block, layer=layer, snap=snap, sel=sel, live=live, dl_trace=dl_trace,
                     dl_model=dl_model, rd=plots.rd_figure(self.store.table(), rid), layer_views=layer_views,
-                    rendered=rendered, setup=setup)
+                    rendered=rendered, setup=setup,
+                    view_state=view_state(sel, selection_key(sel, "codeword", "PCA", False), rendered))
 
-    # -- runs list -------------------------------------------------------------------------
-    def _runs_outputs(self, current=None):
-        store = self.store
-        table = store.table()
-        return table, store.readable_ids(), plots.rd_figure(table, current)
-
-    def list_runs(self, sel):
-        """Runs table, both run pickers (partial runs labelled) and the rate-distortion plot."""
-        table, ids, rd = self._runs_outputs((sel or {}).get("run"))
-        cur = (sel or {}).get("run")
-        value = cur if cur in ids else (self.views.default_run() or (ids or [None])[-1])
-        return table, gr.update(choices=self.views.run_choices(), value=value), rd
-
-    def compare_choices(self, sel):
-        other = (sel or {}).get("other") or ""
-        choices = self.views.run_choices()
-        return gr.update(choices=[AUTO_COMPARE] + choices, value=other if other in {c[1] for c in choices} else "")
-
-    def on_run_row(self, evt: gr.SelectData):
-        """A row of the Runs table: load that run."""
-        table = self.store.table()
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        if row is None or row >= len(table):
-            return gr.skip()
-        if str(table.iloc[row]["status"]).startswith("unreadable"):
-            gr.Warning(f"Run {table.iloc[row]['run']} is unreadable ({table.iloc[row]['status']}): skipped.")
-            return gr.skip()
-        return gr.update(value=table.iloc[row]["run"])
+    def restore(self, sel, request: gr.Request):
+        """Page load: the run, block, layer, snapshot and tab of the URL's query (`url_state.parse_query`);
+        without one (or for values that are not valid here: an unknown run, a block out of range) the
+        defaults: the newest finished run of the runs dir, else the demo run. Outputs: run, block, layer,
+        snapshot, sel, live plot, downloads, the Tabs, the tab box and the URL the page then shows (the
+        restored state, so a bad query does not stay in the address bar). The run dropdown's change event
+        then loads the run's context (Set-up, status) when it differs from the page's first paint."""
+        q = parse_query(request.query_params if request is not None else {})
+        tab = q["tab"] or "setup"
+        rid = q["run"] if q["run"] in self.store.readable_ids() else self.views.default_run()
+        url = lambda s: "?" + page_query(s, tab)
+        if not rid:
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(None))
+        asked = {k: q[k] for k in ("block", "layer", "snap") if q[k] is not None} if q["run"] == rid else {}
+        if sel and sel.get("run") == rid and all(
+                (layer_kind(sel.get("layer") or "") if k == "layer" else sel.get(k)) == v for k, v in asked.items()):
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(sel))   # the first paint shows it already
+        want = dict(run=rid, block=q["block"], layer=q["layer"], snap=q["snap"], other=(sel or {}).get("other"))
+        if q["run"] != rid:   # the query's block / layer / snapshot belonged to a run that is not here
+            want.update(block=(sel or {}).get("block"), layer=(sel or {}).get("layer"), snap=None)
+        try:
+            out = self.load_run(rid, want)
+        except gr.Error:
+            return (*[gr.skip()] * 8, gr.Tabs(selected=tab), tab, url(None))
+        return (gr.update(value=rid), *out, gr.Tabs(selected=tab), tab, url(out[3]))
 
     # -- selection -------------------------------------------------------------------------
     def load_run(self, run_id, sel):
@@ -230,6 +222,9 @@ class Handlers:
             raise _error(e)
         n_blocks = int(self.store.meta(run_id).get("n_blocks") or self.engine.n_blocks)
         steps = views.steps_of(run_id)
+        snap = (sel or {}).get("snap")
+        if (sel or {}).get("run") == run_id and isinstance(snap, int) and 0 <= snap < len(steps):
+            new["snap"] = snap   # the same run (a restored URL): its snapshot stays; a new run opens on the final
         return (gr.update(choices=[(f"block {b}", b) for b in range(n_blocks)], value=new["block"]),
                 gr.update(choices=views.layer_choices(run_id, new["block"]), value=new["layer"]),
                 gr.update(minimum=0, maximum=max(len(steps) - 1, 1), value=new["snap"], interactive=len(steps) > 1,
@@ -246,9 +241,10 @@ class Handlers:
         note = f"Images cleared: press **Generate images** to sample `{run_id}`."
         m = self.store.meta(run_id)
         c = (m.get("config") or {}).get("calib") or {}
-        budget = f", budget {c['iterations']} × {c['num_sampling_steps']} steps" if c.get("iterations") else ""
-        status = (f"Loaded `{run_id}` ({run_label(m)}). **Set-up now holds its settings**{budget}: change them "
-                  f"before pressing Run for a different run.")
+        budget = (f" Its budget ({c['iterations']} × {c['num_sampling_steps']} steps) is **not** copied: Set-up "
+                  f"keeps its own iterations and sampling steps." if c.get("iterations") else "")
+        status = (f"Loaded `{run_id}` ({run_label(m)}). **Set-up now holds its method, bits and k×d**; change "
+                  f"them before pressing Run for a different run.{budget}")
         return rd, None, None, note, *self._setup_of(run_id), self._setting_of(run_id), status
 
     def _setting_of(self, run_id):
@@ -261,12 +257,14 @@ class Handlers:
         return gr.update(value=names[0]) if names else gr.skip()
 
     def _setup_of(self, run_id) -> list:
-        """Updates for the SetupForm components from a saved run's settings (skip what it lacks)."""
+        """Updates for the SetupForm components from a saved run's settings (skip what it lacks). The
+        budget (iterations, sampling steps) is never copied: a demo run's short budget must not become
+        the next run's unasked."""
         st = self.store.meta(run_id).get("settings") or {}
         c = st.get("calib") or {}
         vals = dict(method=st.get("method") if st.get("method") in METHODS else None, bits=st.get("bits"),
-                    k=st.get("k"), d=st.get("d"), n_candidates=st.get("n_candidates"), iterations=c.get("iterations"),
-                    sampling_steps=c.get("num_sampling_steps"), kmeans_iters=st.get("kmeans_iters"),
+                    k=st.get("k"), d=st.get("d"), n_candidates=st.get("n_candidates"), iterations=None,
+                    sampling_steps=None, kmeans_iters=st.get("kmeans_iters"),
                     lr_logits=c.get("lr_logits"), lr_codebook=c.get("lr_codebook"), lambda_r=c.get("lambda_r"),
                     seed=st.get("seed"))
         return [gr.skip() if vals[f.name] is None else gr.update(value=vals[f.name]) for f in fields(SetupForm)]
@@ -330,7 +328,7 @@ class Handlers:
         skipped and drawn when their tab is opened: `rendered` remembers, per tab, which selection
         its views show). tab None (an API client that never switches tabs): every view."""
         sel = form.sel
-        key = json.dumps([sel, form.color_by, form.projection, bool(form.full)], sort_keys=True, default=str)
+        key = selection_key(sel, form.color_by, form.projection, form.full)
         tabs = list(TAB_VIEWS) if tab is None else [tab]
         rendered = dict(rendered or {})
         out = {"sel_md": gr.skip()}
@@ -370,9 +368,20 @@ class Handlers:
             return dict(heat_plot=heat, changes_df=table, mse_plot=mse)
         return {}
 
-    def on_tab(self, evt: gr.SelectData):
-        """The visible tab (its id), for `render_layer_views`."""
-        return TAB_IDS.get(evt.value, evt.value)
+    def render_page(self, tab, rendered, form: ViewForm):
+        """`render_layer_views` for the page: also the `view_state` its script reads (the URL it writes,
+        and which tabs are up to date, so opening one of those asks the server nothing)."""
+        out = self.render_layer_views(tab, rendered, form)
+        return (*out, view_state(form.sel, selection_key(form.sel, form.color_by, form.projection, form.full),
+                                 out[-1]))
+
+    def open_tab(self, stale, rendered, form: ViewForm):
+        """A tab whose views show another selection was opened (the page's script wrote `tab:time` to the
+        `stale` box): draw its views."""
+        tab = str(stale or "").split(":")[0]
+        if tab not in TAB_VIEWS:
+            return (*[gr.skip()] * (len(LAYER_VIEWS) + 1), gr.skip())
+        return self.render_page(tab, rendered, form)
 
     def on_plot_click(self, sel, payload):
         """A click on a plotly plot, sent by the page's script as JSON {plot, x, y, id}: a cell of

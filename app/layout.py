@@ -2,8 +2,9 @@
 named handlers in handlers.py. All model work shares one queue slot.
 
 Shared selection (LIT style): the `sel` State {run, block, layer, snap}, edited by the selection
-bar (Run / Block / Layer / Snapshot), the per-block table and the Runs table; every view
-re-renders from it on `sel.change`.
+bar (Run / Block / Layer / Snapshot), the per-block table and the Runs table; the visible tab's
+views re-render from it on `sel.change`. The selection and the tab live in the URL (url_state.py):
+a page load restores them; opening a tab that is up to date asks the server nothing.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
-from .handlers import AUTO_COMPARE, LAYER_VIEWS, Handlers
+from .handlers import LAYER_VIEWS, Handlers
+from .handlers_runs import AUTO_COMPARE
 from .text import method_description, methods_table, setting_choices
-from .views import FULL_CLUSTER_MAX, Views
+from .url_state import SET_URL_JS, TAB_JS, WRITE_URL_JS
+from .views import FULL_CLUSTER_MAX, SIDE_BY_SIDE_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
 
@@ -118,13 +121,22 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                  interactive=True, allow_custom_value=True)  # load_run validates the id itself
             block_dd = gr.Dropdown(label="Block", scale=1, interactive=True, **upd("block", choices=[]))
             layer_dd = gr.Dropdown(label="Layer", scale=2, interactive=True, **upd("layer", choices=[]))
-            snap_sl = gr.Slider(step=1, scale=3, **upd("snap", label="Snapshot", minimum=0, maximum=1, value=0))
+            snap_sl = gr.Slider(step=1, scale=3, elem_id="snap-slider",
+                                **upd("snap", label="Snapshot", minimum=0, maximum=1, value=0))
             compare_dd = gr.Dropdown(label="Compare with", choices=[AUTO_COMPARE] + views.run_choices(), value="",
                                      scale=3, interactive=True, allow_custom_value=True,  # on_compare checks it
                                      info="any run, any bits; cancelled runs are used only when picked here")
         sel_md = gr.Markdown(lv["sel_md"] or views.describe(None))
-        tab = gr.State(None)                               # visible tab id (None until the page loads)
+        tab = gr.State(None)                               # API clients: no tab, every view is drawn
         rendered = gr.State(init.get("rendered") or {})    # per tab: the selection its views show
+        # set by the page's scripts (TAB_JS), never by the server unless a page load restores a tab:
+        tab_tb = gr.Textbox("setup", visible=False)        # the visible tab's id
+        stale_tb = gr.Textbox("", visible=False)           # "tab:time" when that tab must be redrawn
+        shown_tb = gr.Textbox("", visible=False)           # "images:time" when Images opens with no picture
+        url_tb = gr.Textbox("", visible=False)             # the restored state's URL query, after a page load
+        view_state = gr.HTML(init.get("view_state") or "{}", html_template="<span style='display:none'>${value}</span>",
+                             elem_id="view-state", padding=False, container=False, min_height=0)
+        api_render = gr.Button(visible=False)              # /render_layer_views for API clients
         # plot clicks from the page's script (CLICK_JS) arrive here as JSON
         click_tb = gr.HTML("", html_template="<span style='display:none'>${value}</span>", js_on_load=CLICK_JS,
                            elem_id="plot-click", padding=False, container=False, min_height=0)
@@ -224,10 +236,24 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                     dl_model = gr.DownloadButton("Download packed model (zip)", value=init.get("dl_model"))
                 rd_plot = gr.Plot(label="Rate-distortion across runs (click a point to load that run)", value=init.get("rd"),
                                   elem_id="rd-plot")
+                with gr.Column(elem_id="side-by-side"):
+                    runs_pick = gr.CheckboxGroup(label=f"Runs side by side (tick up to {SIDE_BY_SIDE_MAX})",
+                                                 choices=views.run_choices(), value=[], elem_id="runs-pick",
+                                                 info="each labelled by method, k×d and bits/weight")
+                    side_md = gr.Markdown("Tick two or more runs above to see them side by side.")
+                    side_plot = gr.Plot(label="Key metrics side by side", elem_id="side-plot")
+                    side_df = gr.Dataframe(label="Picked runs", interactive=False, elem_id="side-table")
+                    side_btn = gr.Button("Images side by side", variant="secondary")
+                    side_img = gr.Image(label="Images side by side: FP and each picked run, same noise and labels",
+                                        type="numpy", interactive=False, elem_id="side-images",
+                                        buttons=["download", "fullscreen"])
+                    side_img_df = gr.Dataframe(label="Image metrics of the picked runs", interactive=False)
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, tab=tab, rendered=rendered, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, tab=tab, rendered=rendered, tab_tb=tab_tb, stale_tb=stale_tb, shown_tb=shown_tb, url_tb=url_tb,
+        view_state=view_state, api_render=api_render, runs_pick=runs_pick, side_md=side_md, side_plot=side_plot,
+        side_df=side_df, side_btn=side_btn, side_img=side_img, side_img_df=side_img_df, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
@@ -261,6 +287,9 @@ const bind = () => {
   }
 };
 setInterval(bind, 500);
+document.addEventListener('keydown', (e) => {   // Enter in the snapshot's number box = release
+  if (e.key === 'Enter' && e.target && e.target.type === 'number' && e.target.closest('#snap-slider')) e.target.blur();
+});
 """
 
 
@@ -298,6 +327,7 @@ def wire(ui: SimpleNamespace, h: Handlers):
         ran.success(make_images, images, image_outputs, **MODEL_QUEUE)
         ran.then(h.unlock_run, None, run_buttons, queue=False)
         ran.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)  # the new run is comparable at once
+        ran.then(h.pick_choices, ui.runs_pick, ui.runs_pick, queue=False)  # ... and can be put side by side
         ran.then(estimate, setup, ui.estimate_md, queue=False, api_name=False)  # new timing -> next estimate
     ui.cancel_btn.click(h.cancel, None, ui.status_md, api_name="cancel", concurrency_limit=None)
     ui.gen_btn.click(form_event(h.check_images, ImageForm), images, None, concurrency_limit=None).success(
@@ -308,30 +338,51 @@ def wire(ui: SimpleNamespace, h: Handlers):
                      api_name="load_run", show_progress="full",
                      show_progress_on=[ui.live_plot, ui.rd_plot] + view_plots).success(h.run_context, ui.run_dd, [ui.rd_plot] + image_outputs + setup + [ui.setting, ui.status_md],
                                                   api_name="run_context")
-    busy = dict(show_progress="full", show_progress_on=view_plots)  # every view shows it is being redrawn
+    # every view shows it is being redrawn; a newer selection replaces one still waiting (always_last)
+    busy = dict(show_progress="full", show_progress_on=view_plots, trigger_mode="always_last")
     ui.block_dd.input(h.on_block, [ui.sel, ui.block_dd], [ui.layer_dd, ui.sel], **busy)
     ui.layer_dd.input(h.on_layer, [ui.sel, ui.layer_dd], ui.sel, **busy)
-    ui.snap_sl.change(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, trigger_mode="always_last", **busy)  # drag or type
+    # on release (end of a drag; a typed number on Enter or blur), not on every value passed while dragging
+    ui.snap_sl.release(h.on_snap, [ui.sel, ui.snap_sl], ui.sel, **busy)
     ui.changes_df.select(h.on_cell, ui.sel, [ui.block_dd, ui.layer_dd, ui.sel], **busy)
     ui.click_tb.input(h.on_plot_click, [ui.sel, ui.click_tb], [ui.block_dd, ui.layer_dd, ui.sel, ui.run_dd],
                       api_name="plot_click", **busy)
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
-    render = form_event(h.render_layer_views, ViewForm, lead=2)
-    render_in = [ui.tab, ui.rendered] + view
-    ui.sel.change(render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full",
-                  api_name="render_layer_views")
-    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # a tab opened: draw its views if stale
-        render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full", api_name=False)
-    ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
-    ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # Images opened: shipped / cached images at once
-        form_event(h.auto_images, ImageForm, lead=1), [ui.tab] + images, image_outputs, api_name="auto_images")
+    # the page draws the visible tab's views (and tells its script what they show); API clients get all
+    page_outputs = layer_outputs + [ui.rendered, ui.view_state]
+    ui.sel.change(form_event(h.render_page, ViewForm, lead=2), [ui.tab_tb, ui.rendered] + view, page_outputs,
+                  concurrency_limit=4, trigger_mode="always_last", show_progress="full", api_name=False)
+    ui.api_render.click(form_event(h.render_layer_views, ViewForm, lead=2), [ui.tab, ui.rendered] + view,
+                        layer_outputs + [ui.rendered], api_name="render_layer_views")
+    # a tab opened: the script (no server call) notes the tab, writes the URL, and only when that tab's
+    # views show another selection (or Images has no picture yet) changes a box that asks the server
+    tab_boxes = [ui.tab_tb, ui.stale_tb, ui.shown_tb]
+    ui.tabs.select(None, [ui.view_state] + tab_boxes, tab_boxes, js=TAB_JS)
+    ui.stale_tb.change(form_event(h.open_tab, ViewForm, lead=2), [ui.stale_tb, ui.rendered] + view, page_outputs,
+                       concurrency_limit=4, trigger_mode="always_last", show_progress="full", api_name=False)
+    ui.shown_tb.change(form_event(h.auto_images, ImageForm, lead=1), [ui.tab_tb] + images, image_outputs,
+                       api_name="auto_images")  # Images opened: shipped / cached images at once
+    # the URL follows; a tab opened while its render was under way is drawn after it
+    ui.view_state.change(None, [ui.view_state, ui.tab_tb, ui.stale_tb], ui.stale_tb, js=WRITE_URL_JS)
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.projection.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.view.full.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])
     ui.compare_dd.input(h.on_compare, [ui.sel, ui.compare_dd], [ui.sel] + image_outputs, api_name="compare", **busy)
+    # a page load restores the URL's run / block / layer / snapshot / tab (else the defaults), then lists runs
+    restored = ui.demo.load(h.restore, ui.sel, [ui.run_dd, ui.block_dd, ui.layer_dd, ui.snap_sl, ui.sel, ui.live_plot,
+                                                ui.dl_trace, ui.dl_model, ui.tabs, ui.tab_tb, ui.url_tb], api_name=False)
+    restored.then(None, ui.url_tb, None, js=SET_URL_JS)   # the address bar shows what was restored
     for ev in (ui.refresh_btn.click(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name="list_runs"),
-               ui.demo.load(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot])):
+               restored.then(h.list_runs, ui.sel, [ui.runs_df, ui.run_dd, ui.rd_plot], api_name=False)):
         ev.then(h.compare_choices, ui.sel, ui.compare_dd, queue=False)
+        ev.then(h.pick_choices, ui.runs_pick, ui.runs_pick, queue=False)
+    # runs side by side: metrics at once (and images when shipped / cached); the button samples images
+    side_in = [ui.runs_pick] + images
+    ui.runs_pick.change(form_event(h.compare_runs, ImageForm, lead=1), side_in,
+                        [ui.side_md, ui.side_plot, ui.side_df, ui.side_img, ui.side_img_df], trigger_mode="always_last",
+                        api_name="compare_runs")
+    ui.side_btn.click(form_event(h.compare_runs_images, ImageForm, lead=1), side_in, [ui.side_img, ui.side_img_df],
+                      api_name="compare_runs_images", **MODEL_QUEUE)
     ui.demo.load(estimate, setup, ui.estimate_md, queue=False, api_name=False)
     # plotly sizes a plot drawn in a hidden tab to half width: re-layout on every tab switch
     ui.tabs.select(None, None, None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")

@@ -355,3 +355,23 @@ def rd_figure(runs: pd.DataFrame, current: Optional[str] = None) -> go.Figure:
     fig.update_yaxes(title_text="MSE (log)", type="log", row=1, col=2)
     fig.update_layout(**BASE, height=360, legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def side_by_side_figure(runs: pd.DataFrame) -> go.Figure:
+    """Small multiples of picked runs: bits/weight, block MSE and image MSE vs FP, one bar per run
+    (method colour), the same run order in every panel. Missing values are left out, not drawn as 0."""
+    panels = [("bits/weight", "bits per weight (as packed)", False), ("block MSE", "block-output MSE (log)", True),
+              ("image MSE vs FP (eval set)", "image MSE vs FP (log)", True)]
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.06, shared_yaxes=True,
+                        subplot_titles=[p[0] + (" (lower is better)" if p[2] else "") for p in panels])
+    names = [f"{w} · {r}" for w, r in zip(runs["what"], runs["where"])]   # what the run is, then demo / when
+    for col, (c, title, log) in enumerate(panels, 1):
+        v = pd.to_numeric(runs[c], errors="coerce")
+        fig.add_trace(go.Bar(x=v, y=names, orientation="h", marker_color=[color(m) for m in runs["method"]],
+                             text=[f"{x:.3g}" if pd.notna(x) else "not stored" for x in v], textposition="auto",
+                             showlegend=False, hovertemplate="%{y}<br>" + c + " %{x:.4g}<extra></extra>"), 1, col)
+        fig.update_xaxes(title_text=title, type="log" if log else "linear", row=1, col=col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(**{**BASE, "margin": dict(l=20, r=20, t=50, b=50)}, height=120 + 44 * len(runs))
+    fig.update_yaxes(automargin=True)
+    return fig

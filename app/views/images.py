@@ -9,6 +9,7 @@ import torch
 
 from .. import plots
 from ..config import APP_LIMITS, image_params
+from ..store import run_label
 
 
 class ImagesView:
@@ -47,21 +48,28 @@ class ImagesView:
 
     def images_ready(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None) -> bool:
         """Can `images(...)` answer without sampling (every row cached, or shipped with a demo run)?"""
+        keys = []
+        if run_id:
+            try:
+                keys = [run_id] + ([compare] if compare and compare != run_id else self.baselines(run_id))
+            except ValueError:
+                return False
+        return self.images_ready_of(keys, labels_text, seed, guidance, steps)
+
+    def images_ready_of(self, run_ids: list, labels_text, seed, guidance, steps) -> bool:
+        """Can `images_of(run_ids, ...)` answer without sampling?"""
         try:
             labels = self.parse_labels(labels_text)
             seed, guidance, steps = image_params(seed, guidance, steps)
-            keys = ["fp"]
-            if run_id:
-                keys.append(run_id)
-                keys += [compare] if compare and compare != run_id else self.baselines(run_id)
         except ValueError:
             return False
-        return all(self.engine.has_images(k, labels, seed, guidance, steps) for k in keys)
+        return all(self.engine.has_images(k, labels, seed, guidance, steps) for k in ["fp", *run_ids])
 
     def images(self, run_id, labels_text, seed, guidance, steps, compare: Optional[str] = None):
         """(composite image uint8, metrics table, note). Same seeds/labels/sampler for every model.
         Rows: FP, the selected run, then the picked comparison run or (none picked) the newest
-        finished run of every other method at the same bits."""
+        finished run of every other method with the same k x d and init. Rows are labelled by what
+        the run is (`run_label`: method, k x d, bits/weight)."""
         labels = self.parse_labels(labels_text)
         seed, guidance, steps = image_params(seed, guidance, steps)
         eng = self.engine
@@ -69,21 +77,42 @@ class ImagesView:
         rows = [("FP (reference)", "fp", "fp", fp)]
         if run_id:
             meta = self.store.meta(run_id)
-            rows.append((f"{meta['method']} W{meta['bits']} (selected)", run_id, meta["method"],
+            rows.append((f"{run_label(meta)} (selected)", run_id, meta["method"],
                          eng.run_images(run_id, labels, seed, guidance, steps)))
             others = [compare] if compare and compare != run_id else self.baselines(run_id)
             for b in others:
                 bm = self.store.meta(b)
-                tag = " (compare)" if compare else ""
-                if bm.get("status") != "finished":
-                    tag += f" [{bm.get('status')}]"
                 try:
-                    rows.append((f"{bm['method']} W{bm['bits']}{tag}", b, bm["method"],
+                    rows.append((run_label(bm) + (" (compare)" if compare else ""), b, bm["method"],
                                  eng.run_images(b, labels, seed, guidance, steps)))
                 except ValueError:
                     if compare:
                         raise
                     continue
+        img, table = self._picture(rows, labels, seed, guidance, steps, fp)
+        note = (f"{len(labels)} images per model, seed {seed}, guidance {guidance:g}, {steps} DDIM steps; "
+                f"every model starts from the same noise. "
+                + (f"Compared with `{compare}` (picked in *Compare with*)." if compare else
+                   f"Baselines: newest finished run of each other method with the same k×d and init "
+                   f"({len(rows) - 2 if run_id else 0} found; pick any run in *Compare with*)."))
+        return img, table, note
+
+    def images_of(self, run_ids: list, labels_text, seed, guidance, steps):
+        """(composite, metrics table) of FP and each of `run_ids`, in that order, same noise and labels:
+        the Runs tab's side-by-side rows."""
+        labels = self.parse_labels(labels_text)
+        seed, guidance, steps = image_params(seed, guidance, steps)
+        eng = self.engine
+        fp = eng.fp_images(labels, seed, guidance, steps)
+        rows = [("FP (reference)", "fp", "fp", fp)]
+        for rid in run_ids:
+            m = self.store.meta(rid)
+            rows.append((run_label(m), rid, m["method"], eng.run_images(rid, labels, seed, guidance, steps)))
+        return self._picture(rows, labels, seed, guidance, steps, fp)
+
+    def _picture(self, rows, labels, seed, guidance, steps, fp):
+        """The composite and the metrics table of image rows (label, run id, method, images)."""
+        eng = self.engine
         table, preds = [], {}
         for label, rid, method, x in rows:
             key = (rid, tuple(labels), seed, guidance, steps)   # same key as the image cache
@@ -92,13 +121,7 @@ class ImagesView:
             table.append({"model": label, "run": rid if rid != "fp" else "-",
                           "accuracy": _r(m.get("accuracy"), 3),
                           "PSNR vs FP (dB)": _r(m.get("psnr"), 2), "MSE vs FP": _r(m.get("image_mse"), 5)})
-        img = composite(rows, labels, preds, fp)
-        note = (f"{len(labels)} images per model, seed {seed}, guidance {guidance:g}, {steps} DDIM steps; "
-                f"every model starts from the same noise. "
-                + (f"Compared with `{compare}` (picked in *Compare with*)." if compare else
-                   f"Baselines: newest finished run of each other method with the same k×d and init "
-                   f"({len(rows) - 2 if run_id else 0} found; pick any run in *Compare with*)."))
-        return img, pd.DataFrame(table), note
+        return composite(rows, labels, preds, fp), pd.DataFrame(table)
 
 
 def _r(v, n):
@@ -114,12 +137,14 @@ def composite(rows, labels, preds, fp) -> np.ndarray:
     from vq4dit.viz import make_grid
     h = fp.shape[-1]
     scale = max(1, 64 // h)
-    pad, label_w, text_h = 4, 190, 14
+    pad, text_h = 4, 14
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))   # labels say what a run is: as wide as they need
+    label_w = int(max([190] + [measure.textlength(r[0].replace("×", "x")) + 16 for r in rows]))
     cell = h * scale
     n = len(labels)
     lines = []
     for label, rid, method, x in rows:
-        lines.append(("img", label, rid, method, x))
+        lines.append(("img", label.replace("×", "x"), rid, method, x))   # PIL's default font has no ×
         if rid != "fp":
             # |x - FP| averaged over channels, 1 = half the range -> white (same) .. red (off by >= 1),
             # written as an RGB image in [-1, 1] so the one grid helper draws it

@@ -212,7 +212,8 @@ def test_run_missing_side_for_conflicts(app):
     assert {t.name for t in share} == {"vq4dit", "codebook-only"}
     # images now include the codebook-only baseline at the same bits
     _, metrics, _ = demo.views.images(rid, "3", 0, 4.0, 3)
-    assert len(metrics) == 3 and "codebook-only W2" in list(metrics["model"])
+    # rows say what each run is (method, k x d, bits/weight), not the nominal "W2"
+    assert len(metrics) == 3 and "codebook-only 256×4, 2.20 b/w" in list(metrics["model"])
     # runs table + rate-distortion
     table, choices, rd = client.predict(api_name="/list_runs")
     assert len(table["data"]) == 3
@@ -376,7 +377,7 @@ def test_run_buttons_disabled_while_running(app):
 def test_typing_a_snapshot_number_updates_the_selection(app):
     demo, client, runs = app
     ui = demo.ui
-    first, _ = deps(demo, ui.snap_sl, "change")  # fires for drag *and* for the number box
+    first, _ = deps(demo, ui.snap_sl, "release")  # end of a drag, or the number box on Enter / blur
     assert [f.name for f in first] == ["on_snap"]
     sel = dict(run="r", block=0, layer="x", snap=3)
     h = first[0].fn
@@ -401,7 +402,8 @@ def test_run_switch_clears_images_restores_settings_and_moves_rd_highlight(app):
     meta = demo.engine.store.meta(b)
     setup = out[4:]
     assert val(setup[0]) == meta["settings"]["method"] and val(setup[1]) == meta["bits"]
-    assert val(setup[5]) == meta["settings"]["calib"]["iterations"]
+    assert val(setup[2]) == meta["k"] and val(setup[3]) == meta["d"]
+    assert setup[5] == setup[6] == {"__type__": "update"}   # its budget is not copied into Set-up unasked
     rd = plot_json(out[0])
     sizes = {}
     for t in rd["data"]:

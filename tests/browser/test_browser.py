@@ -81,8 +81,17 @@ def test_tiny_run_in_browser(server, tmp_path):
         expect(page.get_by_text("Loaded into every view.")).to_be_visible(timeout=240_000)
         expect(page.locator(".js-plotly-plot").first).to_be_visible()
         expect(page.get_by_text("Block-output MSE vs FP (log)")).to_be_visible()
+        expect(page.get_by_role("button", name="Cancel")).to_be_disabled(timeout=20_000)   # idle again
         run_dirs = [d for d in runs.iterdir() if (d / "run.json").is_file()]
         assert len(run_dirs) == 1
+        # the new run is in every run list at once, without Runs -> Refresh: Compare with, side by side
+        rid = run_dirs[0].name
+        compare = page.get_by_label("Compare with")
+        compare.click()
+        expect(page.get_by_role("option", name=rid[:15], exact=False).first).to_be_attached(timeout=20_000)
+        compare.press("Escape")
+        page.get_by_role("tab", name="Runs").click()
+        expect(page.locator("#runs-pick").get_by_text(rid[:15], exact=False).first).to_be_visible(timeout=20_000)
 
         # images are generated after the run (FP + the run, same noise)
         page.get_by_role("tab", name="Images").click()
