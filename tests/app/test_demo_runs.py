@@ -463,7 +463,8 @@ def test_demo_kmeans_init_is_what_todays_code_computes(demo_store, base, setting
     mods = dict(base.named_modules())
     names = tr.layer_names
     for name in (names[0], names[len(names) // 2], names[-1]):
-        q = VQLinear.from_linear(mods[name], cfg, name=name, seed=cfg.seed)
+        # quantize seeds layer i (in the order it visits them, the trace's layer order) with seed + i
+        q = VQLinear.from_linear(mods[name], cfg, name=name, seed=cfg.seed + names.index(name))
         _, idx = tr.samples(name)
         shipped = tr.snapshot(name, 0)
         same = float((q.assignment.numpy()[idx] == shipped.assign).mean())
