@@ -141,14 +141,12 @@ def compact_run(store: RunStore, run_id: str, out_root: Path, new_id: str, fp_ba
         if tr is not None:
             tr.compact(n_samples, max_records).save(tmp / "trace")
         packed = json.loads((src / "model" / PACKED_CONFIG).read_text())
-
-        def keep_config(d: Path):  # the run's full method config (a reloaded model keeps only the VQ part)
-            m = json.loads((d / PACKED_CONFIG).read_text())
-            m["config"], m["extra"] = packed.get("config"), dict(packed.get("extra") or {}, run=new_id)
-            (d / PACKED_CONFIG).write_text(json.dumps(m, indent=1, default=str))
-
-        b = load_dit(src / "model")
-        save_quantized(b.transformer, tmp / "model", scheduler=b.scheduler, fp_base=fp_base, write_extra=keep_config)
+        b = load_dit(src / "model")   # restores the run's full method config (calib included)
+        save_quantized(b.transformer, tmp / "model", scheduler=b.scheduler, fp_base=fp_base,
+                       extra=dict(packed.get("extra") or {}, run=new_id))
+        written = json.loads((tmp / "model" / PACKED_CONFIG).read_text())
+        if written.get("config") != packed.get("config"):
+            raise ValueError(f"{run_id}: the compact copy's method config differs from the run's")
         _atomic_json(tmp / RUN_FILE, _clean(meta))
         dst = out_root / new_id
         if dst.exists():

@@ -261,6 +261,8 @@ class Trace:
                 t = (t / t.abs().max().clamp_min(1e-30)).half()
             elif t.dtype.is_floating_point:
                 t = t.half()
+            elif t.numel() and int(t.max()) < 2 ** 8 and int(t.min()) >= 0:  # codeword ids of k <= 256
+                t = t.to(torch.uint8)
             elif t.numel() and int(t.max()) < 2 ** 15 and int(t.min()) >= -2 ** 15:
                 t = t.short()
             else:

@@ -196,6 +196,29 @@ def test_load_run_and_views(app):
     assert len(res[-2]["data"]) == demo.engine.n_blocks  # the per-block table
 
 
+def test_compact_copy_of_a_run_keeps_its_config_and_loads(app, tmp_path):
+    """`python -m app.demo build` ships compact copies of finished runs (trace subsampled, FP parts
+    shared with the base model): the copy loads, predicts like the run, and keeps its method config."""
+    from app.demo import compact_run
+    from vq4dit.io import load_dit
+    demo, client, runs = app
+    eng = demo.engine
+    rid = first_run(runs)
+    dst = compact_run(eng.store, rid, tmp_path, "demo-test-copy", eng.teacher, 64, 10)
+    src_cfg = json.loads((runs / rid / "model" / "vq4dit_config.json").read_text())
+    dst_cfg = json.loads((dst / "model" / "vq4dit_config.json").read_text())
+    assert dst_cfg["config"] == src_cfg["config"] and dst_cfg["config"]["calib"]
+    assert dst_cfg["extra"]["run"] == "demo-test-copy" and "fp_base" in dst_cfg
+    assert json.loads((dst / "run.json").read_text())["id"] == "demo-test-copy"
+    a = load_dit(runs / rid / "model").transformer
+    b = load_dit(dst / "model", fp_base=eng.teacher).transformer
+    c = eng.teacher.config
+    x, t, y = torch.randn(2, c.in_channels, c.sample_size, c.sample_size), torch.tensor([5, 5]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(a(x, timestep=t, class_labels=y).sample, b(x, timestep=t, class_labels=y).sample)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
 def test_run_missing_side_for_conflicts(app):
     demo, client, runs = app
     rid = first_run(runs)
