@@ -145,7 +145,8 @@ class Handlers:
         if a.phase == "cancelled":
             yield f"**{s.method} W{s.bits} {a.error}.**", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        if a.error is not None:
+        if a.error is not None:  # in the status line (it stays) and as a notice
+            yield f"**{s.method} W{s.bits} failed:** {a.error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
         table, _, rd = self._runs_outputs(a.run_id)
         m = store.meta(a.run_id)

@@ -7,6 +7,7 @@ re-renders from it on `sel.change`.
 """
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import Optional
 
@@ -17,6 +18,7 @@ from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
 from .handlers import AUTO_COMPARE, LAYER_VIEWS, Handlers
+from .live import LIVE_REFRESH_S, live_tick
 from .text import method_description, methods_table, setting_choices
 from .views import FULL_CLUSTER_MAX, Views
 
@@ -113,6 +115,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                     f"Model: `{engine.cfg.model}` ({engine.n_blocks} transformer blocks, {engine.n_classes} classes, "
                     f"device {engine.device}) · runs dir: `{store.root}`")
         sel = gr.State(init.get("sel") or views.initial_selection(None))
+        live_timer = gr.Timer(LIVE_REFRESH_S)  # the live run's new snapshots, when it is the selected run
         with gr.Row(equal_height=True):
             run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=init.get("run"), scale=3,
                                  interactive=True, allow_custom_value=True)  # load_run validates the id itself
@@ -227,7 +230,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, tab=tab, rendered=rendered, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
+        demo=demo, sel=sel, live_timer=live_timer, tab=tab, rendered=rendered, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
         cluster_plot=cluster_plot, cluster_note=cluster_note, evol_plot=evol_plot, conflict_note=conflict_note,
         other_btn=other_btn, conflict_plot=conflict_plot, worst_plot=worst_plot, heat_plot=heat_plot,
@@ -316,6 +319,8 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.click_tb.input(h.on_plot_click, [ui.sel, ui.click_tb], [ui.block_dd, ui.layer_dd, ui.sel, ui.run_dd],
                       api_name="plot_click", **busy)
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
+    ui.live_timer.tick(partial(live_tick, h.engine, h.views), ui.sel, [ui.snap_sl, ui.sel, ui.run_dd], queue=False,
+                       show_progress="hidden", api_name=False)
     render = form_event(h.render_layer_views, ViewForm, lead=2)
     render_in = [ui.tab, ui.rendered] + view
     ui.sel.change(render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full",
