@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             page.get_by_role("button", name="Cancel").click()
             t_c = time.time()
             try:
-                page.get_by_text("Saved", exact=False).first.wait_for(timeout=args.cap * 1000)
+                page.get_by_text("image evaluation skipped", exact=False).first.wait_for(timeout=args.cap * 1000)
                 rows.append(dict(measure="Cancel click -> saved", seconds=round(time.time() - t_c, 3), load=load()))
             except PWTimeout:
                 rows.append(dict(measure="Cancel click -> saved (not done within the cap)", seconds=args.cap,

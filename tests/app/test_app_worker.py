@@ -104,6 +104,7 @@ def test_cancel_during_calibration_keeps_partial_trace_and_loadable_model(engine
     assert len(live.steps) >= 1 and live.layer_names
     lm = engine.store.meta(LIVE_ID)
     assert lm["status"] == "running" and lm["worker_pid"] == a.pid and 1 <= lm["steps_done"] <= len(live.steps)
+    check_live_run_in_views(engine)
     a.stop.set()
     wait(a)
     assert a.error is None and a.run_id, a.error
@@ -120,6 +121,26 @@ def test_cancel_during_calibration_keeps_partial_trace_and_loadable_model(engine
     assert run_dirs(engine) == [a.run_id]
     with pytest.raises(ValueError, match="live run has ended"):
         engine.store.meta(LIVE_ID)
+
+
+def check_live_run_in_views(engine):
+    """While the run goes: it is in the run picker, the views describe it, and the refresh timer
+    re-issues the selection only for a new snapshot of the selected live run."""
+    import gradio as gr
+    from app.live import live_tick
+    from app.store import LIVE_ID
+    from app.views import Views
+    views = Views(engine)
+    labels = dict((v, k) for k, v in views.run_choices())
+    assert labels[LIVE_ID].startswith("▶ live: vq4dit 256×4")
+    sel = views.initial_selection(LIVE_ID)
+    assert "running" in views.describe(sel) and sel["layer"] in engine.store.trace(LIVE_ID).layer_names
+    slider, new, _ = live_tick(engine, views, dict(sel, block=1))
+    assert new["run"] == LIVE_ID and new["block"] == 1 and new["live_version"] == engine.store.live_version
+    assert new["snap"] == slider["value"] == len(views.steps_of(LIVE_ID)) - 1
+    now = dict(new, live_version=engine.store.live_version)  # the newest snapshot is on screen: nothing to redraw
+    assert live_tick(engine, views, now) == (gr.skip(),) * 3
+    assert live_tick(engine, views, dict(new, run="some-saved-run")) == (gr.skip(),) * 3
 
 
 def test_exception_in_worker_is_a_clear_error_and_saves_nothing(engine):
