@@ -319,12 +319,15 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.click_tb.input(h.on_plot_click, [ui.sel, ui.click_tb], [ui.block_dd, ui.layer_dd, ui.sel, ui.run_dd],
                       api_name="plot_click", **busy)
     ui.runs_df.select(h.on_run_row, None, ui.run_dd)
-    ui.live_timer.tick(partial(live_tick, h.engine, h.views), ui.sel, [ui.snap_sl, ui.sel, ui.run_dd], queue=False,
-                       show_progress="hidden", api_name=False)
     render = form_event(h.render_layer_views, ViewForm, lead=2)
     render_in = [ui.tab, ui.rendered] + view
     ui.sel.change(render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full",
                   api_name="render_layer_views")
+    # the live run: a new snapshot re-issues the selection, then the open tab redraws (a no-op when
+    # `rendered` already shows that selection: a timer's State update alone did not redraw in the browser)
+    ui.live_timer.tick(partial(live_tick, h.engine, h.views), ui.sel, [ui.snap_sl, ui.sel, ui.run_dd], queue=False,
+                       show_progress="hidden", api_name=False).then(
+        render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="hidden", api_name=False)
     ui.tabs.select(h.on_tab, None, ui.tab, queue=False).then(  # a tab opened: draw its views if stale
         render, render_in, layer_outputs + [ui.rendered], concurrency_limit=4, show_progress="full", api_name=False)
     ui.demo.load(lambda: "setup", None, ui.tab, queue=False, api_name=False)  # a page starts on Set-up
