@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                     sampling_steps=args.sampling_steps, kmeans_iters=args.kmeans_iters,
                     eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, image_steps=args.image_steps,
                     warm_umap=not args.no_umap_warmup, demo_runs=not args.no_demo_runs,
-                    cache_weights=args.cache_weights)
+                    cache_weights=args.cache_weights, threads=args.threads)
     try:
         demo = create_app(cfg)
     except (FileNotFoundError, ValueError, PermissionError) as e:

@@ -41,6 +41,8 @@ class AppConfig:
     warm_umap: bool = True                # compile umap's numba code in the background at start
     demo_runs: bool = True                # list the shipped demo runs (embedded model only; read-only)
     cache_weights: bool = False           # packed runs keep decoded weights (faster, more memory; io.load_quantized)
+    threads: Optional[int] = None         # torch CPU threads of the calibration worker (None: the server's)
+    cancel_grace_s: float = 120.0         # after Cancel, a worker silent this long is terminated (one XL step fits)
 
 
 @dataclass

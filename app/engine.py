@@ -1,4 +1,4 @@
-"""The engine: the FP teacher (loaded once), the runs store, the calibration worker, image sampling.
+"""The engine: the FP teacher (loaded once), the runs store, starting the calibration worker, images.
 
 Everything here is a thin layer over the library: quantizing, calibrating, sampling and metrics all
 come from `vq4dit`; a run's config comes from `RunRequest.config` (= `vq4dit.config.build_config`
@@ -6,18 +6,17 @@ with the model's recipe, the CLI's path).
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import threading
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 import torch
 
-from vq4dit.config import METHODS, default_recipe
-from vq4dit.runner import EvalSpec, generate, run_method
+from vq4dit.config import default_recipe
+from vq4dit.runner import EvalSpec, generate
 from vq4dit.io import load_dit
 from vq4dit.naming import default_filter
 from vq4dit.checks import resolve_device
@@ -27,31 +26,10 @@ from vq4dit.testbed import DIGITS_DIT_DIR
 from .cache import LRU
 from .config import AppConfig, RunRequest, setup_defaults
 from .store import DEMO_DIR, DEMO_PREFIX, DEMO_SAMPLES, RunStore
+from .worker import RunCancelled, worker_main
+from .active_run import ActiveRun, follow_worker
 
-
-class RunCancelled(Exception):
-    """Cancel pressed before there was a model worth saving (during k-means)."""
-
-
-@dataclass
-class ActiveRun:
-    settings: RunRequest
-    total_steps: int
-    config: object = None                       # the library config the worker runs
-    stop: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-    rows: list = field(default_factory=list)    # on_step rows (no Trace object)
-    phase: str = "k-means init"
-    run_id: Optional[str] = None
-    error: Optional[BaseException] = None
-    t0: float = field(default_factory=time.time)
-    layers_done: int = 0                        # k-means / RTN progress over the target layers
-    layers_total: int = 0
-    quantize_seconds: Optional[float] = None    # time of the per-layer quantization (k-means) stage
-    cancelled_in: Optional[str] = None          # phase in which Cancel took effect (None: not cancelled)
-
-    def steps_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(list(self.rows))
+__all__ = ["ActiveRun", "Engine", "RunCancelled", "warm_umap_async"]
 
 
 class Engine:
@@ -80,6 +58,7 @@ class Engine:
         self.calib_defaults, self.kmeans_default = setup_defaults(cfg, self.n_quantizable_weights)
         self.model_lock = threading.Lock()   # every forward pass of a model goes through here
         self.active: Optional[ActiveRun] = None
+        self.worker_setup: Optional[str] = None  # "module:function" the worker calls first (tests: faults)
         self._evaluator = None
         self._images = LRU(48)  # (model key, labels, seed, guidance, steps) -> images
 
@@ -96,8 +75,9 @@ class Engine:
                         num_steps=self.cfg.eval_steps, guidance_scale=4.0, seed=0)
 
     def images(self, key: str, model, labels, seed: int, guidance: float, steps: int,
-               scheduler=None, vae=None) -> torch.Tensor:
-        """Samples for `labels`, cached by (model key, labels, seed, guidance, steps)."""
+               scheduler=None, vae=None, on_step=None) -> torch.Tensor:
+        """Samples for `labels`, cached by (model key, labels, seed, guidance, steps); `on_step(i, x)`
+        after each sampler step when they are sampled."""
         ck = (key, tuple(int(x) for x in labels), int(seed), float(guidance), int(steps))
         if ck in self._images:
             return self._images.get(ck)
@@ -106,7 +86,8 @@ class Engine:
             return self._images.put(ck, x)
         with self.model_lock:
             x = sample(model, list(labels), num_steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
-                       scheduler=scheduler or self.bundle.scheduler, vae=vae if vae is not None else self.bundle.vae)
+                       scheduler=scheduler or self.bundle.scheduler, vae=vae if vae is not None else self.bundle.vae,
+                       on_step=on_step)
         return self._images.put(ck, x)
 
     def has_images(self, key: str, labels, seed, guidance, steps) -> bool:
@@ -136,8 +117,8 @@ class Engine:
                 continue
         return None
 
-    def fp_images(self, labels, seed, guidance, steps) -> torch.Tensor:
-        return self.images("fp", self.teacher, labels, seed, guidance, steps)
+    def fp_images(self, labels, seed, guidance, steps, on_step=None) -> torch.Tensor:
+        return self.images("fp", self.teacher, labels, seed, guidance, steps, on_step=on_step)
 
     def run_images(self, run_id, labels, seed, guidance, steps) -> torch.Tensor:
         b = self.store.model(run_id)
@@ -155,13 +136,23 @@ class Engine:
             return {}
         return dict(psnr=float(psnr(images, reference).mean()), image_mse=float(image_mse(images, reference).mean()))
 
-    def evaluate_run_model(self, model) -> tuple[dict, dict]:
-        """(metrics of the quantized model, metrics of FP) on the fixed eval spec."""
+    def evaluate_run_model(self, model, progress=None) -> tuple[dict, dict]:
+        """(metrics of the quantized model, metrics of FP) on the fixed eval spec.
+        `progress(done, total)`: after each sampler step (FP's too when they are not cached)."""
         spec = self.eval_spec()
         labels = spec.labels()
-        fp = self.fp_images(labels, spec.seed, spec.guidance_scale, spec.num_steps)
+        fp_cached = self.has_images("fp", labels, spec.seed, spec.guidance_scale, spec.num_steps)
+        # sampler steps: generate() runs batches of spec.batch, fp_images one batch
+        total = -(-len(labels) // spec.batch) * spec.num_steps + (0 if fp_cached else spec.num_steps)
+        done = [0]
+
+        def step(i, x):
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+        fp = self.fp_images(labels, spec.seed, spec.guidance_scale, spec.num_steps, on_step=step)
         with self.model_lock:
-            q = generate(model, spec, self.bundle.scheduler, self.bundle.vae)
+            q = generate(model, spec, self.bundle.scheduler, self.bundle.vae, on_step=step)
         m = self.image_metrics(q, labels, fp)
         f = self.image_metrics(fp, labels, None)
         m.pop("pred", None), f.pop("pred", None)
@@ -211,75 +202,25 @@ class Engine:
         return self.active is not None and not self.active.done.is_set()
 
     def start_run(self, s: RunRequest) -> ActiveRun:
-        """Validate, then quantize + calibrate + evaluate + save in a worker thread."""
+        """Validate, then quantize + calibrate + evaluate + save in a worker process (app/worker.py);
+        a thread of this process follows its records into the returned ActiveRun."""
         config = self.run_config(s)  # ValueError for invalid k/d/n/bits/iterations/learning rates
         if self.busy():
             raise RuntimeError("a run is already in progress: wait for it or press Cancel")
         calib = getattr(config, "calib", None)
-        total = calib.total_steps if calib is not None else 0
-        a = ActiveRun(settings=s, config=config, total_steps=total)
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no shared GIL, no forked CUDA or thread state
+        a = ActiveRun(settings=s, config=config, total_steps=calib.total_steps if calib is not None else 0,
+                      stop=ctx.Event(), phase="starting worker")
+        records = ctx.Queue()
+        job = dict(app=dict(asdict(self.cfg), device=str(self.device)), request=asdict(s), setup=self.worker_setup,
+                   threads=self.cfg.threads or torch.get_num_threads())
+        proc = ctx.Process(target=worker_main, args=(job, records, a.stop), daemon=True, name="vq4dit-run")
+        proc.start()
+        a.pid, a.phase_t0["starting worker"] = proc.pid, a.t0
         self.active = a
-        threading.Thread(target=self._work, args=(a,), daemon=True, name="vq4dit-run").start()
+        threading.Thread(target=follow_worker, args=(a, proc, records, self.store, self.cfg.cancel_grace_s),
+                         daemon=True, name="vq4dit-run-follow").start()
         return a
-
-    def _work(self, a: ActiveRun):
-        s = a.settings
-        try:
-            def layer_progress(items, desc=None):
-                """Wraps the library's per-layer quantization loop: progress and Cancel."""
-                items = list(items)
-                a.layers_total, t = len(items), time.time()
-                for i, item in enumerate(items):
-                    if a.stop.is_set():
-                        a.cancelled_in = a.phase
-                        raise RunCancelled(f"cancelled during {a.phase} (layer {i}/{len(items)}): nothing saved")
-                    a.layers_done = i
-                    yield item
-                a.layers_done, a.quantize_seconds = len(items), time.time() - t
-                a.phase = "calibrating" if METHODS[s.method].calibrated else "measuring block MSE vs FP"
-
-            def on_step(info):
-                a.rows.append({k: v for k, v in info.items() if k != "trace"})
-                if a.stop.is_set():
-                    a.cancelled_in = a.cancelled_in or "calibrating"
-                    return False
-                return True
-
-            with self.model_lock:  # the config built by start_run: this model's recipe, as on the CLI
-                res = run_method(self.teacher, config=a.config, on_step=on_step, progress=layer_progress)
-            if a.stop.is_set():  # Cancel after calibration: skip the image evaluation, save as cancelled
-                a.cancelled_in = a.cancelled_in or "measuring block MSE vs FP"
-                metrics, fp_metrics = {}, {}
-            else:
-                a.phase = "evaluating images"
-                metrics, fp_metrics = self.evaluate_run_model(res.model)
-            a.phase = "saving"
-            run_id = self.store.new_id(s.method, s.bits)
-            tr = res.trace
-            meta = dict(
-                id=run_id, method=s.method, bits=s.bits, k=getattr(res.config, "k", None),
-                d=getattr(res.config, "d", None), n_candidates=getattr(res.config, "n_candidates", None),
-                settings=asdict(s), config=res.config.to_dict(), model_source=str(self.cfg.model),
-                bits_per_weight=res.size["bits_per_weight"], size=res.size, block_mse=res.block_mse,
-                per_block_mse=res.per_block_mse, seconds=res.seconds, metrics=metrics, fp_metrics=fp_metrics,
-                eval_spec=asdict(self.eval_spec()), n_blocks=self.n_blocks, created=time.time(),
-                total_steps=tr.total_steps if tr is not None else None,
-                steps_done=tr.steps_done if tr is not None else None,
-                stopped=tr.stopped if tr is not None else None,
-                status=("cancelled" if a.cancelled_in or (tr is not None and tr.stopped == "cancelled")
-                        else (f"stopped ({tr.stopped})" if tr is not None and tr.stopped else "finished")),
-                cancelled_in=a.cancelled_in, quantize_seconds=a.quantize_seconds,
-            )
-            self.store.save(run_id, res, meta, scheduler=self.bundle.scheduler)
-            a.run_id = run_id
-            a.phase = "saved"
-        except RunCancelled as e:
-            a.error, a.phase = e, "cancelled"
-        except BaseException as e:  # reported to the UI by the streaming generator
-            a.error = e
-            a.phase = "failed"
-        finally:
-            a.done.set()
 
 
 def warm_umap_async():

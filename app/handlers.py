@@ -128,17 +128,21 @@ class Handlers(RunsHandlers):
             raise _error(e)
         live_rev = f"live-{a.t0}"
         yield status_text(a), plots.calibration_figure(None), gr.skip(), gr.skip(), gr.skip()
-        last = time.time()
+        last, live_seen = time.time(), 0
         while not a.done.wait(timeout=0.2):
             if time.time() - last >= 1.0:  # throttle: ~1 figure per second
                 last = time.time()
                 fig = plots.calibration_figure(a.steps_frame(), title="Live calibration", uirevision=live_rev,
                                                total_steps=a.total_steps)
-                yield status_text(a), fig, gr.skip(), gr.skip(), gr.skip()
+                # a new snapshot of the run: the run picker offers (and labels) the live run
+                picker = gr.update(choices=self.views.run_choices()) if store.live_version != live_seen else gr.skip()
+                live_seen = store.live_version
+                yield status_text(a), fig, gr.skip(), picker, gr.skip()
         if a.phase == "cancelled":
             yield f"**{s.method} W{s.bits} {a.error}.**", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        if a.error is not None:
+        if a.error is not None:  # in the status line (it stays) and as a notice
+            yield f"**{s.method} W{s.bits} failed:** {a.error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             raise gr.Error(f"{s.method} W{s.bits} failed: {a.error}", print_exception=False)
         table, _, rd = self._runs_outputs(a.run_id)
         m = store.meta(a.run_id)

@@ -33,6 +33,7 @@ RUN_FILE = "run.json"
 DEMO_DIR = ROOT / "assets" / "demo_runs"   # finished runs shipped with the app (python -m app.demo build)
 DEMO_PREFIX = "demo-"                       # ids of demo runs; never used for runs the app saves
 DEMO_SAMPLES = "samples.safetensors"        # a demo run's images (and FP's) at the Images tab's defaults
+LIVE_ID = "live"                            # the run in progress (its worker's snapshots); saved ids start with a date
 # The only files an export may contain: what the app itself wrote (relative to the run dir).
 EXPORT_FILES = {
     "model": ("model/vq4dit_config.json", "model/model.safetensors", "model/scheduler/scheduler_config.json"),
@@ -159,6 +160,12 @@ class RunStore:
         self._models = LRU(6)
         self._exports = PrivateExports()
         self.cleaned = clean_stale_run_temps(self.root)
+        self.live: Optional[Path] = None       # the run in progress: its worker's live dir (run.json + trace/)
+        self.live_version = 0                  # bumped at each new snapshot (the trace cache key)
+
+    def set_live(self, path: Optional[Path], version: int = 0):
+        """The worker wrote a new snapshot of the run in progress at `path` (None: no run in progress)."""
+        self.live, self.live_version = (Path(path) if path else None), version
 
     # -- ids ------------------------------------------------------------------------------
     def is_demo(self, run_id) -> bool:
@@ -168,6 +175,10 @@ class RunStore:
     def run_dir(self, run_id) -> Path:
         """The directory of a run: `run_id` must be a plain name that resolves strictly inside the runs
         dir (demo ids: inside the demo dir). The error never says whether anything exists elsewhere on disk."""
+        if run_id == LIVE_ID:
+            if self.live is None:
+                raise ValueError("the live run has ended: pick its saved run in the Runs table")
+            return self.live
         if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
             raise ValueError(f"invalid run id {str(run_id)[:80]!r}: pick a run from the Runs table")
         base = self.demo_root if self.is_demo(run_id) else self.root
@@ -250,9 +261,10 @@ class RunStore:
 
     # -- loading --------------------------------------------------------------------------
     def trace(self, run_id: str) -> Optional[Trace]:
-        """The run's calibration trace (cached); None for methods without calibration."""
-        if run_id in self._traces:
-            return self._traces.get(run_id)
+        """The run's calibration trace (cached; the live run's per snapshot); None for methods without calibration."""
+        key = f"{LIVE_ID}@{self.live_version}" if run_id == LIVE_ID else run_id
+        if key in self._traces:
+            return self._traces.get(key)
         meta = self.meta(run_id)
         tdir = self.run_dir(run_id) / "trace"
         if tdir.is_symlink():
@@ -272,12 +284,14 @@ class RunStore:
             except Exception as e:  # any failure (e.g. safetensors' own error for a truncated file): this run only
                 self.bad[run_id] = "corrupt trace"
                 raise ValueError(f"run {run_id!r} is unreadable: {e}") from e
-        return self._traces.put(run_id, tr)
+        return self._traces.put(key, tr)
 
     def model(self, run_id: str):
         """The packed model as a DiTBundle (cached, a few at a time)."""
         if run_id in self._models:
             return self._models.get(run_id)
+        if run_id == LIVE_ID:
+            raise ValueError("the live run has no packed model until it is saved")
         mdir = self.run_dir(run_id) / "model"
         self.meta(run_id)
         if mdir.is_symlink():

@@ -28,16 +28,20 @@ def methods_table() -> str:
 
 def status_text(a) -> str:
     """One line per stage: what runs, how far, and an ETA measured on the stage itself (k-means per
-    layer, calibration per optimizer step: the calibration clock starts at its first step, so the
-    k-means time does not inflate the calibration ETA)."""
+    layer, calibration per optimizer step, evaluation per sampler step: each clock starts with its
+    stage, so the worker's start and the k-means time do not inflate a later stage's ETA)."""
     s = a.settings
-    el = time.time() - a.t0
+    now = time.time()
+    el = now - a.t0
+    in_phase = now - (getattr(a, "phase_t0", None) or {}).get(a.phase, a.t0)
     head = phase_bar(a) + "\n\n" + f"**{s.method} W{s.bits}** — "
     tail = f" ({el:.0f} s elapsed)" + (" — **cancelling…**" if a.stop.is_set() else "")
     done = len(a.rows)
+    if a.phase == "starting worker":
+        return head + f"starting the calibration worker process (loading the model, {in_phase:.0f} s)…" + tail
     if a.phase == "k-means init" and a.layers_total:
         i, n = a.layers_done, a.layers_total
-        eta = f", ~{el / i * (n - i):.0f} s left" if i else ""
+        eta = f", ~{in_phase / i * (n - i):.0f} s left" if i else ""
         return head + f"k-means: layer {i}/{n}{eta}" + tail
     if a.phase == "calibrating" and a.total_steps and done >= a.total_steps:
         return head + f"calibration done ({done} steps), measuring block MSE vs FP…" + tail
@@ -47,6 +51,12 @@ def status_text(a) -> str:
         return (head + f"calibrating: step {done}/{a.total_steps}, block MSE {r['block_loss']:.4g}, "
                        f"L_r {r['l_r']:.3g}, frozen {100 * r['frozen_frac']:.1f}%, ~{eta:.0f} s of calibration left"
                 + tail)
+    if a.phase == "evaluating images" and getattr(a, "eval_total", 0):
+        i, n = a.eval_done, a.eval_total
+        eta = f", ~{in_phase / i * (n - i):.0f} s left" if i else ""
+        return head + f"evaluating images: sampler step {i}/{n}{eta}" + tail
+    if a.phase in ("measuring block MSE vs FP", "saving"):
+        return head + f"{a.phase}… ({in_phase:.0f} s)" + tail
     return head + f"{a.phase}…" + tail
 
 
@@ -54,15 +64,22 @@ PHASES = (("k-means", ("k-means init",)), ("calibration", ("calibrating", "measu
           ("evaluation", ("evaluating images",)), ("saving", ("saving", "saved")))
 
 
+def phase_frac(a) -> Optional[float]:
+    """Progress of the current phase in [0, 1] (None: not measurable)."""
+    if a.phase == "k-means init" and a.layers_total:
+        return a.layers_done / a.layers_total
+    if a.phase == "calibrating" and a.total_steps:
+        return min(len(a.rows) / a.total_steps, 1.0)
+    if a.phase == "evaluating images" and getattr(a, "eval_total", 0):
+        return min(a.eval_done / a.eval_total, 1.0)
+    return None
+
+
 def phase_bar(a) -> str:
     """The run's phases in order, the current one with a bar of its own progress (text: it streams with
     the status line, and reads in any client)."""
     cur = next((i for i, (_, ph) in enumerate(PHASES) if a.phase in ph), None)
-    frac = None
-    if cur == 0 and a.layers_total:
-        frac = a.layers_done / a.layers_total
-    elif cur == 1 and a.total_steps:
-        frac = min(len(a.rows) / a.total_steps, 1.0)
+    frac = phase_frac(a)
     out = []
     for i, (name, _) in enumerate(PHASES):
         if cur is None or i > cur:

@@ -90,11 +90,13 @@ class EvalSpec:
 
 
 @torch.no_grad()
-def generate(model, spec: EvalSpec, scheduler=None, vae=None) -> torch.Tensor:
-    """Images for spec.labels(); batch b uses seed spec.seed + b so any model sees the same noise."""
+def generate(model, spec: EvalSpec, scheduler=None, vae=None, on_step=None) -> torch.Tensor:
+    """Images for spec.labels(); batch b uses seed spec.seed + b so any model sees the same noise.
+    `on_step(i, x)`: called after each denoising step of each batch (progress)."""
     labels = spec.labels()
     out = []
     for b, s in enumerate(range(0, len(labels), spec.batch)):
         out.append(sample(model, labels[s:s + spec.batch], num_steps=spec.num_steps,
-                          guidance_scale=spec.guidance_scale, seed=spec.seed + b, scheduler=scheduler, vae=vae))
+                          guidance_scale=spec.guidance_scale, seed=spec.seed + b, scheduler=scheduler, vae=vae,
+                          on_step=on_step))
     return torch.cat(out)

@@ -55,7 +55,9 @@ class SelectionView:
                 and m.get("total_steps") else ""
             where = "demo" if self.store.is_demo(r.id) else r.id[:15]
             out.append((f"{run_label(m)}{steps} — {where}", r.id))
-        return out
+        from ..live import live_choice
+        live = live_choice(self.store)
+        return out + ([live] if live else [])
 
     def default_run(self) -> Optional[str]:
         """The run shown on first open: the newest finished saved run, else the demo run of FIRST_DEMO
