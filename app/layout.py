@@ -20,7 +20,7 @@ from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
 from .handlers import LAYER_VIEWS, Handlers
 from .handlers_runs import AUTO_COMPARE
-from .live import LIVE_REFRESH_S, live_tick
+from .live import LIVE_POKE_JS, LIVE_REFRESH_S, live_tick
 from .text import method_description, methods_table, setting_choices
 from .url_state import SET_URL_JS, TAB_JS, WRITE_URL_JS
 from .views import FULL_CLUSTER_MAX, SIDE_BY_SIDE_MAX, Views
@@ -119,6 +119,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                     f"device {engine.device}) · runs dir: `{store.root}`")
         sel = gr.State(init.get("sel") or views.initial_selection(None))
         live_timer = gr.Timer(LIVE_REFRESH_S)  # the live run's new snapshots, when it is the selected run
+        live_poke = gr.Textbox("", visible=False)  # changed by the page's script only while the URL's run is live
         with gr.Row(equal_height=True):
             run_dd = gr.Dropdown(label="Run", choices=views.run_choices(), value=init.get("run"), scale=3,
                                  interactive=True, allow_custom_value=True)  # load_run validates the id itself
@@ -254,7 +255,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(
-        demo=demo, sel=sel, live_timer=live_timer, tab=tab, rendered=rendered, tab_tb=tab_tb, stale_tb=stale_tb, shown_tb=shown_tb, url_tb=url_tb,
+        demo=demo, sel=sel, live_timer=live_timer, live_poke=live_poke, tab=tab, rendered=rendered, tab_tb=tab_tb, stale_tb=stale_tb, shown_tb=shown_tb, url_tb=url_tb,
         view_state=view_state, api_render=api_render, runs_pick=runs_pick, side_md=side_md, side_plot=side_plot,
         side_df=side_df, side_btn=side_btn, side_img=side_img, side_img_df=side_img_df, click_tb=click_tb, setting=setting, run_dd=run_dd, compare_dd=compare_dd, evol_cmp_plot=evol_cmp_plot, block_dd=block_dd, layer_dd=layer_dd, snap_sl=snap_sl, sel_md=sel_md,
         method_md=method_md, run_btn=run_btn, cancel_btn=cancel_btn, status_md=status_md, live_plot=live_plot,
@@ -369,8 +370,10 @@ def wire(ui: SimpleNamespace, h: Handlers):
     ui.view_state.change(None, [ui.view_state, ui.tab_tb, ui.stale_tb], ui.stale_tb, js=WRITE_URL_JS)
     # the live run: a new snapshot re-issues the selection, then the open tab redraws (a no-op when
     # `rendered` already shows that selection: a timer's State update alone did not redraw in the browser)
-    ui.live_timer.tick(partial(live_tick, h.engine, h.views), ui.sel, [ui.snap_sl, ui.sel, ui.run_dd], queue=False,
-                       show_progress="hidden", api_name=False).then(
+    # (the tick itself runs in the page: no server call unless the run in the URL is the live one)
+    ui.live_timer.tick(None, ui.live_poke, ui.live_poke, js=LIVE_POKE_JS)
+    ui.live_poke.change(partial(live_tick, h.engine, h.views), ui.sel, [ui.snap_sl, ui.sel, ui.run_dd], queue=False,
+                        show_progress="hidden", api_name=False).then(
         form_event(h.render_page, ViewForm, lead=2), [ui.tab_tb, ui.rendered] + view, page_outputs,
         concurrency_limit=4, trigger_mode="always_last", show_progress="hidden", api_name=False)
     ui.view.color_by.change(render_cluster, view, [ui.cluster_plot, ui.cluster_note])

@@ -8,6 +8,9 @@ import gradio as gr
 from .store import LIVE_ID, run_label
 
 LIVE_REFRESH_S = 5.0  # timer period; the worker writes a snapshot at most every LIVE_TRACE_EVERY_S
+# the timer's tick in the page: a new value (-> live_tick on the server) only while the run in the URL
+# is the live one, else the same value (no change event, no request): an idle page asks nothing
+LIVE_POKE_JS = f"(v) => new URLSearchParams(location.search).get('run') === '{LIVE_ID}' ? String(Date.now()) : v"
 
 
 def live_choice(store):
