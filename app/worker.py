@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -32,6 +34,7 @@ from pathlib import Path
 
 LIVE_TRACE_EVERY_S = 10.0   # at most one partial-trace snapshot per this many seconds of calibration
 LIVE_TRACE_MAX_SHARE = 0.1  # ... and writing them may take at most this share of the calibration time
+PARENT_GONE_GRACE_S = 60.0  # the server died: stop as Cancel does (partial run saved), else exit after this
 
 
 class RunCancelled(Exception):
@@ -62,6 +65,8 @@ def worker_main(job: dict, records, stop):
     setup (optional "module:function" called first: tests inject faults through it)."""
     emit = records.put
     emit(("pid", os.getpid()))
+    finished = threading.Event()
+    threading.Thread(target=watch_parent, args=(os.getppid(), stop, finished, records), daemon=True).start()
     try:
         import torch
         torch.set_num_threads(max(1, int(job.get("threads") or 1)))
@@ -78,6 +83,21 @@ def worker_main(job: dict, records, stop):
     except BaseException as e:  # noqa: BLE001 - everything is reported; the server shows it
         tb = traceback.format_exc(limit=-3)
         emit(("failed", f"{type(e).__name__}: {e}", tb))
+    finally:
+        finished.set()
+
+
+def watch_parent(parent_pid: int, stop, finished, records, every_s: float = 1.0):
+    """A worker outlives a killed server (SIGTERM/SIGKILL skip the server's cleanup): when the parent is
+    gone (this process was re-parented), stop as Cancel does, so the run ends and its partial trace is
+    saved; exit hard if that takes longer than PARENT_GONE_GRACE_S."""
+    while not finished.wait(every_s):
+        if os.getppid() != parent_pid:
+            records.cancel_join_thread()  # nobody reads the queue now: do not block the exit on it
+            stop.set()
+            if not finished.wait(PARENT_GONE_GRACE_S):
+                os._exit(1)
+            return
 
 
 def calibrate_and_save(engine, s, stop, emit) -> str:
@@ -176,4 +196,5 @@ def calibrate_and_save(engine, s, stop, emit) -> str:
     )
     store.save(run_id, res, meta, scheduler=engine.bundle.scheduler)
     emit(("saved", run_id))
+    shutil.rmtree(live, ignore_errors=True)  # the saved run replaces the live one (also when the server is gone)
     return run_id

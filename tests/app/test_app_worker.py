@@ -203,3 +203,48 @@ def test_status_shows_each_phase_with_progress_and_eta():
     assert "● k-means → ● calibration → **▶ evaluation" in s and "○ saving" in s
     a.apply(("phase", "saving"))
     assert "saving… (" in status_text(a)
+
+
+SERVER_THAT_DIES = """
+import sys, time
+from app.config import AppConfig, RunRequest
+from app.engine import Engine
+eng = Engine(AppConfig(runs_dir=sys.argv[1], warm_umap=False, demo_runs=False, device="cpu", eval_per_class=1,
+                       eval_steps=3, iterations=1, sampling_steps=3, kmeans_iters=5, threads=1))
+a = eng.start_run(RunRequest(method="vq4dit", bits=2, k=256, d=4, kmeans_iters=5,
+                             calib=dict(iterations=400, num_sampling_steps=25)))
+while len(a.rows) < 2:
+    time.sleep(0.05)
+print(a.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_stops_and_saves_when_the_server_is_killed(tmp_path):
+    """SIGKILL to the server skips all its cleanup: the worker notices it was orphaned, stops as Cancel
+    does (the partial run is saved as cancelled) and exits, instead of calibrating on for hours."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    runs = tmp_path / "runs"
+    server = subprocess.Popen([sys.executable, "-c", SERVER_THAT_DIES, str(runs)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        worker = int(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait(30)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the orphaned worker was still running 120 s after its server was killed")
+    saved = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+    assert len(saved) == 1 and json.loads((saved[0] / "run.json").read_text())["status"] == "cancelled"
+    assert 2 <= len((saved[0] / "trace" / "steps.csv").read_text().splitlines()) - 1 < 10_000
