@@ -231,8 +231,7 @@ class VQLinear(PackedLayer):
         """L_r = n * mean(r * (1 - r)) over the sub-vectors still soft (0 when hard)."""
         if self.hard:
             return self.codebook.new_zeros(())
-        # masked means (0 when every row is frozen): no `soft.any()` or boolean indexing, which sync
-        soft = ~self.frozen_mask
+        soft = ~self.frozen_mask  # masked means (0 when all frozen): no `soft.any()`/boolean indexing (syncs)
         n_soft = soft.sum().clamp_min(1)
         if self.n_candidates == 2:  # r = (p, 1-p): both entries of r(1-r) equal p(1-p)
             p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
@@ -265,9 +264,8 @@ class VQLinear(PackedLayer):
 
     @torch.no_grad()
     def freeze_confident_rows(self, freeze_threshold: float) -> torch.Tensor:
-        """Freeze the sub-vectors whose top ratio > threshold; returns the frozen share as a 0-d
-        float64 tensor on the layer's device (no host sync: the caller reads all layers' at once).
-        float64: in float32, 99/100 frozen reads 0.99000001 > 0.99 and switches too early."""
+        """Freeze rows whose top ratio > threshold; the frozen share as a 0-d float64 tensor on the device (no
+        host sync: the caller reads all layers' at once; float64: in float32 99/100 reads 0.99000001 > 0.99)."""
         if self.n_candidates == 2:  # max(p, 1 - p): the same values as the (S, 2) max below
             p = torch.sigmoid((self.logits[:, 0] - self.logits[:, 1]) / self.temperature)
             top = torch.maximum(p, 1 - p)
@@ -280,8 +278,7 @@ class VQLinear(PackedLayer):
         """Go hard when more than `hard_threshold` of the sub-vectors are frozen; True if it did now."""
         if frozen_share > hard_threshold:
             self.make_hard()
-            return True
-        return False
+        return frozen_share > hard_threshold
 
     @torch.no_grad()
     def commit_most_confident(self, target_share: float, hard_threshold: float) -> bool:
@@ -387,10 +384,8 @@ class VQLinear(PackedLayer):
                 self._cache_key = key
             return F.linear(x, self._cached_weight, None if self.bias is None else self.bias.to(x.dtype))
         if self.hard and not torch.is_grad_enabled() and x.dtype != self.codebook.dtype:
-            # half-precision inference (bf16/fp16 on a GPU): gather from the codebook cast to x's dtype,
-            # so the layer's decoded weight is never materialised in fp32 (same values: a cast is elementwise)
-            sub = self.codebook.to(x.dtype).index_select(0, self.indices())              # (S, d)
-            w = sub.reshape(self.out_features, self.in_features)
+            # half-precision inference: gather from the codebook cast to x's dtype, never an fp32 weight
+            w = self.codebook.to(x.dtype).index_select(0, self.indices()).reshape(self.out_features, self.in_features)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         w = self.weight_hat()
         if self.record_weight_grad and w.requires_grad:
