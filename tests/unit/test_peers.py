@@ -220,7 +220,13 @@ def test_rate_distortion_chart_points_and_png(tmp_path):
     write_csv(_report_rows(), tmp_path / "rows.csv", COLUMNS)
     rows = rd.load([tmp_path / "rows.csv"])
     pts = rd.points(rows, "img_mse_cfg4")
-    bw, mean, half, n = pts[("W2", "vq4dit-ste-aa")]
+    bw, mean, half, n, unranked = pts[("W2", "vq4dit-ste-aa")]
+    assert unranked is False  # hard-forward method, no forced layers recorded: ranked
+    # the paper's soft-forward method: unranked unless its runs record 0 forced layers (issue 19)
+    soft = [dict(r, label="vq4dit", method="vq4dit") for r in rows if r["label"] == "vq4dit-ste-aa"]
+    assert rd.unranked([dict(r, forced_layers="") for r in soft])
+    assert not rd.unranked([dict(r, forced_layers="0") for r in soft])
+    assert rd.unranked([dict(r, forced_layers="0") for r in soft[:2]] + [dict(soft[2], forced_layers="3")])
     v = np.array([0.004, 0.005, 0.006])
     assert (bw, n) == (pytest.approx(2.2), 3) and mean == pytest.approx(v.mean())
     assert half == pytest.approx(4.303 * v.std(ddof=1) / np.sqrt(3))
