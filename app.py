@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-weights", action="store_true",
                    help="keep the decoded weights of loaded packed runs (faster sampling, more memory than FP)")
     p.add_argument("--no-umap-warmup", action="store_true", help="skip compiling UMAP in the background at start")
+    p.add_argument("--no-spare-worker", action="store_true",
+                   help="start each run's worker process on Run, not ahead (saves its 0.34 GiB while idle; Run then waits for its imports, 3-4 CPU s)")
     p.add_argument("--no-demo-runs", action="store_true",
                    help="do not list the demo runs shipped in assets/demo_runs/ (listed read-only by default)")
     return p.parse_args(argv)
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
                     sampling_steps=args.sampling_steps, kmeans_iters=args.kmeans_iters,
                     eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, image_steps=args.image_steps,
                     warm_umap=not args.no_umap_warmup, demo_runs=not args.no_demo_runs,
-                    cache_weights=args.cache_weights, threads=args.threads)
+                    cache_weights=args.cache_weights, threads=args.threads,
+                    spare_worker=not args.no_spare_worker)
     try:
         demo = create_app(cfg)
     except (FileNotFoundError, ValueError, PermissionError) as e:

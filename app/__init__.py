@@ -25,7 +25,9 @@ def create_app(cfg: AppConfig):
     engine = Engine(cfg)
     if cfg.warm_umap:
         warm_umap_async()
-    return build_app(engine)
+    demo = build_app(engine)
+    engine.start_spare()  # the first Run's worker imports while the page opens
+    return demo
 
 
 __all__ = ["AppConfig", "Engine", "RunRequest", "RunStore", "create_app", "warm_umap_async"]

@@ -1,8 +1,11 @@
-"""The server's side of a run in the worker process: `ActiveRun` (what the UI reads) and
-`follow_worker`, the thread that turns the worker's records (app/worker.py) into it, ends a worker
-that ignores Cancel, and reports a worker that died."""
+"""The server's side of a run in the worker process: `ActiveRun` (what the UI reads),
+`WorkerProcess` (a spawned worker and its queues, started on Run or ahead of it as a spare), and
+`follow_worker`, the thread that turns the worker's records (app/worker.py) into the ActiveRun,
+ends a worker that ignores Cancel, and reports a worker that died."""
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
 import queue
 import signal
 import threading
@@ -14,7 +17,7 @@ from typing import Optional
 import pandas as pd
 
 from .store import clean_stale_run_temps
-from .worker import RunCancelled
+from .worker import RunCancelled, worker_main
 
 TERMINAL = ("saved", "cancelled", "failed")
 
@@ -77,6 +80,39 @@ class ActiveRun:
             self.error, self.phase = WorkerFailed(rec[1]), "failed"
 
 
+@dataclass
+class WorkerProcess:
+    """A spawned worker (app/worker.py): started without a request it is a spare, which imports
+    torch, diffusers and vq4dit (most of a worker's ~10 s start), then waits for `submit`."""
+    proc: object
+    records: object   # worker -> server records
+    stop: object      # Cancel, or retire a spare
+    requests: object  # server -> spare: the one RunRequest (as a dict)
+    key: str          # the job it was started for (app config, setup hook, threads): reused only for the same
+
+    @classmethod
+    def spawn(cls, job: dict) -> "WorkerProcess":
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no shared GIL, no forked CUDA or thread state
+        records, stop, requests = ctx.Queue(), ctx.Event(), ctx.Queue()
+        proc = ctx.Process(target=worker_main, args=(job, records, stop, requests), daemon=True, name="vq4dit-run")
+        proc.start()
+        return cls(proc, records, stop, requests, key=job_key(job))
+
+    def fits(self, job: dict) -> bool:
+        return self.proc.is_alive() and not self.stop.is_set() and self.key == job_key(job)
+
+    def submit(self, request: dict):
+        self.requests.put(request)
+
+    def retire(self):
+        """A spare that will not be used: it sees `stop` within a second and exits (daemon: never outlives us)."""
+        self.stop.set()
+
+
+def job_key(job: dict) -> str:
+    return json.dumps(job, sort_keys=True, default=str)
+
+
 def exit_text(code: Optional[int]) -> str:
     if code is not None and code < 0:
         try:
@@ -86,11 +122,12 @@ def exit_text(code: Optional[int]) -> str:
     return f"exited with code {code}"
 
 
-def follow_worker(a: ActiveRun, proc, records, store, grace_s: float, poll_s: float = 0.2):
+def follow_worker(a: ActiveRun, w: WorkerProcess, store, grace_s: float, poll_s: float = 0.2, on_end=None):
     """Read the worker's records into `a` until a terminal one, or until the worker is gone; the live
     run's snapshots are handed to `store` (a RunStore) for the views. After Cancel, a worker that sends
     nothing for `grace_s` seconds is terminated (then killed). Always: the live run is withdrawn, the
-    temp dirs the worker left are removed, and `a.done` is set."""
+    temp dirs the worker left are removed, `on_end()` is called (the engine's next spare), `a.done` is set."""
+    proc, records = w.proc, w.records  # `w` keeps its queues alive: one collected here breaks the worker's unpickling
     last, cancel_seen = time.time(), None
     try:
         while True:
@@ -129,7 +166,11 @@ def follow_worker(a: ActiveRun, proc, records, store, grace_s: float, poll_s: fl
     finally:
         store.set_live(None)
         clean_stale_run_temps(Path(store.root))  # the dead worker's temp and live-run dirs
-        a.done.set()
+        try:
+            if on_end is not None:
+                on_end()  # before `done`: whoever waits for the run sees the next spare in place
+        finally:
+            a.done.set()
 
 
 def _drain(a: ActiveRun, records) -> Optional[tuple]:

@@ -43,6 +43,7 @@ class AppConfig:
     cache_weights: bool = False           # packed runs keep decoded weights (faster, more memory; io.load_quantized)
     threads: Optional[int] = None         # torch CPU threads of the calibration worker (None: the server's)
     cancel_grace_s: float = 120.0         # after Cancel, a worker silent this long is terminated (one XL step fits)
+    spare_worker: bool = True             # start the next run's worker ahead: Run skips its imports (3-4 CPU s)
 
 
 @dataclass

@@ -6,7 +6,6 @@ with the model's recipe, the CLI's path).
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,8 +25,8 @@ from vq4dit.testbed import DIGITS_DIT_DIR
 from .cache import LRU
 from .config import AppConfig, RunRequest, setup_defaults
 from .store import DEMO_DIR, DEMO_PREFIX, DEMO_SAMPLES, RunStore
-from .worker import RunCancelled, worker_main
-from .active_run import ActiveRun, follow_worker
+from .worker import RunCancelled
+from .active_run import ActiveRun, WorkerProcess, follow_worker
 
 __all__ = ["ActiveRun", "Engine", "RunCancelled", "warm_umap_async"]
 
@@ -59,6 +58,8 @@ class Engine:
         self.model_lock = threading.Lock()   # every forward pass of a model goes through here
         self.active: Optional[ActiveRun] = None
         self.worker_setup: Optional[str] = None  # "module:function" the worker calls first (tests: faults)
+        self._spare: Optional[WorkerProcess] = None  # the next run's worker, started ahead (start_spare)
+        self._spare_lock, self._closed = threading.Lock(), False
         self._evaluator = None
         self._images = LRU(48)  # (model key, labels, seed, guidance, steps) -> images
 
@@ -208,19 +209,48 @@ class Engine:
         if self.busy():
             raise RuntimeError("a run is already in progress: wait for it or press Cancel")
         calib = getattr(config, "calib", None)
-        ctx = mp.get_context("spawn")  # a fresh interpreter: no shared GIL, no forked CUDA or thread state
+        w = self._take_worker()
         a = ActiveRun(settings=s, config=config, total_steps=calib.total_steps if calib is not None else 0,
-                      stop=ctx.Event(), phase="starting worker")
-        records = ctx.Queue()
-        job = dict(app=dict(asdict(self.cfg), device=str(self.device)), request=asdict(s), setup=self.worker_setup,
-                   threads=self.cfg.threads or torch.get_num_threads())
-        proc = ctx.Process(target=worker_main, args=(job, records, a.stop), daemon=True, name="vq4dit-run")
-        proc.start()
-        a.pid, a.phase_t0["starting worker"] = proc.pid, a.t0
+                      stop=w.stop, phase="starting worker")
+        w.submit(asdict(s))
+        a.pid, a.phase_t0["starting worker"] = w.proc.pid, a.t0
         self.active = a
-        threading.Thread(target=follow_worker, args=(a, proc, records, self.store, self.cfg.cancel_grace_s),
-                         daemon=True, name="vq4dit-run-follow").start()
+        threading.Thread(target=follow_worker, args=(a, w, self.store, self.cfg.cancel_grace_s),
+                         kwargs=dict(on_end=self.start_spare), daemon=True, name="vq4dit-run-follow").start()
         return a
+
+    # -- worker processes -----------------------------------------------------------------
+    def _worker_job(self) -> dict:
+        return dict(app=dict(asdict(self.cfg), device=str(self.device)), setup=self.worker_setup,
+                    threads=self.cfg.threads or torch.get_num_threads())
+
+    def start_spare(self):
+        """Start the next run's worker ahead (AppConfig.spare_worker): it imports while the user looks."""
+        with self._spare_lock:
+            if self.cfg.spare_worker and not self._closed and (self._spare is None or not self._spare.fits(
+                    self._worker_job())):
+                if self._spare is not None:
+                    self._spare.retire()
+                self._spare = WorkerProcess.spawn(self._worker_job())
+
+    def _take_worker(self) -> WorkerProcess:
+        """The spare when it was started for today's job (same config, setup hook, threads), else a new one."""
+        job = self._worker_job()
+        with self._spare_lock:
+            w, self._spare = self._spare, None
+        if w is not None and w.fits(job):
+            return w
+        if w is not None:
+            w.retire()
+        return WorkerProcess.spawn(job)
+
+    def close(self):
+        """Retire the spare worker (a running one is left to finish or be cancelled)."""
+        with self._spare_lock:
+            self._closed = True
+            if self._spare is not None:
+                self._spare.retire()
+                self._spare = None
 
 
 def warm_umap_async():

@@ -23,7 +23,7 @@ from .handlers_runs import AUTO_COMPARE
 from .live import LIVE_POKE_JS, LIVE_REFRESH_S, live_tick
 from .text import method_description, methods_table, setting_choices
 from .url_state import SET_URL_JS, TAB_JS, WRITE_URL_JS
-from .views import FULL_CLUSTER_MAX, SIDE_BY_SIDE_MAX, Views
+from .views import FULL_CLUSTER_MAX, IMAGE_METRICS_COLUMNS, SIDE_BY_SIDE_COLUMNS, SIDE_BY_SIDE_MAX, Views
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # one device job at a time
 
@@ -229,7 +229,7 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                 image_out = gr.Image(label="Samples: FP vs quantized", type="numpy", interactive=False, elem_id="samples",
                                      buttons=["download", "fullscreen"])
                 image_note = gr.Markdown()
-                image_metrics = gr.Dataframe(label="Image metrics", interactive=False)
+                image_metrics = gr.Dataframe(label="Image metrics", interactive=False, headers=IMAGE_METRICS_COLUMNS)
                 gr.Markdown(CAPTIONS["images"])
             with gr.Tab("Runs", id="runs"):
                 runs_df = gr.Dataframe(label="Saved runs (click a row to load it)", value=store.table(),
@@ -246,12 +246,14 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                                  info="each labelled by method, k×d and bits/weight")
                     side_md = gr.Markdown("Tick two or more runs above to see them side by side.")
                     side_plot = gr.Plot(label="Key metrics side by side", elem_id="side-plot")
-                    side_df = gr.Dataframe(label="Picked runs", interactive=False, elem_id="side-table")
+                    side_df = gr.Dataframe(label="Picked runs", interactive=False, elem_id="side-table",
+                                           headers=SIDE_BY_SIDE_COLUMNS)
                     side_btn = gr.Button("Images side by side", variant="secondary")
                     side_img = gr.Image(label="Images side by side: FP and each picked run, same noise and labels",
                                         type="numpy", interactive=False, elem_id="side-images",
                                         buttons=["download", "fullscreen"])
-                    side_img_df = gr.Dataframe(label="Image metrics of the picked runs", interactive=False)
+                    side_img_df = gr.Dataframe(label="Image metrics of the picked runs", interactive=False,
+                                               headers=IMAGE_METRICS_COLUMNS)
                 gr.Markdown(CAPTIONS["runs"])
 
     return SimpleNamespace(

@@ -60,13 +60,14 @@ def write_live_run(live: Path, meta: dict, trace, steps_done: int):
     _atomic_json(live / RUN_FILE, _clean(dict(meta, steps_done=steps_done)))
 
 
-def worker_main(job: dict, records, stop):
-    """Process entry point. `job`: app (AppConfig fields), request (RunRequest fields), threads,
-    setup (optional "module:function" called first: tests inject faults through it)."""
+def worker_main(job: dict, records, stop, requests=None):
+    """Process entry point. `job`: app (AppConfig fields), threads, setup (optional "module:function"
+    called first: tests inject faults through it), and request (RunRequest fields) or, for a spare
+    worker, no request: it imports first, then waits on `requests` for one (or for `stop`: retired)."""
     emit = records.put
     emit(("pid", os.getpid()))
     finished = threading.Event()
-    threading.Thread(target=watch_parent, args=(os.getppid(), stop, finished, records), daemon=True).start()
+    threading.Thread(target=watch_parent, args=(stop, finished, records), daemon=True).start()
     try:
         import torch
         torch.set_num_threads(max(1, int(job.get("threads") or 1)))
@@ -75,9 +76,12 @@ def worker_main(job: dict, records, stop):
             getattr(importlib.import_module(mod), fn)()
         from .config import AppConfig, RunRequest
         from .engine import Engine
-        cfg = AppConfig(**dict(job["app"], warm_umap=False))
-        engine = Engine(cfg)
-        calibrate_and_save(engine, RunRequest(**job["request"]), stop, emit)
+        request = job.get("request") or wait_for_request(requests, stop)
+        if request is None:
+            return  # a spare retired before it got a run: nothing to report
+        cfg = AppConfig(**dict(job["app"], warm_umap=False, spare_worker=False))
+        engine = Engine(cfg)  # after the request: the runs dir (new ids) is read as it is now
+        calibrate_and_save(engine, RunRequest(**request), stop, emit)
     except RunCancelled as e:
         emit(("cancelled", str(e)))
     except BaseException as e:  # noqa: BLE001 - everything is reported; the server shows it
@@ -87,16 +91,33 @@ def worker_main(job: dict, records, stop):
         finished.set()
 
 
-def watch_parent(parent_pid: int, stop, finished, records, every_s: float = 1.0):
+def wait_for_request(requests, stop, every_s: float = 0.5):
+    """A spare worker's wait: the request dict, or None once `stop` is set (retired, or server gone)."""
+    import queue
+    while not stop.is_set():
+        try:
+            return requests.get(timeout=every_s)
+        except queue.Empty:
+            pass
+    return None
+
+
+def watch_parent(stop, finished, records, every_s: float = 1.0):
     """A worker outlives a killed server (SIGTERM/SIGKILL skip the server's cleanup): when the parent is
-    gone (this process was re-parented), stop as Cancel does, so the run ends and its partial trace is
-    saved; exit hard if that takes longer than PARENT_GONE_GRACE_S."""
+    gone, stop as Cancel does, so the run ends and its partial trace is saved; exit hard if that takes
+    longer than PARENT_GONE_GRACE_S. The parent is watched through multiprocessing's sentinel, not the
+    parent pid: a server killed while this process was still starting is seen as gone too."""
+    import multiprocessing as mp
+    parent = mp.parent_process()
+    if parent is None:
+        return  # not started by multiprocessing (called directly): nobody to watch
     while not finished.wait(every_s):
-        if os.getppid() != parent_pid:
+        if not parent.is_alive():
             records.cancel_join_thread()  # nobody reads the queue now: do not block the exit on it
+            hard_exit = threading.Timer(PARENT_GONE_GRACE_S, os._exit, args=(1,))  # even if stopping hangs
+            hard_exit.daemon = True  # a worker that stops in time exits at once
+            hard_exit.start()
             stop.set()
-            if not finished.wait(PARENT_GONE_GRACE_S):
-                os._exit(1)
             return
 
 

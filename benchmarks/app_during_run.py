@@ -13,16 +13,13 @@ during the run, then the run is cancelled. The load average is recorded with eve
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.app_perf import ARGS, CHROMIUM, PENDING, free_port, load, pick, settled
-from benchmarks.common import write_csv
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.app_perf import ARGS, CHROMIUM, PENDING, load, pick, settled
+from benchmarks.common import AppServer, write_csv
 
 
 def wait_title(page, title: str, timeout_ms: float):
@@ -46,26 +43,16 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
     runs_dir = tempfile.mkdtemp(prefix="vq4dit-during-run-")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log = open(out.with_suffix(".server.log"), "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", runs_dir, "--port", str(port),
-                             "--no-umap-warmup", "--iterations", str(args.iterations)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    app = AppServer(["--runs-dir", runs_dir, "--no-umap-warmup", "--iterations", args.iterations],
+                    out.with_suffix(".server.log"), timeout=300)
+    url = app.url
     rows = []
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            t0 = time.time()
-            while True:
-                try:
-                    page.goto(url, timeout=5_000)
-                    break
-                except Exception:
-                    if proc.poll() is not None or time.time() - t0 > 300:
-                        raise RuntimeError("app did not start")
-                    time.sleep(0.5)
+            app.wait()
+            page.goto(url)
             page.wait_for_function("() => !(" + PENDING + ")()", timeout=120_000)
             page.get_by_role("tab", name="Codebook clusters").click()
             settled(page, title="sub-vectors and codewords")
@@ -110,8 +97,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        app.stop()
     write_csv(rows, out, ["measure", "seconds", "load"], comment=f"{' '.join(sys.argv)}; load = 1/5/15-min averages")
     for r in rows:
         print(f"{r['measure']:<45} {r['seconds']:>8.2f} s   load {r['load']}")

@@ -18,21 +18,16 @@ import argparse
 import os
 import platform
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_csv
+from benchmarks.common import CHROMIUM, AppServer, write_csv
+from benchmarks.common import CHROMIUM_ARGS as ARGS
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 PENDING = """() => [...document.querySelectorAll('[data-testid="status-tracker"]')]
                  .some(e => !e.classList.contains('hide') && e.offsetParent !== null)"""
 PLOT_WITH_DATA = """() => [...document.querySelectorAll('.js-plotly-plot')].some(
@@ -41,42 +36,17 @@ TABS = ["Codebook clusters", "Assignment evolution", "Mechanism", "Gradient conf
         "Set up & calibrate"]
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def load() -> str:
     """The 1, 5 and 15-minute load averages, as `uptime` prints them."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def start(runs_dir: str, log):
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # let the first start write bytecode caches, as a user's would
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", runs_dir, "--port", str(port),
-                             "--no-umap-warmup"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}/", t0
-
-
-def first_plot(page, proc, url, t0) -> float:
+def first_plot(page, app: AppServer) -> float:
     """Seconds from the process start to the first plot with data in the page."""
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > 300:
-                raise RuntimeError("app did not start")
-            time.sleep(0.05)
-    page.goto(url)
+    app.wait(poll_s=0.05)
+    page.goto(app.url)
     page.wait_for_function(PLOT_WITH_DATA, timeout=120_000, polling=50)
-    return time.time() - t0
+    return time.time() - app.t0
 
 
 def settled(page, title: str | None = None, text: str | None = None, timeout=60_000):
@@ -118,7 +88,8 @@ def main(argv=None) -> int:
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="vq4dit-perf-runs-")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_suffix(".server.log"), "w")
+    log = out.with_suffix(".server.log")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # let the first start write bytecode caches, as a user's would
     rows = []   # (measure, seconds, load)
     runs = [demo_id(m, s) for m, s in DEMO_RUNS if (DEMO_DIR / demo_id(m, s)).is_dir()]
     steps = Trace.load(DEMO_DIR / runs[0] / "trace").snapshot_steps()
@@ -127,21 +98,20 @@ def main(argv=None) -> int:
     from app.store import RUN_FILE, run_label
     labels = {r: f"{run_label(json.loads((DEMO_DIR / r / RUN_FILE).read_text()))} — demo" for r in runs}
 
-    proc = None
+    app = None
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             # 1. cold, then warm start
             for kind in ("cold start", "warm start"):
-                proc, url, t0 = start(runs_dir, log)
+                app = AppServer(["--runs-dir", runs_dir, "--no-umap-warmup"], log, timeout=300)
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
-                dt = first_plot(page, proc, url, t0)
+                dt = first_plot(page, app)
                 rows.append((f"{kind}: app.py -> first plot with data", dt, load()))
                 print(f"{kind}: {dt:.2f} s", flush=True)
                 if kind == "cold start":
                     page.close()
-                    proc.terminate()
-                    proc.wait(30)
+                    app.stop()
             page.wait_for_function("() => !(" + PENDING + ")()", timeout=60_000)
 
             # 2. selection switches on the clusters tab
@@ -196,9 +166,8 @@ def main(argv=None) -> int:
                         rows.append(("switch tab (timeout)", 60.0, load()))
             browser.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        if app is not None:
+            app.stop()
 
     # table + CSVs
     machine = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}"

@@ -6,15 +6,12 @@ Chromium at 1400x900, full page.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from benchmarks.app_perf import ARGS, CHROMIUM, PENDING, ROOT, TABS, free_port
+from benchmarks.app_perf import ARGS, CHROMIUM, PENDING, TABS
+from benchmarks.common import AppServer
 
 
 def main(argv=None) -> int:
@@ -25,25 +22,12 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     runs = args.runs_dir or tempfile.mkdtemp(prefix="vq4dit-shots-runs-")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", runs, "--port", str(port),
-                             "--no-umap-warmup"], cwd=ROOT, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"),
-                            stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((out / "server.log").read_text()[-2000:])
-                time.sleep(0.2)
+    with AppServer(["--runs-dir", runs, "--no-umap-warmup"], out / "server.log") as app:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url)
+            page.goto(app.url)
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
             for i, name in enumerate(TABS[-1:] + TABS[:-1]):
                 page.get_by_role("tab", name=name).click()
@@ -54,9 +38,6 @@ def main(argv=None) -> int:
                 page.screenshot(path=str(f), full_page=True)
                 print(f)
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return 0
 
 

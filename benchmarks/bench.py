@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, build_config, method_config, method_names
-from vq4dit.runner import EvalSpec, RunResult, generate, run_method
+from vq4dit.runner import EvalSpec, generate, run_method
 from vq4dit.peers import PEERS
 
 from .common import machine_name, read_rows, write_csv
@@ -252,15 +252,10 @@ def job_config(job: Job, recipe: str = "small", calib_extra: dict | None = None,
     return build_config(job.method, bits=bits, recipe=recipe, calib=calib, seed=job.seed, **vq)
 
 
-def run_config(teacher, config, measure_block_mse: bool = True) -> RunResult:
-    """Quantize a copy of `teacher` with `config` (the teacher is left untouched), then its block MSE."""
-    return run_method(teacher, config=config, progress=False, measure_block_mse=measure_block_mse)
-
-
 def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
             vq_extra: dict | None = None) -> dict:
     t0 = time.time()
-    res = run_config(teacher, job_config(job, recipe, calib_extra, device, vq_extra))
+    res = run_method(teacher, config=job_config(job, recipe, calib_extra, device, vq_extra), progress=False)
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],

@@ -124,3 +124,71 @@ def write_csv(rows, path, columns, comment: str | None = None):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The app in a subprocess (browser tests, explorer timings, screenshots)
+# ----------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright cannot download its own browser here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    """An unused loopback port (free when asked; a server binds it right after)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    """`python app.py ARGS` on a free loopback port, its output in `log`:
+
+        with AppServer(["--runs-dir", d], log) as app:   # returns once the page answers
+            page.goto(app.url)
+
+    A server that exits or does not answer within `timeout` s raises with its log's tail."""
+
+    def __init__(self, args, log, env: dict | None = None, timeout: float = 240):
+        self.log, self.timeout, self.port = Path(log), timeout, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), *map(str, args)], cwd=ROOT,
+            env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env or {})),
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT)  # "a": restarts share a log
+
+    def wait(self, poll_s: float = 0.2) -> float:
+        """Block until the page answers; seconds since the process started."""
+        import urllib.request
+        deadline = self.t0 + self.timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return time.time() - self.t0
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"app did not start (exit {self.proc.returncode}): "
+                                       f"{self.log.read_text()[-2000:]}")
+                time.sleep(poll_s)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        self.wait()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False

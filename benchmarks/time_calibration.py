@@ -19,9 +19,10 @@ import torch
 from vq4dit.config import METHODS, SETTINGS
 from vq4dit.io import load_dit
 from vq4dit.metrics import block_mse
+from vq4dit.runner import run_method
 from vq4dit.testbed import DIGITS_DIT_DIR
 
-from benchmarks.bench import Job, job_config, run_config
+from benchmarks.bench import Job, job_config
 from benchmarks.common import Timer, write_csv
 
 COLUMNS = ["method", "setting", "seed", "stage", "wall_s", "cpu_s", "cpu_s_per_thread", "threads", "load_start",
@@ -57,9 +58,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["VQ4DIT_CACHE"] = cache  # cold: nothing cached yet
         for name in ("k-means cold", "k-means warm"):
-            stage(name, lambda: run_config(teacher, job_config(kmeans_job), measure_block_mse=False), rows, a.threads)
+            stage(name, lambda: run_method(teacher, config=job_config(kmeans_job), progress=False, measure_block_mse=False), rows, a.threads)
         res = stage(f"k-means warm + calibrate {a.method}",
-                    lambda: run_config(teacher, job_config(method_job), measure_block_mse=False), rows, a.threads)
+                    lambda: run_method(teacher, config=job_config(method_job), progress=False, measure_block_mse=False), rows, a.threads)
     calib_wall = res.trace.meta["seconds"] if res.trace is not None else float("nan")
     rows.append(dict(stage=f"calibration loop only ({res.trace.meta.get('steps_done')} steps, wall)",
                      wall_s=round(calib_wall, 2), threads=a.threads))

@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +41,7 @@ def tiny_dit_dir(tmp_path):
     return d
 
 
-def free_port() -> int:
-    """An unused loopback port for app servers started by tests."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from benchmarks.common import AppServer, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402,F401  (app servers for tests)
 
 
 def pytest_configure(config):

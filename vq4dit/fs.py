@@ -7,7 +7,7 @@
   old or the complete new content, or the old one sits in `.OUT.vq4dit-backup`, which
   `recover_backup(out)` (called before every write) restores.
 - `temp_dir_for(out)`: the temp dir next to OUT; stale ones of dead processes are removed.
-- `atomic_file(path)`: a temp path next to a file, renamed onto it when the block succeeds.
+- `atomic_file(path, overwrite=True)`: a temp path next to a file, renamed (or, no-clobber, linked) onto it.
 - `check_writable(path)`: probe a directory before hours of compute.
 """
 from __future__ import annotations
@@ -88,10 +88,11 @@ def temp_dir_for(out: Path) -> Path:
 
 
 @contextmanager
-def atomic_file(path) -> Iterator[Path]:
+def atomic_file(path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp path next to `path` (same filesystem); when the block succeeds it is renamed onto
     `path`, so readers see the old file or the new one, never half of one. On any error, or an
-    interrupt, the temp file is removed and `path` is untouched.
+    interrupt, the temp file is removed and `path` is untouched. overwrite=False never replaces a
+    file: the temp file is hard-linked into place, which raises FileExistsError if `path` exists.
 
         with atomic_file(out) as tmp:
             tmp.write_text(text)
@@ -100,10 +101,12 @@ def atomic_file(path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a link, an error or an interrupt (a no-op after a replace)
 
 
 def replace_dir(tmp: Path, out: Path):

@@ -1,12 +1,13 @@
 """Image helpers (no plotting library): grids for the CLI, the benchmark and the app."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import os
+from .fs import atomic_file
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -75,17 +76,11 @@ def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 0, overwr
     scale = scale or max(1, 64 // h)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    grid = Image.fromarray(make_grid(images, nrow=nrow, scale=scale))
+    if overwrite and path.is_symlink():
+        raise FileExistsError(f"refusing to write {path}: it is a symbolic link")
     try:
-        Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format=fmt)
-        if overwrite:
-            if path.is_symlink():
-                raise FileExistsError(f"refusing to write {path}: it is a symbolic link")
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} appeared while sampling: not replaced (pass --overwrite)") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # no temp file left behind (after a link or a failure)
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            grid.save(tmp, format=fmt)
+    except FileExistsError:
+        raise FileExistsError(f"{path} appeared while sampling: not replaced (pass --overwrite)") from None

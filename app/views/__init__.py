@@ -11,9 +11,9 @@ from .changes import ChangesView
 from .clusters import FULL_CLUSTER_MAX, ClusterView
 from .conflicts import ConflictView
 from .evolution import EvolutionView, switched_paths
-from .images import ImagesView, composite
+from .images import IMAGE_METRICS_COLUMNS, ImagesView, composite
 from .mechanism import MechanismView
-from .runs import SIDE_BY_SIDE_MAX, RunsView
+from .runs import SIDE_BY_SIDE_COLUMNS, SIDE_BY_SIDE_MAX, RunsView
 
 
 class Views(SelectionView, ChangesView, ClusterView, EvolutionView, ConflictView, MechanismView, ImagesView,
@@ -21,4 +21,4 @@ class Views(SelectionView, ChangesView, ClusterView, EvolutionView, ConflictView
     """Every view's reads, sharing the engine, the store and one projection cache (SelectionView.__init__)."""
 
 
-__all__ = ["Views", "FULL_CLUSTER_MAX", "SIDE_BY_SIDE_MAX", "switched_paths", "composite"]
+__all__ = ["Views", "FULL_CLUSTER_MAX", "IMAGE_METRICS_COLUMNS", "SIDE_BY_SIDE_COLUMNS", "SIDE_BY_SIDE_MAX", "switched_paths", "composite"]

@@ -121,7 +121,10 @@ class ImagesView:
             table.append({"model": label, "run": rid if rid != "fp" else "-",
                           "accuracy": _r(m.get("accuracy"), 3),
                           "PSNR vs FP (dB)": _r(m.get("psnr"), 2), "MSE vs FP": _r(m.get("image_mse"), 5)})
-        return composite(rows, labels, preds, fp), pd.DataFrame(table)
+        return composite(rows, labels, preds, fp), pd.DataFrame(table, columns=IMAGE_METRICS_COLUMNS)
+
+
+IMAGE_METRICS_COLUMNS = ["model", "run", "accuracy", "PSNR vs FP (dB)", "MSE vs FP"]  # the tables' headers, also empty
 
 
 def _r(v, n):

@@ -9,6 +9,8 @@ from .. import plots
 from ..store import run_label
 
 SIDE_BY_SIDE_MAX = 6   # runs compared at once (more rows would not fit one picture)
+SIDE_BY_SIDE_COLUMNS = ["run", "what", "where", "method", "k x d", "bits/weight", "block MSE",
+                        "image MSE vs FP (eval set)", "accuracy", "status"]  # also the empty table's headers
 
 
 class RunsView:
@@ -31,9 +33,7 @@ class RunsView:
                          "bits/weight": _num(m.get("bits_per_weight"), 3), "block MSE": _num(m.get("block_mse"), 5),
                          "image MSE vs FP (eval set)": _num(met.get("image_mse"), 5), "accuracy": _num(met.get("accuracy"), 3),
                          "status": m.get("status", "?")})
-        cols = ["run", "what", "where", "method", "k x d", "bits/weight", "block MSE", "image MSE vs FP (eval set)", "accuracy",
-                "status"]
-        table = pd.DataFrame(rows, columns=cols)
+        table = pd.DataFrame(rows, columns=SIDE_BY_SIDE_COLUMNS)
         if not rows:
             note = "Tick two or more runs above to see them side by side."
             return note, plots.message_figure("No runs picked."), table

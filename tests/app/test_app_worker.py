@@ -21,9 +21,11 @@ TINY_RUN = dict(method="vq4dit", bits=2, k=256, d=4, kmeans_iters=5)
 def engine(tmp_path):
     from app.config import AppConfig
     from app.engine import Engine
-    return Engine(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False, demo_runs=False, device="cpu",
-                            eval_per_class=1, eval_steps=3, iterations=1, sampling_steps=3, kmeans_iters=5,
-                            threads=1))
+    e = Engine(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False, demo_runs=False, device="cpu",
+                         eval_per_class=1, eval_steps=3, iterations=1, sampling_steps=3, kmeans_iters=5,
+                         threads=1))
+    yield e
+    e.close()
 
 
 def request(iterations=1, steps=3, **kw):
@@ -92,6 +94,31 @@ def test_run_happens_in_a_worker_process_and_rows_match_the_trace(engine):
     assert a.layers_done == a.layers_total > 0 and a.eval_done == a.eval_total == 3 + 3  # FP + quantized
     assert a.live_trace is not None and a.live_version >= 1
     assert run_dirs(engine) == [a.run_id]  # the live-trace snapshot dir was removed with the worker
+
+
+def test_next_run_is_served_by_the_spare_started_after_the_last(engine):
+    """After a run, the engine starts the next run's worker ahead; Run hands it the request. A changed
+    worker job (here the setup hook) retires that spare: a stale process never runs a request."""
+    assert engine._spare is None  # Engine alone starts none (create_app does)
+    wait(engine.start_run(request()))
+    spare = engine._spare
+    assert spare is not None and spare.proc.is_alive() and spare.proc.pid != os.getpid()
+    time.sleep(1.0)  # the spare is up before the request: it waits for it
+    assert spare.proc.is_alive() and spare.requests.empty()
+    b = engine.start_run(request(seed=1))
+    wait(b)
+    assert b.error is None and b.pid == spare.proc.pid and engine.store.meta(b.run_id)["worker_pid"] == spare.proc.pid
+    stale = engine._spare
+    assert stale is not None and stale.proc.pid != spare.proc.pid
+    engine.worker_setup = f"{__name__}:fault_raise_in_evaluation"
+    c = engine.start_run(request(seed=2))
+    wait(c)
+    assert c.pid != stale.proc.pid and "injected evaluation failure" in str(c.error)
+    stale.proc.join(timeout=10)
+    assert not stale.proc.is_alive()  # retired, not left waiting
+    engine.close()
+    last = engine._spare
+    assert last is None
 
 
 def test_cancel_during_calibration_keeps_partial_trace_and_loadable_model(engine):
@@ -248,3 +275,35 @@ def test_worker_stops_and_saves_when_the_server_is_killed(tmp_path):
     saved = [p for p in runs.iterdir() if (p / "run.json").is_file()]
     assert len(saved) == 1 and json.loads((saved[0] / "run.json").read_text())["status"] == "cancelled"
     assert 2 <= len((saved[0] / "trace" / "steps.csv").read_text().splitlines()) - 1 < 10_000
+
+
+SERVER_KILLED_AT_ONCE = """
+import sys
+from app.active_run import WorkerProcess
+w = WorkerProcess.spawn(dict(app=dict(runs_dir=sys.argv[1], warm_umap=False, demo_runs=False, device="cpu"),
+                             setup=None, threads=1))
+print(w.proc.pid, flush=True)
+"""
+
+
+def test_spare_of_a_server_killed_while_it_starts_exits(tmp_path):
+    """The server dies before its spare worker has even imported (a pid-based watch would read the
+    re-parented pid as its parent's and wait for a request forever): the spare exits by itself."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    server = subprocess.Popen([sys.executable, "-c", SERVER_KILLED_AT_ONCE + "import os; os.kill(os.getpid(), 9)",
+                               str(tmp_path / "runs")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    spare = int(server.stdout.readline())
+    server.wait(30)
+    assert server.returncode == -signal.SIGKILL
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        try:
+            os.kill(spare, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.kill(spare, signal.SIGKILL)
+    pytest.fail("the spare worker of a killed server was still waiting 90 s later")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_dit
+from conftest import make_tiny_dit
 
 from app.demo import DEMO_RUNS, DEMO_TRACE_SAMPLES, demo_id
 from app.demo import DEMO_METHOD
@@ -180,7 +180,7 @@ def test_first_open_shows_a_demo_run_in_every_view(tmp_path):
     default is the demo method at XL-sharing (FIRST_DEMO: where the pair shows an effect)."""
     from app import AppConfig, create_app
     from app.demo import FIRST_DEMO
-    demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False))
+    demo = create_app(AppConfig(runs_dir=str(tmp_path / "runs"), warm_umap=False, spare_worker=False))
     ui = demo.ui
     want = FIRST_DEMO
     assert want == demo_id(DEMO_METHOD, "XL-sharing")
@@ -218,7 +218,7 @@ def demo_app(tmp_path_factory):
 
     from app import AppConfig, create_app
     from conftest import free_port
-    demo = create_app(AppConfig(runs_dir=str(tmp_path_factory.mktemp("runs")), warm_umap=False))
+    demo = create_app(AppConfig(runs_dir=str(tmp_path_factory.mktemp("runs")), warm_umap=False, spare_worker=False))
     demo.queue()
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -368,36 +368,17 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
     """Real browser, empty runs dir: the page opens on the demo run with data; clicking a heatmap
     cell selects that block + layer, clicking a rate-distortion point loads that run, the Images tab
     shows the shipped images at once, and the full-weight cluster mode says how many it drew."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    if not Path("/usr/bin/chromium").is_file():
-        pytest.skip("/usr/bin/chromium not installed")
+    from conftest import CHROMIUM, CHROMIUM_ARGS, AppServer
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not installed")
     pytest.importorskip("playwright.sync_api")
     from playwright.sync_api import expect, sync_playwright
 
-    from conftest import free_port
-    root = ROOT
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--runs-dir", str(tmp_path / "runs"), "--port",
-                             str(port), "--no-umap-warmup"], cwd=root, stdout=open(tmp_path / "server.log", "w"),
-                            stderr=subprocess.STDOUT, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
+    with AppServer(["--runs-dir", tmp_path / "runs", "--no-umap-warmup"], tmp_path / "server.log") as app:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url)
+            page.goto(app.url)
             from app.demo import FIRST_DEMO
             expect(page.get_by_text(f"Calibration of {FIRST_DEMO}")).to_be_visible(timeout=60_000)
 
@@ -443,9 +424,6 @@ def test_first_open_and_plot_clicks_in_browser(tmp_path):
             expect(page.get_by_text("all 131,072").first).to_be_visible()   # W3 (d=2): fc1 of block 2, 1024x256/2
             page.screenshot(path=str(tmp_path / "full.png"), full_page=True)
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.mark.parametrize("setting", ["W2", "W3", "XL-sharing"])

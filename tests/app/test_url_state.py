@@ -59,7 +59,7 @@ def test_selection_key_names_what_a_tab_shows():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from app import AppConfig, create_app
-    return create_app(AppConfig(runs_dir=str(tmp_path_factory.mktemp("runs")), warm_umap=False))
+    return create_app(AppConfig(runs_dir=str(tmp_path_factory.mktemp("runs")), warm_umap=False, spare_worker=False))
 
 
 def _fn(demo, name):
@@ -156,6 +156,20 @@ def test_runs_side_by_side(demo):
     out = compare(picked[:2], None, "0-9", 7, 4.0, demo.engine.cfg.image_steps, "")
     assert out[3] is None and "Images side by side" in out[0]
     assert views.side_by_side([])[2].empty
+
+
+def test_empty_tables_show_their_column_names(demo):
+    """Before anything is picked, the side-by-side and image-metric tables name their columns
+    (a bare gr.Dataframe shows the placeholder headers 1, 2, 3)."""
+    from app.views import IMAGE_METRICS_COLUMNS, SIDE_BY_SIDE_COLUMNS
+    labels = {"Picked runs": SIDE_BY_SIDE_COLUMNS, "Image metrics": IMAGE_METRICS_COLUMNS,
+              "Image metrics of the picked runs": IMAGE_METRICS_COLUMNS}
+    seen = {}
+    for c in demo.config["components"]:
+        p = c.get("props", {})
+        if c.get("type") == "dataframe" and p.get("label") in labels:
+            seen[p["label"]] = p["value"]["headers"]
+    assert seen == labels
 
 
 def test_loading_a_run_keeps_set_ups_budget(demo):

@@ -4,18 +4,13 @@ run a tiny calibration, wait for plots and images, switch the layer, save a scre
 Skips when /usr/bin/chromium or playwright is missing. Elements are found by their labels.
 """
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, AppServer
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = CHROMIUM_ARGS
 
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} not installed", allow_module_level=True)
@@ -25,31 +20,10 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    port = free_port()
-    env = dict(os.environ, VQ4DIT_PORT=str(port), VQ4DIT_HOST="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False")
-    log = open(runs.parent / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", str(runs), "--iterations", "1",
-                             "--sampling-steps", "3", "--kmeans-iters", "5", "--eval-per-class", "1",
-                             "--eval-steps", "3", "--image-steps", "3", "--no-umap-warmup", "--no-demo-runs"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    import urllib.request
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"app did not start: {(runs.parent / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url, runs
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with AppServer(["--runs-dir", runs, "--iterations", "1", "--sampling-steps", "3", "--kmeans-iters", "5",
+                    "--eval-per-class", "1", "--eval-steps", "3", "--image-steps", "3", "--no-umap-warmup",
+                    "--no-demo-runs"], runs.parent / "server.log", env=dict(VQ4DIT_HOST="127.0.0.1"), timeout=120) as app:
+        yield app.url, runs
 
 
 def test_tiny_run_in_browser(server, tmp_path):

@@ -7,19 +7,15 @@ Screenshots go to $VQ4DIT_SCREENSHOT_DIR when set (else the test's temp dir).
 """
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, AppServer
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = CHROMIUM_ARGS
 W2 = "demo-vq4dit-ste-W2"
 
 if not Path(CHROMIUM).is_file():
@@ -30,29 +26,9 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    port = free_port()
-    log = runs.parent / "server.log"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--runs-dir", str(runs), "--port", str(port),
-                             "--no-umap-warmup"], cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 240
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"app did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-    fns = {d["api_name"]: d["id"] for d in json.loads(urllib.request.urlopen(url + "config").read())["dependencies"]}
-    yield url, fns
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with AppServer(["--runs-dir", runs, "--no-umap-warmup"], runs.parent / "server.log") as app:
+        fns = {d["api_name"]: d["id"] for d in json.loads(urllib.request.urlopen(app.url + "config").read())["dependencies"]}
+        yield app.url, fns
 
 
 @pytest.fixture

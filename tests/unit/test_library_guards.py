@@ -90,6 +90,23 @@ def test_atomic_file_replaces_or_leaves_the_old_file(tmp_path):
     assert f.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+def test_atomic_file_without_overwrite_never_replaces_a_file_that_appeared(tmp_path):
+    """No-clobber (`sample --out` without --overwrite, via viz.save_grid): a file that appears while the
+    temp file is written stays as it is, and no temp file is left; a new name is written whole."""
+    from vq4dit.viz import save_grid
+    f = tmp_path / "g.png"
+    with pytest.raises(FileExistsError):
+        with atomic_file(f, overwrite=False) as tmp:
+            tmp.write_text("ours")
+            f.write_text("theirs")   # appeared meanwhile
+    assert f.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+    with pytest.raises(FileExistsError, match="appeared while sampling"):
+        save_grid(torch.zeros(2, 1, 8, 8), f, overwrite=False)
+    assert f.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+    save_grid(torch.zeros(2, 1, 8, 8), tmp_path / "new.png", overwrite=False)
+    assert (tmp_path / "new.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 2
+
+
 # -- the config a packed model records -------------------------------------------------------
 
 def _quantized(tiny_dit, **calib):
