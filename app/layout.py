@@ -139,11 +139,13 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
         shown_tb = gr.Textbox("", visible=False)           # "images:time" when Images opens with no picture
         url_tb = gr.Textbox("", visible=False)             # the restored state's URL query, after a page load
         view_state = gr.HTML(init.get("view_state") or "{}", html_template="<span style='display:none'>${value}</span>",
-                             elem_id="view-state", padding=False, container=False, min_height=0)
+                             elem_id="view-state", padding=False, container=False, min_height=0,
+                             visible="hidden")  # in the DOM for the scripts, no space in the layout
         api_render = gr.Button(visible=False)              # /render_layer_views for API clients
         # plot clicks from the page's script (CLICK_JS) arrive here as JSON
         click_tb = gr.HTML("", html_template="<span style='display:none'>${value}</span>", js_on_load=CLICK_JS,
-                           elem_id="plot-click", padding=False, container=False, min_height=0)
+                           elem_id="plot-click", padding=False, container=False, min_height=0,
+                           visible="hidden")
 
         with gr.Tabs() as tabs:
             with gr.Tab("Set up & calibrate", id="setup"):
