@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from vq4dit.config import DEFAULT_METHOD, METHODS, build_config
+from vq4dit.peers import PEERS, installed
 from vq4dit.testbed import DIGITS_DIT_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,12 @@ class RunRequest:
         (APP_LIMITS) are checked first, before anything is allocated. The seed seeds both k-means
         and calibration, as on the CLI."""
         self.check_limits()
+        if self.method in PEERS:  # a peer library's fixed scheme: bits, k, d and the budget do not apply
+            if not installed(PEERS[self.method].library):
+                raise ValueError(f"peer {self.method!r} needs its library: pip install -r benchmarks/requirements-peers.txt")
+            return build_config(self.method)
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {sorted(METHODS)}")
+            raise ValueError(f"unknown method {self.method!r}: choose one of {app_methods()}")
         calib = dict(self.calib or {}, seed=self.seed)
         return build_config(self.method, bits=self.bits, k=self.k, d=self.d, init=self.init, recipe=self.recipe,
                             model=model, n_quantizable_weights=n_quantizable_weights, calib=calib,
@@ -109,6 +114,16 @@ def setup_defaults(cfg: AppConfig, n_quantizable_weights: int) -> tuple[dict, in
     if cfg.sampling_steps is not None:
         calib["num_sampling_steps"] = cfg.sampling_steps
     return calib, int(cfg.kmeans_iters or c.kmeans_iters)
+
+
+def app_methods() -> list[str]:
+    """The Set-up panel's methods: every vq4dit method, then each peer whose library is installed."""
+    return list(METHODS) + [n for n, c in PEERS.items() if installed(c.library)]
+
+
+def is_peer(method: Optional[str]) -> bool:
+    """A calibration-free peer scheme (vq4dit.peers): its runs keep no packed model (see RunStore)."""
+    return method in PEERS
 
 
 def calibrated(method: str) -> bool:
@@ -169,7 +184,7 @@ def run_meta_error(meta) -> Optional[str]:
     """Why a run.json cannot be shown (None when it is fine): every field the views read is checked."""
     if not isinstance(meta, dict):
         return "run.json is not an object"
-    if not isinstance(meta.get("method"), str) or meta["method"] not in METHODS:
+    if not isinstance(meta.get("method"), str) or (meta["method"] not in METHODS and meta["method"] not in PEERS):
         return f"unknown method {str(meta.get('method'))[:40]!r}"
     b = meta.get("bits")
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:

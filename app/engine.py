@@ -165,7 +165,12 @@ class Engine:
         `rtn_storage_bits`, the numbers the packed model will have) over the layers `quantize`
         targets, and time from earlier runs of the same method and k x d (median per stage)."""
         from vq4dit.config import VQConfig
+        from vq4dit.peers import PeerConfig
         from vq4dit.size import rtn_storage_bits, vq_storage_bits
+        if isinstance(cfg, PeerConfig):  # what the library stores is counted when it runs: earlier runs say
+            same = [r.meta["bits_per_weight"] for r in self.store.list() if r.error is None
+                    and r.meta.get("method") == cfg.method and r.meta.get("bits_per_weight")]
+            return dict(peer=True, bits_per_weight=same[0] if same else None, steps=0, seconds=None)
         n = total = 0
         for name, lin in self.teacher.named_modules():
             if not default_filter(lin, name):

@@ -14,11 +14,11 @@ from dataclasses import fields, replace
 
 import gradio as gr
 
-from vq4dit.config import INITS, METHODS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
+from vq4dit.config import INITS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_bits
 from vq4dit.naming import layer_kind
 
 from . import plots
-from .config import RunRequest, image_params
+from .config import RunRequest, app_methods, image_params
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm
 from .handlers_runs import RunsHandlers
@@ -266,7 +266,7 @@ class Handlers(RunsHandlers):
         the next run's unasked."""
         st = self.store.meta(run_id).get("settings") or {}
         c = st.get("calib") or {}
-        vals = dict(method=st.get("method") if st.get("method") in METHODS else None, bits=st.get("bits"),
+        vals = dict(method=st.get("method") if st.get("method") in app_methods() else None, bits=st.get("bits"),
                     k=st.get("k"), d=st.get("d"), n_candidates=st.get("n_candidates"), iterations=None,
                     sampling_steps=None, kmeans_iters=st.get("kmeans_iters"),
                     lr_logits=c.get("lr_logits"), lr_codebook=c.get("lr_codebook"), lambda_r=c.get("lambda_r"),

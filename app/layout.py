@@ -14,8 +14,9 @@ from typing import Optional
 
 import gradio as gr
 
-from vq4dit.config import DEFAULT_METHOD, METHODS, VQ_PRESETS
+from vq4dit.config import DEFAULT_METHOD, VQ_PRESETS
 
+from .config import app_methods
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm, form_event, form_inputs
 from .handlers import LAYER_VIEWS, Handlers
@@ -154,7 +155,8 @@ def build_layout(engine: Engine, views: Views, init: Optional[dict] = None) -> S
                                      value=su.get("bits", 2))
                     setting = gr.Dropdown(label="Setting (k codewords × d)", choices=setting_choices(), value=su.get("setting", "W2"),
                                           info="XL-sharing: as many sub-vectors per codeword as DiT-XL/2 at W2")
-                    method = gr.Dropdown(label="Method", choices=list(METHODS), value=su.get("method", DEFAULT_METHOD))
+                    method = gr.Dropdown(label="Method", choices=app_methods(), value=su.get("method", DEFAULT_METHOD),
+                                         info="vq4dit's methods, then the peer libraries installed here")
                 method_md = gr.Markdown(method_description(su.get("method", DEFAULT_METHOD)))
                 with gr.Accordion("What the methods are", open=False):
                     gr.Markdown(methods_table())

@@ -26,7 +26,7 @@ from vq4dit.io import load_dit, save_quantized
 from vq4dit.trace import Trace
 
 from .cache import LRU
-from .config import ROOT, RUN_ID_RE, RUN_JSON_MAX_BYTES, calibrated, run_meta_error
+from .config import ROOT, RUN_ID_RE, RUN_JSON_MAX_BYTES, calibrated, is_peer, run_meta_error
 from .exports import PrivateExports
 
 RUN_FILE = "run.json"
@@ -287,13 +287,15 @@ class RunStore:
         return self._traces.put(key, tr)
 
     def model(self, run_id: str):
-        """The packed model as a DiTBundle (cached, a few at a time)."""
+        """The packed model as a DiTBundle (cached, a few at a time); a peer run's is re-made."""
         if run_id in self._models:
             return self._models.get(run_id)
         if run_id == LIVE_ID:
             raise ValueError("the live run has no packed model until it is saved")
         mdir = self.run_dir(run_id) / "model"
-        self.meta(run_id)
+        meta = self.meta(run_id)
+        if is_peer(meta.get("method")):
+            return self._models.put(run_id, self._peer_model(run_id, meta))
         if mdir.is_symlink():
             self.bad[run_id] = "model/ is a link"
             raise ValueError(f"run {run_id!r}: its model/ is a symbolic link (the app never writes one)")
@@ -303,6 +305,26 @@ class RunStore:
             self.bad[run_id] = "corrupt model"
             raise ValueError(f"run {run_id!r}: packed model unreadable: {e}") from e
         return self._models.put(run_id, b)
+
+    def _peer_model(self, run_id: str, meta: dict):
+        """A peer run keeps no model (the packed format stores VQ and RTN layers only): its library makes
+        it again from the loaded FP model (calibration-free and deterministic). The stored bits/weight must
+        come out the same, else the run was made from another model or library version."""
+        import copy
+
+        from vq4dit import quantize
+        from vq4dit.io.bundle import DiTBundle
+        from vq4dit.peers import peer_config
+        from vq4dit.size import size_summary
+        if self.fp_base is None:
+            raise ValueError(f"run {run_id!r} is a {meta['method']} run: it needs the FP model it was made from")
+        m = copy.deepcopy(self.fp_base)
+        quantize(m, peer_config(meta["method"]), progress=False)
+        got, want = size_summary(m)["bits_per_weight"], meta.get("bits_per_weight")
+        if want is None or abs(got - float(want)) > 1e-9:
+            raise ValueError(f"run {run_id!r}: {meta['method']} of the loaded model stores {got:.4f} bits/weight, "
+                             f"the run recorded {want}: it was made from another model or library version")
+        return DiTBundle(transformer=m.eval(), scheduler=None, source=f"{meta['method']} of the loaded model")
 
     # -- saving ---------------------------------------------------------------------------
     def new_id(self, method: str, bits: int) -> str:
@@ -315,7 +337,7 @@ class RunStore:
         return rid
 
     def save(self, run_id: str, result, meta: dict, scheduler=None) -> Path:
-        """Trace + packed model + run.json, built in a temp dir and renamed into place."""
+        """Trace + packed model + run.json, built in a temp dir and renamed into place (a peer run: run.json only)."""
         if self.is_demo(run_id) or str(run_id).startswith(DEMO_PREFIX):
             raise ValueError(f"{run_id!r}: ids starting with {DEMO_PREFIX!r} are reserved for the read-only demo runs")
         out = self.run_dir(run_id)
@@ -324,8 +346,9 @@ class RunStore:
         try:
             if result.trace is not None:
                 result.trace.save(tmp / "trace")
-            save_quantized(result.model, tmp / "model", scheduler=scheduler,
-                           extra=dict(run=run_id, block_mse=result.block_mse))
+            if not is_peer(meta.get("method")):  # a peer run's model is re-made by its library (_peer_model)
+                save_quantized(result.model, tmp / "model", scheduler=scheduler,
+                               extra=dict(run=run_id, block_mse=result.block_mse))
             _atomic_json(tmp / RUN_FILE, _clean(meta))
             os.replace(tmp, out)
         except BaseException:

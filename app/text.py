@@ -17,13 +17,17 @@ def setting_choices() -> list[tuple[str, str]]:
 
 
 def method_description(method: Optional[str]) -> str:
+    from vq4dit.peers import PEERS, describe
+    if method in PEERS:
+        return f"**{method}** — {describe(PEERS[method])}"
     spec = METHODS.get(method or "")
     return f"**{method}** — {spec.description}" if spec else ""
 
 
 def methods_table() -> str:
-    """Markdown list of every registered method with its one-line description."""
-    return "\n".join(f"- **{n}** — {m.description}" for n, m in METHODS.items())
+    """Markdown list of the Set-up panel's methods (vq4dit's, then the installed peers), one line each."""
+    from .config import app_methods
+    return "\n".join(f"- {method_description(n)}" for n in app_methods())
 
 
 def status_text(a) -> str:
@@ -101,6 +105,11 @@ def estimate_text(engine: Engine, form: SetupForm) -> str:
     est = engine.estimate(cfg)
     if est.get("error"):
         return f"**Estimate:** {est['error']}"
+    if est.get("peer"):
+        b = est["bits_per_weight"]
+        return (f"**Estimate:** `{cfg.method}` is a peer library's scheme, calibration-free: its bits/weight "
+                "(codes + scales + zeros + biases, as the library stores them) is counted when it runs"
+                + (f"; an earlier run stored {b:.3f}." if b else "."))
     t = est.get("seconds")
     when = (f"~{t:.0f} s ({est['basis']})" if t is not None else "unknown until a first run at these settings")
     return (f"**Estimate before running:** {est['bits_per_weight']:.3f} bits/weight "

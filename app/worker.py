@@ -29,7 +29,7 @@ import shutil
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 LIVE_TRACE_EVERY_S = 10.0   # at most one partial-trace snapshot per this many seconds of calibration
@@ -124,10 +124,13 @@ def watch_parent(stop, finished, records, every_s: float = 1.0):
 def calibrate_and_save(engine, s, stop, emit) -> str:
     """run_method + image evaluation + RunStore.save for request `s`, streaming records via `emit`;
     `stop` (an Event) set = Cancel: the current step ends, the partial trace and model are saved."""
-    from vq4dit.config import METHODS
+    from .config import calibrated, is_peer
     from vq4dit.runner import run_method
 
     config = engine.run_config(s)
+    if is_peer(s.method):  # the scheme's own code bits, not the form's slider
+        from vq4dit.peers import code_bits
+        s = replace(s, bits=code_bits(config))
     st = dict(phase="k-means init", cancelled_in=None, quantize_seconds=None, live_t=None, live_cost=0.0, t_cal=None)
 
     def phase(name):
@@ -152,7 +155,7 @@ def calibrate_and_save(engine, s, stop, emit) -> str:
         st["quantize_seconds"] = time.time() - t
         emit(("layers", len(items), len(items)))
         emit(("quantize_seconds", st["quantize_seconds"]))
-        phase("calibrating" if METHODS[s.method].calibrated else "measuring block MSE vs FP")
+        phase("calibrating" if calibrated(s.method) else "measuring block MSE vs FP")
 
     from .store import LIVE_ID
     live = live_run_dir(engine.store.root, os.getpid())

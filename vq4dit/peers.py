@@ -111,6 +111,31 @@ def require(library: str):
                           f"(import of {module} failed: {e})") from e
 
 
+def installed(library: str) -> bool:
+    """Is the peer's library there? Found without importing it (the app lists its peers at start)."""
+    import importlib.util
+    module = LIBRARIES[library][0]
+    try:
+        return importlib.util.find_spec("optimum.quanto" if library == "quanto" else module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def code_bits(cfg: PeerConfig) -> int:
+    """Code bits per weight the scheme is named by: `bits`, or a gguf type's number (Q4_0 -> 4, TQ2_0 -> 2)."""
+    if cfg.bits is not None:
+        return cfg.bits
+    return int(cfg.scheme.lstrip("TQ")[0])
+
+
+def describe(cfg: PeerConfig) -> str:
+    """One line for menus: what the scheme is and that vq4dit's own settings do not apply to it."""
+    group = f", group {cfg.group_size}" if cfg.group_size else ""
+    scheme = cfg.scheme if cfg.library == "gguf" else "affine"
+    return (f"peer: {LIBRARIES[cfg.library][1]}'s own {code_bits(cfg)}-bit {scheme} quantizer{group}, "
+            "calibration-free (bit-width, k, d and the budget do not apply)")
+
+
 def available(library: str) -> bool:
     try:
         require(library)

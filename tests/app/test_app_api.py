@@ -333,10 +333,14 @@ def test_method_dropdown_default_and_descriptions(app):
     from vq4dit.config import DEFAULT_METHOD, METHODS
     ui = demo.ui
     assert ui.setup.method.value == DEFAULT_METHOD
-    assert [c[1] for c in ui.setup.method.choices] == list(METHODS)
+    from vq4dit.peers import PEERS, describe, installed
+    peers = [n for n, c in PEERS.items() if installed(c.library)]
+    assert [c[1] for c in ui.setup.method.choices] == list(METHODS) + peers   # vq4dit's first, then peers
     assert METHODS[DEFAULT_METHOD].description in ui.method_md.value
     for name, spec in METHODS.items():
         assert spec.description in client.predict(name, api_name="/describe_method")
+    for name in peers[:2]:
+        assert describe(PEERS[name]) in client.predict(name, api_name="/describe_method")
 
 
 def test_trace_logs_hard_ratios_as_kept_or_moved():

@@ -307,3 +307,37 @@ def test_spare_of_a_server_killed_while_it_starts_exits(tmp_path):
         time.sleep(0.5)
     os.kill(spare, signal.SIGKILL)
     pytest.fail("the spare worker of a killed server was still waiting 90 s later")
+
+
+def test_peer_run_is_made_saved_listed_and_drawn_like_any_run(engine):
+    """A peer scheme (here HQQ 2-bit, group 64) runs through the same worker path: saved with the
+    library's own bit count, no packed model (re-made from the FP model, checked against that count),
+    images, the runs table, the rate-distortion plot and runs side by side."""
+    pytest.importorskip("hqq", reason="peer library hqq not installed (benchmarks/requirements-peers.txt)")
+    from app import plots
+    from app.config import app_methods
+    from app.views import Views
+    from vq4dit.naming import default_filter
+    assert "hqq-w2-g64" in app_methods() and app_methods()[0] == "vq4dit"
+    a = engine.start_run(request(method="hqq-w2-g64"))   # the form's bits, k and d are ignored by a peer
+    wait(a)
+    assert a.error is None and a.run_id, a.error
+    meta = engine.store.meta(a.run_id)
+    assert meta["method"] == "hqq-w2-g64" and meta["bits"] == 2 and meta["k"] is None and meta["status"] == "finished"
+    lins = [m for n, m in engine.teacher.named_modules() if default_filter(m, n)]
+    n = sum(m.weight.numel() for m in lins)   # 2-bit codes + fp16 scale and zero per 64 weights + fp32 bias
+    expect = sum(m.weight.numel() * (2 + 32 / 64) + 32 * m.out_features for m in lins) / n
+    assert abs(meta["bits_per_weight"] - expect) < 1e-9
+    assert not (engine.store.run_dir(a.run_id) / "model").exists() and run_dirs(engine) == [a.run_id]
+    est = engine.estimate(engine.run_config(request(method="hqq-w2-g64")))  # the Set-up estimate: from this run
+    assert est["peer"] and est["bits_per_weight"] == meta["bits_per_weight"]
+    assert 0 < meta["block_mse"] and meta["metrics"]["image_mse"] > 0
+    img = engine.run_images(a.run_id, [3, 5], seed=0, guidance=4.0, steps=2)   # the re-made model
+    fp = engine.fp_images([3, 5], 0, 4.0, 2)
+    assert img.shape == fp.shape and 0 < float((img - fp).pow(2).mean()) < 0.5
+    table = engine.store.table()
+    assert list(table["run"]) == [a.run_id] and table["bits/weight"].iloc[0] == pytest.approx(expect, abs=1e-3)
+    fig = plots.rd_figure(table, a.run_id)
+    assert any(a.run_id in list(t.customdata or []) for t in fig.data)
+    note, _, side = Views(engine).side_by_side([a.run_id])
+    assert list(side["method"]) == ["hqq-w2-g64"] and side["k x d"].iloc[0] == "-"
