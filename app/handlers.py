@@ -18,7 +18,7 @@ from vq4dit.config import INITS, SETTINGS, VQ_PRESETS, setting_kd, settings_for_
 from vq4dit.naming import layer_kind
 
 from . import plots
-from .config import RunRequest, app_methods, image_params
+from .config import RunRequest, app_methods, image_params, is_peer
 from .engine import Engine
 from .forms import ImageForm, SetupForm, ViewForm
 from .handlers_runs import RunsHandlers
@@ -62,6 +62,14 @@ class Handlers(RunsHandlers):
         otherwise the status line offers to calibrate it."""
         k, d = setting_kd(setting)
         bits = SETTINGS[setting]["bits"]
+        if is_peer(method):  # a fixed scheme: the setting does not apply to it
+            rid = next((r.id for r in reversed(self.store.list()) if r.error is None
+                        and r.meta.get("method") == method and r.meta.get("status") == "finished"), None)
+            msg = (f"Showing the newest **{method}** run, `{rid}`, in every view (a peer scheme: the setting "
+                   f"does not apply)." if rid else f"No **{method}** run yet: press **Run** to make one (a peer "
+                   f"scheme, calibration-free: the setting does not apply).")
+            return gr.update(value=bits), gr.update(value=k), gr.update(value=d), gr.update(value=rid) if rid \
+                else gr.skip(), msg
         rid = self.views.newest(lambda sp: sp is not None and sp.name == method, kd=(k, d))
         if rid is None:
             msg = f"No finished **{method} {setting}** run yet ({k}×{d}): press **Run** to calibrate it."

@@ -50,6 +50,10 @@ class ConflictView:
             m = plots.message_figure("No run selected.")
             return "No run selected.", None, m, m
         meta = self.store.meta(run_id)
+        if not meta.get("k"):  # RTN or a peer scheme: nothing to pair with a codebook-only run
+            m = plots.message_figure("This run has no codewords.")
+            return (f"`{run_id}` ({run_label(meta)}) has no codebooks (a scalar scheme): gradient agreement inside "
+                    "codewords is a VQ measure. Pick a VQ run.", None, m, m)
         pair, missing = self.conflict_pair(run_id, sel.get("other"))
         per_run, used = {}, []
         for rid in pair.values():

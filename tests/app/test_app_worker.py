@@ -325,6 +325,7 @@ def test_peer_run_is_made_saved_listed_and_drawn_like_any_run(engine):
     meta = engine.store.meta(a.run_id)
     assert meta["method"] == "hqq-w2-g64" and meta["bits"] == 2 and meta["k"] is None and meta["status"] == "finished"
     lins = [m for n, m in engine.teacher.named_modules() if default_filter(m, n)]
+    lins_names = [n for n, m in engine.teacher.named_modules() if default_filter(m, n)]
     n = sum(m.weight.numel() for m in lins)   # 2-bit codes + fp16 scale and zero per 64 weights + fp32 bias
     expect = sum(m.weight.numel() * (2 + 32 / 64) + 32 * m.out_features for m in lins) / n
     assert abs(meta["bits_per_weight"] - expect) < 1e-9
@@ -341,3 +342,8 @@ def test_peer_run_is_made_saved_listed_and_drawn_like_any_run(engine):
     assert any(a.run_id in list(t.customdata or []) for t in fig.data)
     note, _, side = Views(engine).side_by_side([a.run_id])
     assert list(side["method"]) == ["hqq-w2-g64"] and side["k x d"].iloc[0] == "-"
+    from app.handlers import Handlers   # Set-up: picking the peer (any setting) selects its newest run
+    out = Handlers(engine, Views(engine)).choose_setting("W3", "hqq-w2-g64")
+    assert out[3]["value"] == a.run_id and "does not apply" in out[4]
+    note, missing, _, _ = Views(engine).conflicts(dict(run=a.run_id, layer=lins_names[0]))
+    assert "no codebooks" in note and missing is None   # no offer to run a codebook-only pair for it
