@@ -231,6 +231,12 @@ def test_rate_distortion_chart_points_and_png(tmp_path):
     assert (bw, n) == (pytest.approx(2.2), 3) and mean == pytest.approx(v.mean())
     assert half == pytest.approx(4.303 * v.std(ddof=1) / np.sqrt(3))
     assert pts[("peers", "gguf-tq2_0")][2] == 0.0  # one deterministic run: no interval
+    # the budget plan's rows (same labels, more steps) are their own points, never merged into the main ones
+    write_csv([dict(r, plan="budget", img_mse_cfg4=float(r["img_mse_cfg4"]) / 2) for r in _report_rows()
+               if r["label"] == "vq4dit-ste-aa"], tmp_path / "budget.csv", COLUMNS)
+    both = rd.points(rd.load([tmp_path / "rows.csv", tmp_path / "budget.csv"]), "img_mse_cfg4")
+    assert both[("W2", "vq4dit-ste-aa")][1] == pytest.approx(v.mean())
+    assert both[("W2", "vq4dit-ste-aa" + rd.BUDGET)][1] == pytest.approx(v.mean() / 2)
     out = tmp_path / "rd.png"
     assert rd.main([str(tmp_path / "rows.csv"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
