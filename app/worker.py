@@ -91,15 +91,21 @@ def worker_main(job: dict, records, stop, requests=None):
         finished.set()
 
 
-def wait_for_request(requests, stop, every_s: float = 0.5):
-    """A spare worker's wait: the request dict, or None once `stop` is set (retired, or server gone)."""
+def wait_for_request(requests, stop, every_s: float = 0.5, last_s: float = 2.0):
+    """A spare worker's wait: the request dict, or None once `stop` is set with no request sent
+    (retired, or server gone). A request always wins over `stop`: Cancel pressed right after Run
+    can reach this process before the request does, and the run must then end as a cancelled run
+    ("cancelled during k-means init"), not as a worker that exited without a word."""
     import queue
     while not stop.is_set():
         try:
             return requests.get(timeout=every_s)
         except queue.Empty:
             pass
-    return None
+    try:
+        return requests.get(timeout=last_s)  # one in flight (Queue.put hands it to a feeder thread)
+    except queue.Empty:
+        return None
 
 
 def watch_parent(stop, finished, records, every_s: float = 1.0):

@@ -90,7 +90,7 @@ def draw(rows, out_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(14, 7))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 8.5))
     for ax, (metric, title) in zip(axes, METRICS):
         pts = points(rows, metric)
         for lab, color in OURS.items():  # our methods: one point per setting, joined by bits/weight
@@ -117,7 +117,7 @@ def draw(rows, out_path):
         n_peers = len({lb for (st, lb) in points(rows, "block_mse") if st == "peers"})
         n_here = len({lb for (st, lb) in pts if st == "peers"})
         if n_here < n_peers:  # say what is missing rather than let an absent peer read as "not run"
-            ax.text(0.02, 0.02, f"peers with this metric: {n_here} of {n_peers} (image rows still running)",
+            ax.text(0.02, 0.02, f"peers with this metric: {n_here} of {n_peers} (the other image rows are not run yet)",
                     transform=ax.transAxes, fontsize=8, color="gray")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -133,12 +133,12 @@ def draw(rows, out_path):
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
     order = [lab for lab in legend if not lab.startswith("peer:")] + [lab for lab in legend if lab.startswith("peer:")]
-    fig.legend([legend[lab] for lab in order], order, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    fig.legend([legend[lab] for lab in order], order, loc="lower center", ncol=4, fontsize=8, frameon=False)
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     fig.suptitle("Embedded digits DiT: rate-distortion of vq4dit methods and peer libraries "
                  "(error bars: 95% t-interval over seeds)", fontsize=11)
     fig.text(0.01, 0.005, "machines: " + "; ".join(machines), fontsize=6, color="gray")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.17, 1, 0.96))  # the legend's rows below the panels
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.tmp.png")

@@ -347,3 +347,24 @@ def test_peer_run_is_made_saved_listed_and_drawn_like_any_run(engine):
     assert out[3]["value"] == a.run_id and "does not apply" in out[4]
     note, missing, _, _ = Views(engine).conflicts(dict(run=a.run_id, layer=lins_names[0]))
     assert "no codebooks" in note and missing is None   # no offer to run a codebook-only pair for it
+
+
+def test_cancel_right_after_run_on_a_spare_is_a_cancelled_run(engine):
+    """Run, then Cancel at once, while the spare is still importing: when it gets to its request,
+    both the request and Cancel are there. The run ends as cancelled during k-means (nothing saved),
+    not as a worker that exited without a word."""
+    import multiprocessing as mp
+    from app.engine import RunCancelled
+    from app.worker import wait_for_request
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    stop.set()
+    q.put({"method": "kmeans"})
+    assert wait_for_request(q, stop) == {"method": "kmeans"}   # a sent request wins over Cancel
+    assert wait_for_request(q, stop, last_s=0.2) is None       # retired with nothing sent
+    engine.start_spare()
+    a = engine.start_run(request())
+    a.stop.set()
+    wait(a)
+    assert isinstance(a.error, RunCancelled) and "nothing saved" in str(a.error), a.error
+    assert a.cancelled_in == "k-means init" and run_dirs(engine) == []
