@@ -231,12 +231,12 @@ class Engine:
 
     def start_spare(self):
         """Start the next run's worker ahead (AppConfig.spare_worker): it imports while the user looks."""
+        job = self._worker_job()
         with self._spare_lock:
-            if self.cfg.spare_worker and not self._closed and (self._spare is None or not self._spare.fits(
-                    self._worker_job())):
+            if self.cfg.spare_worker and not self._closed and (self._spare is None or not self._spare.fits(job)):
                 if self._spare is not None:
                     self._spare.retire()
-                self._spare = WorkerProcess.spawn(self._worker_job())
+                self._spare = WorkerProcess.spawn(job)
 
     def _take_worker(self) -> WorkerProcess:
         """The spare when it was started for today's job (same config, setup hook, threads), else a new one."""

@@ -63,8 +63,7 @@ class Handlers(RunsHandlers):
         k, d = setting_kd(setting)
         bits = SETTINGS[setting]["bits"]
         if is_peer(method):  # a fixed scheme: the setting does not apply to it
-            rid = next((r.id for r in reversed(self.store.list()) if r.error is None
-                        and r.meta.get("method") == method and r.meta.get("status") == "finished"), None)
+            rid = self.views.newest(None, method=method)
             msg = (f"Showing the newest **{method}** run, `{rid}`, in every view (a peer scheme: the setting "
                    f"does not apply)." if rid else f"No **{method}** run yet: press **Run** to make one (a peer "
                    f"scheme, calibration-free: the setting does not apply).")

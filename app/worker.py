@@ -60,10 +60,11 @@ def write_live_run(live: Path, meta: dict, trace, steps_done: int):
     _atomic_json(live / RUN_FILE, _clean(dict(meta, steps_done=steps_done)))
 
 
-def worker_main(job: dict, records, stop, requests=None):
+def worker_main(job: dict, records, stop, requests):
     """Process entry point. `job`: app (AppConfig fields), threads, setup (optional "module:function"
-    called first: tests inject faults through it), and request (RunRequest fields) or, for a spare
-    worker, no request: it imports first, then waits on `requests` for one (or for `stop`: retired)."""
+    called first: tests inject faults through it). The worker imports first, then waits on `requests`
+    for its one RunRequest (a dict), so it can be started ahead as a spare; `stop` before any request
+    retires it."""
     emit = records.put
     emit(("pid", os.getpid()))
     finished = threading.Event()
@@ -76,7 +77,7 @@ def worker_main(job: dict, records, stop, requests=None):
             getattr(importlib.import_module(mod), fn)()
         from .config import AppConfig, RunRequest
         from .engine import Engine
-        request = job.get("request") or wait_for_request(requests, stop)
+        request = wait_for_request(requests, stop)
         if request is None:
             return  # a spare retired before it got a run: nothing to report
         cfg = AppConfig(**dict(job["app"], warm_umap=False, spare_worker=False))

@@ -124,16 +124,18 @@ class SelectionView:
                                         total_steps=tr.total_steps)
 
     def newest(self, want, like: Optional[dict] = None, exclude: Optional[str] = None, kd: Optional[tuple] = None,
-               init: Optional[bool] = None) -> Optional[str]:
-        """Newest *finished* readable run whose method spec satisfies `want(spec)`, with the codebook
-        shape and init of the run `like` (its `pair_key`: k, d, activation-aware or not), or with
-        shape `kd` (and `init` when given). Cancelled or partial runs are never picked automatically."""
+               init: Optional[bool] = None, method: Optional[str] = None) -> Optional[str]:
+        """Newest *finished* readable run whose method spec satisfies `want(spec)` (or, with `method`,
+        whose method is exactly that name: peers have no spec), with the codebook shape and init of
+        the run `like` (its `pair_key`: k, d, activation-aware or not), or with shape `kd` (and `init`
+        when given). Cancelled or partial runs are never picked automatically."""
         key = pair_key(like) if like is not None else None
         for r in reversed(self.store.list()):
             m = r.meta or {}
             if r.error is not None or r.id == exclude or m.get("status") != "finished":
                 continue
-            if not want(method_spec(m.get("method"))):
+            ok = m.get("method") == method if method is not None else want(method_spec(m.get("method")))
+            if not ok:
                 continue
             if key is not None and pair_key(m) != key:
                 continue
