@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq4dit.config import DEFAULT_METHOD, METHODS, SETTINGS, build_config, method_config, method_names
+from vq4dit.config import DEFAULT_METHOD, METHODS, RECIPES, SETTINGS, build_config, method_config, method_names
 from vq4dit.runner import EvalSpec, generate, run_method
 from vq4dit.peers import PEERS
 
@@ -71,14 +71,20 @@ ABLATIONS = [
 BUDGET_ITERATIONS = {"W2": 18, "XL-sharing": 24, "W2-budget": 18, "W3": 18, "W4": 18}
 BUDGET_MAX_STEPS = 1000
 BUDGET_METHODS = ["codebook-only", "vq4dit", "vq4dit-ref", "vq4dit-ste-aa"]
-# Learning-rate grid of the sweep plan (block MSE only, tuning seeds): logits x codebook lr.
+# Learning-rate grid of the sweep plan (block MSE only, tuning seeds): logits x codebook lr. The small
+# recipe's 2e-2 / 3e-4 and the reference code's 5e-2 / 1e-4 are both in it.
 SWEEP_LR_LOGITS = (2e-2, 5e-2)
-SWEEP_LR_CODEBOOK = (3e-4, 1e-3)
+SWEEP_LR_CODEBOOK = (1e-4, 3e-4, 1e-3)
+# Each method's learning rates at the finished budget, picked by `best_lr` (lowest block MSE on the
+# tuning seeds) from benchmarks/results/budget/sweep.csv; the `tuned` plan runs the budget plan's rows
+# with them. A (setting, method) not listed keeps the small recipe's.
+TUNED_LR: dict[tuple[str, str], dict] = {}
 
 COLUMNS = ["plan", "setting", "label", "method", "seed", "k", "d", "bits_per_weight", "block_mse",
            "img_mse_cfg4", "psnr_cfg4", "acc_cfg4", "img_mse_cfg1", "psnr_cfg1", "acc_cfg1",
            "fd_cfg4", "fd_cfg1", "n_fd_images", "conflict_share", "coherence", "changed_frac",
-           "calib_seconds", "stopped", "steps", "soft_steps", "last_switch_step", "forced_layers", "machine"]
+           "calib_seconds", "stopped", "steps", "soft_steps", "last_switch_step", "forced_layers", "lr_logits",
+           "lr_codebook", "machine"]
 CONFLICT_COLUMNS = ["plan", "setting", "label", "seed", "layer", "block", "kind", "conflict_share", "coherence_mean",
                     "n_steps"]
 
@@ -131,12 +137,13 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
     suffix, init_vq = INITS[init]
     if init != "kmeans" and plan == "ablations":
         raise ValueError("--init applies to the main plan; ablations name their init in the label")
-    if plan == "budget":  # the main plan's rows and pairs, at a budget where every layer finishes
+    if plan in ("budget", "tuned"):  # the main plan's rows and pairs, at a budget where every layer finishes
         methods = list(dict.fromkeys(["codebook-only"] + list(methods or BUDGET_METHODS)))  # always the pair
         jobs = plan_jobs("main", settings, methods, seeds, with_fd=False, init=init)
         for j in jobs:
-            j.plan, j.fd = "budget", False
-            j.calib = dict(j.calib, iterations=BUDGET_ITERATIONS[j.setting], until_hard=True,
+            j.plan, j.fd = plan, False
+            lr = TUNED_LR.get((j.setting, j.method), {}) if plan == "tuned" else {}
+            j.calib = dict(j.calib, **lr, iterations=BUDGET_ITERATIONS[j.setting], until_hard=True,
                            max_steps=BUDGET_MAX_STEPS)
         return [j for j in jobs if METHODS[j.method].calibrated]
     if plan == "sweep":  # lr grid at the finished budget, block MSE only (pick on tuning seeds)
@@ -252,15 +259,25 @@ def job_config(job: Job, recipe: str = "small", calib_extra: dict | None = None,
     return build_config(job.method, bits=bits, recipe=recipe, calib=calib, seed=job.seed, **vq)
 
 
+def learning_rates(config) -> dict:
+    """The codebook (and, where assignments train, logits) learning rate a row calibrated with."""
+    calib = getattr(config, "calib", None)
+    if calib is None:
+        return {}
+    return dict(lr_codebook=calib.lr_codebook, **(dict(lr_logits=calib.lr_logits) if calib.train_assignments else {}))
+
+
 def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: dict, device,
             vq_extra: dict | None = None) -> dict:
     t0 = time.time()
-    res = run_method(teacher, config=job_config(job, recipe, calib_extra, device, vq_extra), progress=False)
+    config = job_config(job, recipe, calib_extra, device, vq_extra)
+    res = run_method(teacher, config=config, progress=False)
     s = res.summary()
     row = dict(plan=job.plan, setting=job.setting, label=job.label, method=res.method, seed=job.seed,
                k=s["k"], d=s["d"], bits_per_weight=s["bits_per_weight"], block_mse=s["block_mse"],
                calib_seconds=s["seconds"], stopped=s["stopped"],
-               **{k: s[k] for k in ("steps", "soft_steps", "last_switch_step", "forced_layers")})
+               **{k: s[k] for k in ("steps", "soft_steps", "last_switch_step", "forced_layers")},
+               **learning_rates(config))
     if res.trace is not None:
         cs = res.trace.conflict_summary()
         row.update(conflict_share=float(cs["conflict_share"].mean()) if len(cs) else None,
@@ -279,7 +296,8 @@ def run_job(job: Job, teacher, evaluator: Evaluator, recipe: str, calib_extra: d
 
 
 def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, methods=None, seeds=(0,), shard=(0, 1), quick=False,
-        n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None, init="kmeans") -> list[dict]:
+        n_images=200, n_fd=1000, steps=25, device=None, log=print, labels=None, init="kmeans",
+        reuse=None) -> list[dict]:
     from vq4dit.io import load_dit
     from vq4dit.checks import resolve_device
     from vq4dit.testbed import DIGITS_DIT_DIR
@@ -304,13 +322,17 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
     # Layer statistics (incl. gradient conflicts) every 10 steps: 20 records over the small recipe.
     # The budget plans run 2-4x the steps: every 25 steps there (one record per trajectory) to save compute.
     calib_extra = (dict(iterations=1, num_sampling_steps=5) if quick else
-                   dict(trace_every=25) if plan in ("budget", "sweep") else dict(trace_every=10))
+                   dict(trace_every=25) if plan in ("budget", "tuned", "sweep") else dict(trace_every=10))
     if quick:
         n_images, n_fd, steps = 20, 0, 10
     evaluator = Evaluator(teacher, n_images, max(n_fd, 20), steps)
     conflicts_csv = conflicts_path(out_csv)
     conflict_rows = read_rows(conflicts_csv)
     machine = machine_name(device)
+    if reuse:  # rows measured with exactly this config in another plan's CSV (seeded: the same run)
+        todo = _reuse_rows(todo, reuse, rows, conflict_rows, calib_extra, device, log)
+        write_csv(rows, out_csv, COLUMNS)
+        write_csv(conflict_rows, conflicts_csv, CONFLICT_COLUMNS)
     if ("quick" if quick else plan, "FP", "fp32", "0") not in done and i == 0 and plan not in ("ablations", "sweep") \
             and n_images:
         rows.append(dict(evaluator.fp_row("quick" if quick else plan, with_fd=plan == "main" and not quick and n_fd > 0),
@@ -334,6 +356,26 @@ def run(plan: str = "main", out_csv="out/benchmarks/bench.csv", settings=None, m
             f"last switch {row['last_switch_step']}, forced {row['forced_layers']} (row {wall:.0f}s)"
             + ("  ** FORCED LAYERS: not a finished run **" if row["forced_layers"] else ""))
     return rows
+
+
+def _reuse_rows(todo, reuse_csv, rows, conflict_rows, calib_extra, device, log) -> list:
+    """Copy into `rows` the rows of `reuse_csv` (same setting, label, seed, budget and learning rates as
+    a job: with seeded data that is the same run) under the job's plan; returns the jobs left to run."""
+    have = {(r["setting"], canonical_label(r["label"]), r["seed"]): r for r in read_rows(reuse_csv)}
+    conflicts = read_rows(conflicts_path(reuse_csv))
+    left = []
+    for job in todo:
+        r = have.get((job.setting, job.label, str(job.seed)))
+        lr = {k: str(v) for k, v in learning_rates(job_config(job, "small", calib_extra, device)).items()}
+        same = r is not None and r["plan"] == "budget" and all(_num(r.get(k)) == float(v) for k, v in lr.items())
+        if not same:
+            left.append(job)
+            continue
+        rows.append(dict(r, plan=job.plan))
+        conflict_rows += [dict(c, plan=job.plan) for c in conflicts
+                          if (c["setting"], canonical_label(c["label"]), c["seed"]) == job.key[1:]]
+        log(f"reused {job.setting} {job.label} seed {job.seed} from {reuse_csv} (same config)")
+    return left
 
 
 def conflicts_path(path) -> Path:
@@ -443,6 +485,7 @@ def report(*csv_paths) -> str:
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     out = [f"Sources: {', '.join(f'`{p}`' for p in csv_paths)} ({len(rows)} rows; machines: {'; '.join(machines)})", ""]
     metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
+    sweep, rows = [r for r in rows if r["plan"] == "sweep"], [r for r in rows if r["plan"] != "sweep"]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in rows)]:
         rs = [r for r in rows if r["setting"] == setting]
         labels = sorted(dict.fromkeys(r["label"] for r in rs), key=_row_order)
@@ -491,7 +534,7 @@ def report(*csv_paths) -> str:
             cells.append(f"{sum(v for v in fl if v is not None):.0f}" if any(v is not None for v in fl) else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out += peer_report(rows)
+    out += peer_report(rows) + sweep_report(sweep)
     fd = [r for r in rows if _num(r.get("fd_cfg4")) is not None]
     if fd:
         out += ["### FD-digits (classifier features)", "",
@@ -504,6 +547,63 @@ def report(*csv_paths) -> str:
                            f"{b[0]:.1f} ± {b[1]:.1f} |")
         out.append("")
     return "\n".join(out)
+
+
+def sweep_lr(label: str) -> tuple[str, dict]:
+    """'vq4dit lr 0.05/0.0003' -> ('vq4dit', {lr_logits: 0.05, lr_codebook: 0.0003}) (sweep labels)."""
+    method, lr = label.split(" lr ")
+    *logits, codebook = (float(v) for v in lr.split("/"))
+    return method, dict(lr_codebook=codebook, **(dict(lr_logits=logits[0]) if logits else {}))
+
+
+def _sweep_cells(rows):
+    """{(setting, method): {lr label: (block MSEs over tuning seeds, forced layers)}} of sweep rows."""
+    cells: dict = {}
+    for r in rows:
+        method, _ = sweep_lr(r["label"])
+        mse, forced = cells.setdefault((r["setting"], method), {}).setdefault(r["label"], ([], []))
+        mse.append(_num(r.get("block_mse")))
+        forced.append(_num(r.get("forced_layers")) or 0)
+    return cells
+
+
+def best_lr(rows) -> dict:
+    """{(setting, method): learning rates} with the lowest mean block MSE over the tuning seeds among
+    the sweep's combinations where no run had forced layers (the TUNED_LR table is this, written out)."""
+    best = {}
+    for key, by_lr in _sweep_cells([r for r in rows if r["plan"] == "sweep"]).items():
+        ok = {lab: float(np.mean(m)) for lab, (m, f) in by_lr.items() if None not in m and not any(f)}
+        if ok:
+            best[key] = sweep_lr(min(ok, key=ok.get))[1]
+    return best
+
+
+def sweep_report(rows) -> list[str]:
+    """The lr grid per setting and method: block MSE on the tuning seeds, relative to the small
+    recipe's learning rates, the pick marked."""
+    if not rows:
+        return []
+    recipe = RECIPES["small"]
+    picks = best_lr(rows)
+    out = ["### Learning-rate sweep at the finished budget (block MSE, tuning seeds)", "",
+           "| setting | method | lr logits / codebook | seeds | block MSE mean | vs the recipe's lr | "
+           "steps (soft) | forced layers |", "|---|---|---|---|---|---|---|---|"]
+    for (setting, method), by_lr in _sweep_cells(rows).items():
+        rs = [r for r in rows if r["setting"] == setting]
+        base = next((lab for lab in by_lr if sweep_lr(lab)[1] == {
+            k: recipe[k] for k in sweep_lr(lab)[1]}), None)
+        base_mse = float(np.mean(by_lr[base][0])) if base and None not in by_lr[base][0] else None
+        for lab, (mse, forced) in sorted(by_lr.items(), key=lambda kv: tuple(sorted(sweep_lr(kv[0])[1].items()))):
+            lr = sweep_lr(lab)[1]
+            m = float(np.mean(mse)) if None not in mse else None
+            st, ss = mean_sd(rs, "steps", lab), mean_sd(rs, "soft_steps", lab)
+            rel = "(recipe)" if lab == base else "-" if m is None or base_mse is None else \
+                f"{100 * (m - base_mse) / base_mse:+.1f}%"
+            logits = f"{lr['lr_logits']:g}" if "lr_logits" in lr else "-"
+            out.append(f"| {setting} | {method} | {logits} / {lr['lr_codebook']:g} | {len(mse)} | "
+                       f"{'-' if m is None else f'{m:.4g}'}{' **best**' if picks.get((setting, method)) == lr else ''} | "
+                       f"{rel} | {f'{st[0]:.0f} ({ss[0]:.0f})' if st and ss else '-'} | {sum(forced):.0f} |")
+    return out + [""]
 
 
 def ratio_interval(ours: list, peer: float):
@@ -592,9 +692,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny budgets, W2 + XL-sharing, 1 seed")
-    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers", "budget", "sweep"],
+    p.add_argument("--plan", default="main", choices=["main", "ablations", "peers", "budget", "sweep", "tuned"],
                    help="peers: HQQ / GGUF / torchao / quanto rows (vq4dit.peers.PEERS; --methods picks some); "
-                        "budget: every layer finishes (BUDGET_ITERATIONS, until_hard); sweep: lr grid, block MSE")
+                        "budget: every layer finishes (BUDGET_ITERATIONS, until_hard); sweep: lr grid, block MSE; "
+                        "tuned: the budget rows at each method's TUNED_LR")
+    p.add_argument("--reuse", metavar="CSV", help="copy rows of this budget-plan CSV that ran the same config "
+                   "(same setting, label, seed and learning rates) instead of running them again")
     p.add_argument("--out", default="out/benchmarks/bench.csv", help="CSV path; existing rows are kept and skipped")
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
     p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)} (plan peers: of {list(PEERS)})")
@@ -626,7 +729,7 @@ def main(argv=None) -> int:
         return 2
     seeds = a.seeds[:1] if a.quick else a.seeds
     run(a.plan, a.out, a.settings, a.methods, seeds, (i, n), a.quick, a.images, a.fd_images, a.eval_steps,
-        a.device, log=lambda s: print(s, file=sys.stderr, flush=True), labels=a.labels, init=a.init)
+        a.device, log=lambda s: print(s, file=sys.stderr, flush=True), labels=a.labels, init=a.init, reuse=a.reuse)
     return 0
 
 

@@ -173,9 +173,9 @@ def test_bench_budget_plan_gives_every_method_the_same_budget_and_the_report_fla
     assert all(j.calib == dict(iterations=n, until_hard=True, max_steps=bench.BUDGET_MAX_STEPS) for j in jobs)
     assert all(j.plan == "budget" and j.images and not j.fd for j in jobs)
     sweep = bench.plan_jobs("sweep", ["XL-sharing"], ["vq4dit", "codebook-only"], [0])
-    assert [j.label for j in sweep] == ["vq4dit lr 0.02/0.0003", "vq4dit lr 0.02/0.001", "vq4dit lr 0.05/0.0003",
-                                        "vq4dit lr 0.05/0.001", "codebook-only lr 0.0003", "codebook-only lr 0.001"]
-    assert sweep[2].calib["lr_logits"] == 5e-2 and sweep[2].calib["lr_codebook"] == 3e-4 and not sweep[2].images
+    assert [j.label for j in sweep] == [f"vq4dit lr {a}/{b}" for a in ("0.02", "0.05") for b in ("0.0001", "0.0003", "0.001")] \
+        + ["codebook-only lr 0.0001", "codebook-only lr 0.0003", "codebook-only lr 0.001"]
+    assert sweep[4].calib["lr_logits"] == 5e-2 and sweep[4].calib["lr_codebook"] == 3e-4 and not sweep[4].images
     rows = []
     for seed in (3, 4):
         for label, mse, forced, steps in [("codebook-only", 1.0, 0, 600), ("vq4dit", 0.5, 0, 600),
@@ -195,3 +195,40 @@ def test_bench_budget_plan_gives_every_method_the_same_budget_and_the_report_fla
     ste = next(v for k, v in lines.items() if k.startswith("vq4dit-ste"))
     assert "steps differ from its pair at 1 seed(s)" in ste and "**beats**" not in ste
     assert ref.rstrip(" |").endswith("| 3") and "| 600 (300) | 407 (max 408) |" in lines["vq4dit"]
+
+
+def test_sweep_picks_each_methods_best_lr_and_the_tuned_plan_runs_or_reuses_it(tmp_path, monkeypatch):
+    """Issue 19: the sweep's report marks, per setting and method, the lr pair with the lowest block MSE
+    on the tuning seeds (never one whose runs had forced layers); the tuned plan runs the budget rows at
+    those lrs, and copies a budget row only where its recorded lrs are the tuned ones."""
+    from benchmarks import bench
+    rows = [dict(plan="sweep", setting="W2", label=lab, method=lab.split(" lr ")[0], seed=seed, block_mse=mse * (1 + seed),
+                 steps=450, soft_steps=300, forced_layers=forced)
+            for seed in (0, 1) for lab, mse, forced in [
+                ("vq4dit lr 0.02/0.0003", 1.0, 0), ("vq4dit lr 0.05/0.0003", 0.8, 0), ("vq4dit lr 0.05/0.001", 0.5, 2),
+                ("codebook-only lr 0.0003", 2.0, 0), ("codebook-only lr 0.0001", 2.2, 0)]]
+    assert bench.best_lr(rows) == {("W2", "vq4dit"): dict(lr_logits=0.05, lr_codebook=3e-4),
+                                   ("W2", "codebook-only"): dict(lr_codebook=3e-4)}
+    bench.write_csv(rows, tmp_path / "sweep.csv", bench.COLUMNS)
+    lines = [ln for ln in bench.report(tmp_path / "sweep.csv").splitlines() if ln.startswith("| W2")]
+    assert len(lines) == 5 and not any("vs codebook-only" in ln for ln in lines)  # only the sweep table
+    best = [ln for ln in lines if "**best**" in ln]
+    assert [ln.split(" | ")[1:3] for ln in best] == [["vq4dit", "0.05 / 0.0003"], ["codebook-only", "- / 0.0003"]]
+    assert "| -20.0% |" in best[0] and "(recipe)" in next(ln for ln in lines if "0.02 / 0.0003" in ln)
+
+    monkeypatch.setattr(bench, "TUNED_LR", {("W2", "vq4dit"): dict(lr_logits=0.05)})
+    tuned = bench.plan_jobs("tuned", ["W2"], ["vq4dit"], [3])
+    assert [(j.plan, j.label, j.calib.get("lr_logits")) for j in tuned] == [
+        ("tuned", "codebook-only", None), ("tuned", "vq4dit", 0.05)]
+    assert bench.plan_jobs("budget", ["W2"], ["vq4dit"], [3])[1].calib.get("lr_logits") is None
+    extra = dict(trace_every=25)
+    cfg = bench.job_config(tuned[1], "small", extra)
+    assert bench.learning_rates(cfg) == dict(lr_logits=0.05, lr_codebook=3e-4)
+    assert bench.learning_rates(bench.job_config(tuned[0], "small", extra)) == dict(lr_codebook=3e-4)
+    budget = [dict(plan="budget", setting="W2", label=lab, method=lab, seed=3, block_mse=0.1, **lr)
+              for lab, lr in [("codebook-only", dict(lr_codebook=3e-4)), ("vq4dit", dict(lr_logits=0.02, lr_codebook=3e-4))]]
+    bench.write_csv(budget, tmp_path / "budget.csv", bench.COLUMNS)
+    got, conflicts = [], []
+    left = bench._reuse_rows(tuned, tmp_path / "budget.csv", got, conflicts, extra, "cpu", log=lambda s: None)
+    assert [j.label for j in left] == ["vq4dit"]  # its lrs changed: runs again
+    assert [(r["label"], r["plan"]) for r in got] == [("codebook-only", "tuned")]  # same config: copied
