@@ -25,10 +25,12 @@ from .common import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The main table's source, then the peer rows (with images first; block-only rows where images are not done).
+# The main table's source, then the peer rows (with images first; block-only rows where images are not
+# done), then the finished-budget rows: at each method's tuned learning rates where those ran (first wins).
 DEFAULT_CSVS = ["benchmarks/results/digits/main.csv", "benchmarks/results/digits/peers.csv",
-                "benchmarks/results/digits/peers_block.csv", "benchmarks/results/budget/budget.csv"]
-BUDGET = " (finished budget)"  # the budget plan's rows (every layer switched by itself) are their own points
+                "benchmarks/results/digits/peers_block.csv", "benchmarks/results/budget/tuned.csv",
+                "benchmarks/results/budget/budget.csv"]
+BUDGET = " (finished budget)"  # budget / tuned plan rows (every layer switched by itself): their own points
 METRICS = [("img_mse_cfg4", "image MSE vs FP, CFG 4"), ("block_mse", "block MSE (held-out trajectories)")]
 OURS = {"vq4dit-ste-aa": "tab:red", "vq4dit-ste": "tab:orange", "vq4dit": "tab:purple", "vq4dit-ref": "tab:pink",
         "codebook-only": "tab:blue", "codebook-only +act-aware init": "tab:cyan", "kmeans": "tab:olive",
@@ -47,7 +49,7 @@ def load(paths):
     rows, seen = [], set()
     for p in paths:
         for r in read_rows(p):
-            r["label"] = canonical_label(r["label"]) + (BUDGET if r.get("plan") == "budget" else "")
+            r["label"] = canonical_label(r["label"]) + (BUDGET if r.get("plan") in ("budget", "tuned") else "")
             key = (r["setting"], r["label"], r["seed"])
             if key not in seen and r["setting"] != "FP":
                 seen.add(key)

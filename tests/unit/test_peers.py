@@ -237,6 +237,12 @@ def test_rate_distortion_chart_points_and_png(tmp_path):
     both = rd.points(rd.load([tmp_path / "rows.csv", tmp_path / "budget.csv"]), "img_mse_cfg4")
     assert both[("W2", "vq4dit-ste-aa")][1] == pytest.approx(v.mean())
     assert both[("W2", "vq4dit-ste-aa" + rd.BUDGET)][1] == pytest.approx(v.mean() / 2)
+    # a tuned-lr row (the tuned plan) stands for the finished budget where it ran, listed first: it wins
+    write_csv([dict(r, plan="tuned", img_mse_cfg4=float(r["img_mse_cfg4"]) / 4) for r in _report_rows()
+               if r["label"] == "vq4dit-ste-aa"], tmp_path / "tuned.csv", COLUMNS)
+    three = rd.points(rd.load([tmp_path / "rows.csv", tmp_path / "tuned.csv", tmp_path / "budget.csv"]), "img_mse_cfg4")
+    assert three[("W2", "vq4dit-ste-aa" + rd.BUDGET)][1] == pytest.approx(v.mean() / 4)
+    assert [c.rsplit("/", 1)[-1] for c in rd.DEFAULT_CSVS[-2:]] == ["tuned.csv", "budget.csv"]
     out = tmp_path / "rd.png"
     assert rd.main([str(tmp_path / "rows.csv"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
