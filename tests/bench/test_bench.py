@@ -195,6 +195,11 @@ def test_bench_budget_plan_gives_every_method_the_same_budget_and_the_report_fla
     ste = next(v for k, v in lines.items() if k.startswith("vq4dit-ste"))
     assert "steps differ from its pair at 1 seed(s)" in ste and "**beats**" not in ste
     assert ref.rstrip(" |").endswith("| 3") and "| 600 (300) | 407 (max 408) |" in lines["vq4dit"]
+    # against the paper's vq4dit: only rows that finished with its steps (not ref: forced; not ste: steps differ)
+    paper = [ln for ln in bench.report(tmp_path / "b.csv").splitlines() if ln.startswith("| XL-sharing |")]
+    assert len(paper) == 1 and paper[0].startswith("| XL-sharing | codebook-only | +100.0% [+100.0, +100.0] loses")
+    bench.write_csv([dict(r, forced_layers="") for r in rows], tmp_path / "old.csv", bench.COLUMNS)
+    assert "Against the paper" not in bench.report(tmp_path / "old.csv")  # no record: it may have been forced
 
 
 def test_sweep_picks_each_methods_best_lr_and_the_tuned_plan_runs_or_reuses_it(tmp_path, monkeypatch):
