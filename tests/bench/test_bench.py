@@ -2,6 +2,7 @@
 complete and share the init, the paired report says "beats" only when the interval excludes 0."""
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,12 @@ def test_sweep_picks_each_methods_best_lr_and_the_tuned_plan_runs_or_reuses_it(t
     left = bench._reuse_rows(tuned, tmp_path / "budget.csv", got, conflicts, extra, "cpu", log=lambda s: None)
     assert [j.label for j in left] == ["vq4dit"]  # its lrs changed: runs again
     assert [(r["label"], r["plan"]) for r in got] == [("codebook-only", "tuned")]  # same config: copied
+
+
+def test_tuned_lr_table_is_the_committed_sweeps_pick():
+    """TUNED_LR is written out by hand from the sweep: it must be exactly `best_lr` of the committed
+    benchmarks/results/budget/sweep.csv, for every setting the sweep has rows for, and nothing else."""
+    from benchmarks import bench
+    rows = bench.read_rows(Path(bench.__file__).parent / "results" / "budget" / "sweep.csv")
+    assert rows, "the committed sweep CSV is missing"
+    assert bench.best_lr(rows) == bench.TUNED_LR
