@@ -77,12 +77,16 @@ SWEEP_LR_LOGITS = (2e-2, 5e-2)
 SWEEP_LR_CODEBOOK = (1e-4, 3e-4, 1e-3)
 # Each method's learning rates at the finished budget, picked by `best_lr` (lowest block MSE on the
 # tuning seeds) from benchmarks/results/budget/sweep.csv; the `tuned` plan runs the budget plan's rows
-# with them. A (setting, method) not listed keeps the small recipe's. W2: seed 0, 2026-12-01.
+# with them. A (setting, method) not listed keeps the small recipe's. Seed 0, 2026-12-01.
 TUNED_LR: dict[tuple[str, str], dict] = {
     ("W2", "codebook-only"): dict(lr_codebook=3e-4),
     ("W2", "vq4dit"): dict(lr_logits=2e-2, lr_codebook=3e-4),
     ("W2", "vq4dit-ref"): dict(lr_logits=5e-2, lr_codebook=3e-4),
     ("W2", "vq4dit-ste-aa"): dict(lr_logits=2e-2, lr_codebook=1e-4),
+    ("XL-sharing", "codebook-only"): dict(lr_codebook=3e-4),
+    ("XL-sharing", "vq4dit"): dict(lr_logits=2e-2, lr_codebook=1e-3),
+    ("XL-sharing", "vq4dit-ref"): dict(lr_logits=2e-2, lr_codebook=3e-4),
+    ("XL-sharing", "vq4dit-ste-aa"): dict(lr_logits=2e-2, lr_codebook=1e-3),
 }
 
 COLUMNS = ["plan", "setting", "label", "method", "seed", "k", "d", "bits_per_weight", "block_mse",
