@@ -375,8 +375,8 @@ def _reuse_rows(todo, reuse_csv, rows, conflict_rows, calib_extra, device, log) 
     left = []
     for job in todo:
         r = have.get((job.setting, job.label, str(job.seed)))
-        lr = {k: str(v) for k, v in learning_rates(job_config(job, "small", calib_extra, device)).items()}
-        same = r is not None and r["plan"] == "budget" and all(_num(r.get(k)) == float(v) for k, v in lr.items())
+        lr = learning_rates(job_config(job, "small", calib_extra, device))
+        same = r is not None and r["plan"] == "budget" and all(_num(r.get(k)) == v for k, v in lr.items())
         if not same:
             left.append(job)
             continue
@@ -558,6 +558,13 @@ def report(*csv_paths) -> str:
     return "\n".join(out)
 
 
+def _interval_cell(p) -> str:
+    """A paired interval (mean, lo, hi, n) in %, with its verdict where it excludes 0."""
+    if p is None:
+        return "-"
+    return f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]" + (" **beats**" if p[2] < 0 else " loses" if p[1] > 0 else "")
+
+
 PAPER = "vq4dit"  # the paper's algorithm: every calibrated row is also compared with it where it finished
 
 
@@ -577,11 +584,7 @@ def paper_report(rows) -> list[str]:
             out = [f"### Against the paper's `{PAPER}` (no forced layers, same steps; below 0: lower than it)", "",
                    "| setting | method | " + " | ".join(n for _, n in metrics) + " |", "|---|---|---|---|---|"]
         for lab in labels:
-            cells = []
-            for key, _ in metrics:
-                p = paired(rs, key, lab, base=PAPER)
-                cells.append("-" if p is None else f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]" +
-                             (" **beats**" if p[2] < 0 else " loses" if p[1] > 0 else ""))
+            cells = [_interval_cell(paired(rs, key, lab, base=PAPER)) for key, _ in metrics]
             out.append(f"| {setting} | {lab} | " + " | ".join(cells) + " |")
     return out + [""] if out else []
 
