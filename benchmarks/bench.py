@@ -429,6 +429,10 @@ def merge(csv_paths, out=None, by_plan=None) -> dict:
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+# The three quality metrics every report table shows, in this order.
+METRICS = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
+
+
 def _num(v):
     try:
         f = float(v)
@@ -493,7 +497,6 @@ def report(*csv_paths) -> str:
                 rows.append(r)
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     out = [f"Sources: {', '.join(f'`{p}`' for p in csv_paths)} ({len(rows)} rows; machines: {'; '.join(machines)})", ""]
-    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     sweep, rows = [r for r in rows if r["plan"] == "sweep"], [r for r in rows if r["plan"] != "sweep"]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in rows)]:
         rs = [r for r in rows if r["setting"] == setting]
@@ -501,7 +504,7 @@ def report(*csv_paths) -> str:
         out.append(f"### {setting} ({rs[0]['k']} codewords, d={rs[0]['d']})" if rs[0].get("k") else f"### {setting}")
         out.append("")
         head = "| method | seeds | bits/w | " + " | ".join(
-            f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in metrics) + \
+            f"{name} mean ± sd | vs codebook-only (95% CI)" for _, name in METRICS) + \
             " | conflict share | vs codebook-only (95% CI) | calib s | steps (soft) | last switch | forced layers |"
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
@@ -515,20 +518,14 @@ def report(*csv_paths) -> str:
             cells.append(str(ms[2]) if ms else "-")
             b = mean_sd(rs, "bits_per_weight", lab)
             cells.append(f"{b[0]:.3f}" if b else "-")
-            for key, _ in metrics:
+            for key, _ in METRICS:
                 v = mean_sd(rs, key, lab)
                 cells.append(f"{v[0]:.4g} ± {v[1]:.2g}" if v else "-")
                 if lab == baseline_label(lab):
                     cells.append("(baseline)")
                     continue
-                p = paired(rs, key, lab)
-                if p is None:
-                    cells.append("-")
-                else:
-                    verdict = " **beats**" if p[2] < 0 else (" loses" if p[1] > 0 else "")
-                    if flag:  # a forced or unequal-budget row gets its interval but no verdict
-                        verdict = " (unranked)"
-                    cells.append(f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}")
+                # a forced or unequal-budget row gets its interval but no verdict
+                cells.append(_interval_cell(paired(rs, key, lab), ranked=not flag))
             c = mean_sd(rs, "conflict_share", lab)
             cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
             pc = paired(rs, "conflict_share", lab) if lab != baseline_label(lab) else None
@@ -558,11 +555,13 @@ def report(*csv_paths) -> str:
     return "\n".join(out)
 
 
-def _interval_cell(p) -> str:
-    """A paired interval (mean, lo, hi, n) in %, with its verdict where it excludes 0."""
+def _interval_cell(p, ranked: bool = True) -> str:
+    """A paired interval (mean, lo, hi, n) in %, with its verdict where it excludes 0 (unranked rows:
+    the interval and "(unranked)")."""
     if p is None:
         return "-"
-    return f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]" + (" **beats**" if p[2] < 0 else " loses" if p[1] > 0 else "")
+    verdict = (" **beats**" if p[2] < 0 else " loses" if p[1] > 0 else "") if ranked else " (unranked)"
+    return f"{p[0]:+.1f}% [{p[1]:+.1f}, {p[2]:+.1f}]{verdict}"
 
 
 PAPER = "vq4dit"  # the paper's algorithm: every calibrated row is also compared with it where it finished
@@ -571,7 +570,6 @@ PAPER = "vq4dit"  # the paper's algorithm: every calibrated row is also compared
 def paper_report(rows) -> list[str]:
     """Per setting where every run of the paper's `vq4dit` records 0 forced layers, every other label
     against it per seed (paired 95% t-intervals): the ranking the issue asks for, at a fair budget."""
-    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     out = []
     for setting in SETTINGS:
         rs = [r for r in rows if r["setting"] == setting]
@@ -582,9 +580,9 @@ def paper_report(rows) -> list[str]:
                   if lab != PAPER and not forced_rows(rs, lab) and not unequal_steps(rs, lab, base=PAPER)]
         if not out:
             out = [f"### Against the paper's `{PAPER}` (no forced layers, same steps; below 0: lower than it)", "",
-                   "| setting | method | " + " | ".join(n for _, n in metrics) + " |", "|---|---|---|---|---|"]
+                   "| setting | method | " + " | ".join(n for _, n in METRICS) + " |", "|---|---|---|---|---|"]
         for lab in labels:
-            cells = [_interval_cell(paired(rs, key, lab, base=PAPER)) for key, _ in metrics]
+            cells = [_interval_cell(paired(rs, key, lab, base=PAPER)) for key, _ in METRICS]
             out.append(f"| {setting} | {lab} | " + " | ".join(cells) + " |")
     return out + [""] if out else []
 
@@ -668,15 +666,14 @@ def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
     table = sorted((r for r in rows if r["setting"] == "peers"), key=lambda r: float(r["bits_per_weight"]))
     if not table:
         return []
-    metrics = [("block_mse", "block MSE"), ("img_mse_cfg4", "image MSE CFG4"), ("img_mse_cfg1", "image MSE CFG1")]
     out = ["### Peers (calibration-free, deterministic: one run each)", "",
-           "| peer | bits/w | " + " | ".join(n for _, n in metrics) + " | acc CFG4 |", "|---|---|---|---|---|---|"]
+           "| peer | bits/w | " + " | ".join(n for _, n in METRICS) + " | acc CFG4 |", "|---|---|---|---|---|---|"]
     for r in table:
         out.append(f"| {r['label']} | {float(r['bits_per_weight']):.3f} | " + " | ".join(
-            "-" if _num(r.get(k)) is None else f"{float(r[k]):.4g}" for k, _ in metrics + [("acc_cfg4", "")]) + " |")
+            "-" if _num(r.get(k)) is None else f"{float(r[k]):.4g}" for k, _ in METRICS + [("acc_cfg4", "")]) + " |")
     out += ["", f"### `{ours}` vs the best peer in a bits/weight window (ratio < 1: ours closer to FP)", "",
             f"| setting | {ours} bits/w | seeds | peers at | best by | best peer | peer bits/w | " +
-            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in metrics) + " |", "|" + "---|" * 10]
+            " | ".join(f"{ours} / peer {n} (95% CI)" for _, n in METRICS) + " |", "|" + "---|" * 10]
     for setting in SETTINGS:
         mine = [r for r in rows if r["setting"] == setting and r["label"] == ours]
         if not mine:
@@ -692,7 +689,7 @@ def peer_report(rows, ours: str = DEFAULT_METHOD) -> list[str]:
                     continue
                 best = min(fits, key=lambda r: float(r[crit]))
                 cells = []
-                for key, _ in metrics:
+                for key, _ in METRICS:
                     ri = None if _num(best.get(key)) is None else ratio_interval([_num(r.get(key)) for r in mine],
                                                                                float(best[key]))
                     cells.append("-" if ri is None else f"{ri[0]:.3g} [{ri[1]:.3g}, {ri[2]:.3g}]" +
