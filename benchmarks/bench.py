@@ -165,6 +165,8 @@ def plan_jobs(plan: str, settings, methods, seeds, with_fd: bool = True, labels=
                         for lrc in SWEEP_LR_CODEBOOK:
                             lr = dict(lr_codebook=lrc, **({} if lrl is None else dict(lr_logits=lrl)))
                             label = f"{m} lr " + (f"{lrl:g}/" if lrl is not None else "") + f"{lrc:g}"
+                            if labels and label not in labels:
+                                continue
                             jobs.append(Job("sweep", s, label, m, seed, dict(
                                 lr, iterations=BUDGET_ITERATIONS[s], until_hard=True, max_steps=BUDGET_MAX_STEPS),
                                 vq, images=False))
@@ -739,7 +741,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="*", help=f"subset of {list(SETTINGS)}")
     p.add_argument("--methods", nargs="*", help=f"subset of {list(METHODS)} (plan peers: of {list(PEERS)})")
     p.add_argument("--seeds", nargs="*", type=int, default=[3, 4, 5], help="seeds (k-means + calibration data)")
-    p.add_argument("--labels", nargs="*", help="ablations: only these row labels (see ABLATIONS)")
+    p.add_argument("--labels", nargs="*", help="ablations, sweep: only these row labels (ABLATIONS; sweep: e.g. 'vq4dit lr 0.02/0.001')")
     p.add_argument("--init", default="kmeans", choices=list(INITS),
                    help="main plan: codebook init for every k-means-based method (act-aware: weight k-means by "
                         "the layer input's E[x^2]; rows are labelled '<method> +act-aware init')")

@@ -177,6 +177,9 @@ def test_bench_budget_plan_gives_every_method_the_same_budget_and_the_report_fla
     assert [j.label for j in sweep] == [f"vq4dit lr {a}/{b}" for a in ("0.02", "0.05") for b in ("0.0001", "0.0003", "0.001")] \
         + ["codebook-only lr 0.0001", "codebook-only lr 0.0003", "codebook-only lr 0.001"]
     assert sweep[4].calib["lr_logits"] == 5e-2 and sweep[4].calib["lr_codebook"] == 3e-4 and not sweep[4].images
+    picked = ["vq4dit lr 0.05/0.0003", "codebook-only lr 0.001"]  # --labels: a check of chosen cells only
+    assert [j.label for j in bench.plan_jobs("sweep", ["XL-sharing"], ["vq4dit", "codebook-only"], [1],
+                                             labels=picked)] == picked
     rows = []
     for seed in (3, 4):
         for label, mse, forced, steps in [("codebook-only", 1.0, 0, 600), ("vq4dit", 0.5, 0, 600),
