@@ -443,17 +443,24 @@ def _num(v):
     return None if math.isnan(f) else f
 
 
-def paired(rows, metric, label, base=None):
+def paired(rows, metric, label, base=None, log_ratio=False):
     """Relative paired difference (label - base) / base per seed: (mean, lo, hi, n) in %.
-    The base defaults to the codebook-only row with the same init."""
+    The base defaults to the codebook-only row with the same init. `log_ratio`: the t-interval is
+    taken over log(label / base) and mapped back to % (symmetric: swapping label and base mirrors
+    it, which the plain relative difference does not guarantee with few seeds)."""
     base = base or baseline_label(label)
     by = {(r["label"], r["seed"]): _num(r.get(metric)) for r in rows}
-    diffs = [100 * (by[(label, s)] - by[(base, s)]) / by[(base, s)]
-             for (lab, s) in by if lab == label and by.get((base, s)) and by[(label, s)] is not None]
-    if len(diffs) < 2:
+    pairs = [(by[(label, s)], by[(base, s)]) for (lab, s) in by
+             if lab == label and by.get((base, s)) and by[(label, s)] is not None]
+    if log_ratio:
+        pairs = [(a, b) for a, b in pairs if a > 0]
+    if len(pairs) < 2:
         return None
+    diffs = [math.log(a / b) if log_ratio else 100 * (a - b) / b for a, b in pairs]
     m, sd, n = float(np.mean(diffs)), float(np.std(diffs, ddof=1)), len(diffs)
     h = T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    if log_ratio:
+        return tuple(100 * math.expm1(v) for v in (m, m - h, m + h)) + (n,)
     return m, m - h, m + h, n
 
 
@@ -487,8 +494,9 @@ def _row_order(label: str):
     return (fixed.index(label), "") if label in fixed else (len(fixed), label)
 
 
-def report(*csv_paths) -> str:
-    """Markdown tables from one or more bench CSVs (rows of the same setting/label/seed: first wins)."""
+def report(*csv_paths, log_ratio=False) -> str:
+    """Markdown tables from one or more bench CSVs (rows of the same setting/label/seed: first wins);
+    `log_ratio`: paired intervals over log ratios (see `paired`)."""
     rows, seen = [], set()
     for path in csv_paths:
         for r in read_rows(path):
@@ -527,10 +535,10 @@ def report(*csv_paths) -> str:
                     cells.append("(baseline)")
                     continue
                 # a forced or unequal-budget row gets its interval but no verdict
-                cells.append(_interval_cell(paired(rs, key, lab), ranked=not flag))
+                cells.append(_interval_cell(paired(rs, key, lab, log_ratio=log_ratio), ranked=not flag))
             c = mean_sd(rs, "conflict_share", lab)
             cells.append(f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-")
-            pc = paired(rs, "conflict_share", lab) if lab != baseline_label(lab) else None
+            pc = paired(rs, "conflict_share", lab, log_ratio=log_ratio) if lab != baseline_label(lab) else None
             cells.append(f"{pc[0]:+.1f}% [{pc[1]:+.1f}, {pc[2]:+.1f}]" if pc else "-")
             t = mean_sd(rs, "calib_seconds", lab)
             cells.append(f"{t[0]:.0f}" if t else "-")
@@ -542,7 +550,7 @@ def report(*csv_paths) -> str:
             cells.append(f"{sum(v for v in fl if v is not None):.0f}" if any(v is not None for v in fl) else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out += paper_report(rows) + peer_report(rows) + sweep_report(sweep)
+    out += paper_report(rows, log_ratio) + peer_report(rows) + sweep_report(sweep)
     fd = [r for r in rows if _num(r.get("fd_cfg4")) is not None]
     if fd:
         out += ["### FD-digits (classifier features)", "",
@@ -569,7 +577,7 @@ def _interval_cell(p, ranked: bool = True) -> str:
 PAPER = "vq4dit"  # the paper's algorithm: every calibrated row is also compared with it where it finished
 
 
-def paper_report(rows) -> list[str]:
+def paper_report(rows, log_ratio=False) -> list[str]:
     """Per setting where every run of the paper's `vq4dit` records 0 forced layers, every other label
     against it per seed (paired 95% t-intervals): the ranking the issue asks for, at a fair budget."""
     out = []
@@ -584,7 +592,7 @@ def paper_report(rows) -> list[str]:
             out = [f"### Against the paper's `{PAPER}` (no forced layers, same steps; below 0: lower than it)", "",
                    "| setting | method | " + " | ".join(n for _, n in METRICS) + " |", "|---|---|---|---|---|"]
         for lab in labels:
-            cells = [_interval_cell(paired(rs, key, lab, base=PAPER)) for key, _ in METRICS]
+            cells = [_interval_cell(paired(rs, key, lab, base=PAPER, log_ratio=log_ratio)) for key, _ in METRICS]
             out.append(f"| {setting} | {lab} | " + " | ".join(cells) + " |")
     return out + [""] if out else []
 
@@ -711,8 +719,10 @@ def main(argv=None) -> int:
         p = argparse.ArgumentParser(prog="python -m benchmarks.bench report")
         p.add_argument("csv", nargs="+")
         p.add_argument("--out", help="markdown file (default: print)")
+        p.add_argument("--log-ratio", action="store_true", help="paired intervals over log(method / base) "
+                       "per seed, mapped back to %%: symmetric in the two methods (default: (method - base) / base)")
         a = p.parse_args(argv[1:])
-        text = report(*a.csv)
+        text = report(*a.csv, log_ratio=a.log_ratio)
         if a.out:
             Path(a.out).write_text(text + "\n")
         print(text)

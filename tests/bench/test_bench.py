@@ -117,6 +117,22 @@ def test_paired_interval_says_beats_only_when_it_excludes_zero(tmp_path):
     assert list(csv.DictReader(open(tmp_path / "b.csv")))[0]["label"] == "codebook-only"
 
 
+@pytest.mark.core
+def test_log_ratio_interval_mirrors_when_the_pair_is_swapped_and_the_plain_one_need_not():
+    from benchmarks.bench import paired
+    # the W2 tuned CFG-1 case in miniature: one seed where A is 2x B, two where it is a bit lower
+    rows = [dict(label=lab, seed=s, v=v) for s, (a, b) in enumerate([(2.0, 1.0), (0.9, 1.0), (0.95, 1.0)])
+            for lab, v in (("A", a), ("B", b))]
+    ab, ba = paired(rows, "v", "A", base="B"), paired(rows, "v", "B", base="A")
+    assert ab[0] == pytest.approx(100 * 0.85 / 3)  # plain relative difference
+    assert abs(ab[0]) != pytest.approx(abs(ba[0]), rel=0.05)  # not mirrored: base-dependent
+    lab_, lba = paired(rows, "v", "A", base="B", log_ratio=True), paired(rows, "v", "B", base="A", log_ratio=True)
+    geo = 100 * ((2.0 * 0.9 * 0.95) ** (1 / 3) - 1)
+    assert lab_[0] == pytest.approx(geo) and lab_[3] == 3
+    for x, y in ((lab_[0], lba[0]), (lab_[1], lba[2]), (lab_[2], lba[1])):  # mean and the ends swap
+        assert (1 + x / 100) * (1 + y / 100) == pytest.approx(1.0)
+
+
 def test_every_main_plan_row_is_the_cli_config_of_the_same_flags():
     """A main-plan row's config is `python -m vq4dit quantize --recipe small --method M --seed S
     [--k K --d D] [--init act-aware]` exactly: both are built by vq4dit.config.build_config."""
