@@ -36,7 +36,7 @@ OURS = {"vq4dit-ste-aa": "tab:red", "vq4dit-ste": "tab:orange", "vq4dit": "tab:p
         "codebook-only": "tab:blue", "codebook-only +act-aware init": "tab:cyan", "kmeans": "tab:olive",
         "rtn": "tab:gray", "rtn-tensor": "lightgray", "vq4dit" + BUDGET: "indigo",
         "codebook-only" + BUDGET: "navy", "vq4dit-ref" + BUDGET: "deeppink", "vq4dit-ste-aa" + BUDGET: "darkred",
-        "codebook-only +act-aware init" + BUDGET: "darkcyan"}
+        "codebook-only +act-aware init" + BUDGET: "darkcyan", "vq4dit-ste" + BUDGET: "chocolate"}
 PEER_STYLE = {"hqq-g64": ("tab:green", "s"), "hqq-g128": ("darkgreen", "D"), "gguf": ("black", "^"),
               "torchao": ("saddlebrown", "v"), "quanto": ("goldenrod", "P")}
 
